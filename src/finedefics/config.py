@@ -1,0 +1,205 @@
+"""The params schema: `params.yaml` is validated against it before a stage does any work.
+
+Every stage calls `load_params()` (or `load_or_exit()` from its entry file); no other
+module reads `params.yaml`. Unknown keys, wrong types and unknown choices are errors that
+name the key, the bad value and what is allowed, in one line.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ATTRIBUTE_TYPES = ("color", "shape", "texture", "size", "other")
+
+
+class Schema(BaseModel):
+    """Base for every params section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorldConfig(Schema):
+    """Sizes of the synthetic FGVR world (per super-category)."""
+
+    categories: int = Field(12, ge=2)
+    cluster_size: int = Field(3, ge=1)
+    train_per_class: int = Field(20, ge=1)
+    test_per_class: int = Field(8, ge=1)
+    image_size: int = Field(64, ge=32, le=512)
+    deviation_rate: float = Field(0.1, ge=0.0, le=1.0)
+
+    @field_validator("cluster_size")
+    @classmethod
+    def _fits(cls, v: int, info: Any) -> int:
+        categories = info.data.get("categories")
+        if categories is not None and v > categories:
+            raise ValueError(f"must be at most categories ({categories})")
+        return v
+
+
+class AttributesConfig(Schema):
+    """Attribute description construction and its ablations (Tables 5, 6c-e)."""
+
+    types: list[Literal["color", "shape", "texture", "size", "other"]] = ["color", "shape", "texture", "size"]
+    quality: Literal["complete", "noisy"] = "complete"
+    level: Literal["long", "short"] = "long"
+    construction: Literal["per-sample", "tag-based", "ground-truth"] = "per-sample"
+
+
+class AlignConfig(Schema):
+    """Attribute augmented alignment (Tables 3b, 3c, 6b)."""
+
+    objective: Literal["obj-att-cat", "obj-cat", "none"] = "obj-att-cat"
+    paradigm: Literal["two-stage", "one-stage", "stage2-only", "stage1-only"] = "two-stage"
+
+
+class InstructionsConfig(Schema):
+    """Stage II instruction data (Table 3a)."""
+
+    stage2: Literal["open+closed", "open"] = "open+closed"
+
+
+class LoraConfig(Schema):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(8, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    modules: list[Literal["text_model", "connector", "vision_model"]] = ["text_model", "connector"]
+
+
+class ModelConfig(Schema):
+    """Base MLLM, CLIP for mining, and how they are fine-tuned (Table 4)."""
+
+    base: str = "tiny"  # "tiny" (built by `bootstrap`), a hub id or a local path
+    clip: str = "tiny"  # "tiny" (built by `bootstrap`) or "<open_clip name>:<pretrained tag>"
+    finetune: Literal["qlora", "lora", "full"] = "lora"
+    lora: LoraConfig = LoraConfig()
+
+
+class StageTrainConfig(Schema):
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(60, ge=0)
+    batch_size: int = Field(64, ge=1)
+
+
+class TrainConfig(Schema):
+    stage1: StageTrainConfig = StageTrainConfig(batch_size=64)
+    stage2: StageTrainConfig = StageTrainConfig(batch_size=128)
+
+
+class TrackingConfig(Schema):
+    experiment: str = Field("finedefics", min_length=1)
+
+
+class Params(Schema):
+    """The whole of `params.yaml`."""
+
+    seed: int = 0
+    datasets: dict[str, str] = Field(
+        default_factory=lambda: {"toy-bird": "world/toy-bird.yaml", "toy-flower": "world/toy-flower.yaml"}
+    )
+    world: WorldConfig = WorldConfig()
+    negatives: Literal["hard", "simple", "none"] = "hard"
+    attributes: AttributesConfig = AttributesConfig()
+    align: AlignConfig = AlignConfig()
+    instructions: InstructionsConfig = InstructionsConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("datasets")
+    @classmethod
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("must name at least one dataset")
+        for name in v:
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"dataset name {name!r} must be a plain folder name")
+        return v
+
+    def flat(self) -> dict[str, Any]:
+        """Params as dotted keys, for logging."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump())
+        return out
+
+
+class ConfigError(ValueError):
+    """A params file that does not fit the schema; the message is one line."""
+
+
+def _allowed(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names allowed at the parent of `loc` (for unknown-key errors)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc)
+    value = first.get("input")
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        allowed = ", ".join(_allowed(Params, loc))
+        return f"{source}: unknown key '{key}' (value {value!r}); allowed keys here: {allowed}{more}"
+    if kind == "literal_error":
+        return f"{source}: {key} = {value!r} is not allowed; allowed values: {first['ctx']['expected']}{more}"
+    if kind == "missing":
+        return f"{source}: {key} is missing{more}"
+    return f"{source}: {key} = {value!r}: {first['msg']}{more}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a loaded YAML mapping; raises `ConfigError` with a one-line message."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_params(raw, str(path))
+
+
+def load_or_exit(path: str | Path = "params.yaml") -> Params:
+    """For stage entry files: on a bad params file print one line and exit with code 2."""
+    try:
+        return load_params(path)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":  # `python -m finedefics.config [params.yaml]`
+    load_or_exit(sys.argv[1] if len(sys.argv) > 1 else "params.yaml")
+    print("params ok")
