@@ -80,8 +80,11 @@ def build_manifest(
     files = [source.base / img.image_id for img in source.images]
     with ThreadPoolExecutor(workers) as pool:
         checks = list(tqdm(pool.map(inspect_image, files), total=len(files), desc="inspect images", unit="img"))
-    rows, rejected = [], []
+    rows, rejected, seen = [], [], set()
     for img, file, check in zip(source.images, files, checks):
+        if (img.split, img.image_id) in seen:
+            check = Inspection("", 0, 0, f"listed more than once in the {img.split} split")
+        seen.add((img.split, img.image_id))
         if check.reason:
             rejected.append({"image_id": img.image_id, "path": location(file), "split": img.split, "reason": check.reason})
             continue

@@ -148,19 +148,18 @@ def make_classes(spec: WorldSpec, cfg: WorldConfig, rng: np.random.Generator) ->
         bases.append(base)
         genus = new_name(words, 2)
         words.add(genus)
-        members = min(cfg.cluster_size, cfg.categories - len(classes))
-        for m in range(members):
-            profile = dict(base)
+        members: list[dict[str, str]] = []
+        for _ in range(min(cfg.cluster_size, cfg.categories - len(classes))):
             for _ in range(10_000):
-                if m == 0:
-                    break
                 profile = dict(base)
-                for key in rng.choice(keys, size=int(rng.integers(1, 3)), replace=False):
-                    profile[key] = str(rng.choice([v for v in spec.attributes[key].values if v != base[key]]))
-                if profile not in profiles:
+                if members:  # the first member is the base; every pair of members differs in 1-2 keys
+                    for key in rng.choice(keys, size=int(rng.integers(1, 3)), replace=False):
+                        profile[key] = str(rng.choice([v for v in spec.attributes[key].values if v != base[key]]))
+                if profile not in profiles and all(1 <= distance(profile, m) <= 2 for m in members):
                     break
             else:
-                raise ValueError(f"{spec.super_category}: cannot draw {cfg.cluster_size} distinct siblings")
+                raise ValueError(f"{spec.super_category}: cannot draw {cfg.cluster_size} siblings 1-2 attributes apart")
+            members.append(profile)
             profiles.append(profile)
             species = new_name(words, 2)
             words.add(species)

@@ -1,0 +1,68 @@
+"""`dvc repro` end to end in a temporary copy of this working tree, on a tiny world."""
+
+import json
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, stage_env
+
+TINY_WORLD = {"categories": 4, "cluster_size": 2, "train_per_class": 3, "test_per_class": 2, "image_size": 32, "deviation_rate": 0.1}
+
+
+def sh(cmd, cwd, check=True):
+    proc = subprocess.run(cmd, cwd=cwd, shell=True, capture_output=True, text=True, env=stage_env())
+    if check and proc.returncode:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """The tracked and untracked-but-not-ignored files of this tree, committed in a new repo."""
+    dest = tmp_path_factory.mktemp("clone") / "repo"
+    files = sh("git ls-files -co --exclude-standard -z", REPO).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["world"] = TINY_WORLD
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", dest)
+    return dest
+
+
+@pytest.mark.slow
+def test_dvc_repro_prepares_the_default_datasets(clone):
+    proc = sh("dvc repro", clone)
+    for name in ("toy-bird", "toy-flower"):
+        out = clone / "data" / "prepared" / name
+        manifest = pd.read_parquet(out / "images.parquet")
+        assert len(manifest) == 4 * (3 + 2)
+        assert all((clone / p).is_file() for p in manifest.path)
+        classes = json.loads((out / "classes.json").read_text())
+        assert len(classes["classes"]) == 4 and classes["source"] == "world"
+        assert json.loads((clone / "metrics" / "prepare" / f"{name}.json").read_text())["train_images"] == 12
+        assert (clone / "plots" / "prepare" / f"{name}.png").is_file()
+    assert "Running stage 'prepare@toy-bird'" in proc.stdout
+    # generated outputs are ignored by git; nothing but dvc.lock is new
+    status = sh("git status --porcelain --untracked-files=all", clone).stdout.split("\n")
+    assert {line[3:] for line in status if line} <= {"dvc.lock", "data/prepared/.gitignore", "metrics/prepare/.gitignore", "plots/prepare/.gitignore"}
+    again = sh("dvc repro", clone)
+    assert "Running stage" not in again.stdout and "up to date" in again.stdout
+
+
+@pytest.mark.slow
+def test_bad_param_in_an_experiment_fails_fast_with_a_clear_message(clone):
+    sh("dvc repro", clone)
+    proc = sh("dvc exp run -S negatives=bogus", clone, check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "negatives = 'bogus' is not allowed; allowed values: 'hard', 'simple' or 'none'" in out
+    assert "Running stage 'prepare" not in out
+    sh("git checkout params.yaml", clone)
