@@ -25,3 +25,57 @@ def stage_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Paths of a tiny Idefics2 ("vlm") and a tiny Mistral ("lm") sharing one trained tokenizer."""
+    from tiny_models import build
+
+    return build(tmp_path_factory.mktemp("tiny_models"))
+
+
+def make_world_workdir(root: Path, name: str = "toy-bird", **world) -> Path:
+    """A stage working directory holding a small prepared world dataset, its static keys and params."""
+    import json
+
+    import yaml
+
+    from finedefics.attributes.discover import static_keys
+    from finedefics.config import WorldConfig
+    from finedefics.data.prepare import prepare_world
+
+    cfg = WorldConfig(**{"categories": 6, "cluster_size": 3, "train_per_class": 2, "test_per_class": 1, "image_size": 64, **world})
+    out = root / "data" / "prepared" / name
+    out.mkdir(parents=True)
+    prepared = prepare_world(name, REPO / "world" / f"{name}.yaml", cfg, 0, out, Path("data/prepared") / name)
+    prepared.manifest.to_parquet(out / "images.parquet")
+    (out / "classes.json").write_text(json.dumps(prepared.classes))
+    keys, source = static_keys(prepared.classes, None)
+    (root / "data" / "attributes" / name).mkdir(parents=True)
+    (root / "data" / "attributes" / name / "keys.json").write_text(json.dumps({"keys": [k.to_dict() for k in keys], "raw": source}))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["world"] = cfg.model_dump()
+    params["datasets"] = {name: f"world/{name}.yaml"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def set_params(root: Path, **changes) -> None:
+    """Change dotted keys of root/params.yaml, e.g. set_params(root, **{"attributes.extract.backend": "hf"})."""
+    import yaml
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        node = params
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def run_stage(root: Path, stage: str, *args: str, **kwargs):
+    import subprocess
+
+    return subprocess.run([sys.executable, str(REPO / "stages" / stage), *args], cwd=root, capture_output=True, text=True, env=stage_env(), **kwargs)

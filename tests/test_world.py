@@ -82,8 +82,9 @@ def test_deviation_rate_is_respected():
 
 def render_pair(spec, profile, **change):
     other = {**profile, **change}
-    img_a, masks_a = world.render(spec, profile, 64, np.random.default_rng(7))
-    img_b, masks_b = world.render(spec, other, 64, np.random.default_rng(7))
+    img_a, masks_a, scene_a = world.render(spec, profile, 64, np.random.default_rng(7))
+    img_b, masks_b, scene_b = world.render(spec, other, 64, np.random.default_rng(7))
+    assert scene_a == scene_b  # pose and background do not depend on the profile
     return np.asarray(img_a, float), masks_a, np.asarray(img_b, float), masks_b
 
 

@@ -42,13 +42,59 @@ class WorldConfig(Schema):
         return v
 
 
-class AttributesConfig(Schema):
-    """Attribute description construction and its ablations (Tables 5, 6c-e)."""
+class BackendConfig(Schema):
+    """Where a model answers: `hf` loads `model` (hub id or local path) with transformers; `openai`
+    posts to an OpenAI-compatible chat endpoint at `base_url` with the key from `api_key_env`."""
 
-    types: list[Literal["color", "shape", "texture", "size", "other"]] = ["color", "shape", "texture", "size"]
+    model: str | None = None
+    base_url: str = "http://localhost:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    max_new_tokens: int = Field(64, ge=1)
+    retries: int = Field(3, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class DiscoverConfig(BackendConfig):
+    """Attribute discovery (eq. 2). `static` reads the keys from `file`, else from the world spec or
+    FineR's list for the super-category."""
+
+    backend: Literal["static", "hf", "openai"] = "static"
+    file: str | None = None
+    max_new_tokens: int = Field(256, ge=1)
+
+
+class ExtractConfig(BackendConfig):
+    """Visual attribute extraction by VQA (eq. 3). `oracle` answers with the ground truth."""
+
+    backend: Literal["oracle", "hf", "openai"] = "oracle"
+    shard_size: int = Field(32, ge=1)  # images per resumable shard
+    concurrency: int = Field(8, ge=1)  # openai: requests in flight
+    max_failure_rate: float = Field(0.05, ge=0.0, le=1.0)
+    max_new_tokens: int = Field(24, ge=1)
+
+
+class SummarizeConfig(BackendConfig):
+    """Attribute description summarisation (eq. 4). `template` writes deterministic sentences."""
+
+    backend: Literal["template", "hf", "openai"] = "template"
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(160, ge=1)
+
+
+class AttributesConfig(Schema):
+    """Attribute description construction and its ablations (Tables 5, 6c-e).
+
+    `types` keeps the keys of these types (Table 5); keys typed `other` and the general
+    description are always kept."""
+
+    types: list[Literal["color", "shape", "texture", "size"]] = ["color", "shape", "texture", "size"]
     quality: Literal["complete", "noisy"] = "complete"
+    noise_rate: float = Field(0.3, ge=0.0, le=1.0)  # share of values replaced when quality is noisy
     level: Literal["long", "short"] = "long"
     construction: Literal["per-sample", "tag-based", "ground-truth"] = "per-sample"
+    discover: DiscoverConfig = DiscoverConfig()
+    extract: ExtractConfig = ExtractConfig()
+    summarize: SummarizeConfig = SummarizeConfig()
 
 
 class AlignConfig(Schema):

@@ -29,6 +29,7 @@ MANIFEST_COLUMNS = [
     "height",
     "attributes",  # JSON object of ground-truth attribute values, or "" when the source has none
     "deviation",  # world only: the attribute that deviates from the class profile, or ""
+    "scene",  # world only: JSON of pose and background (ground truth of the general description)
 ]
 
 
@@ -102,6 +103,7 @@ def build_manifest(
                 "height": check.height,
                 "attributes": json.dumps(img.attributes, sort_keys=True) if img.attributes else "",
                 "deviation": "",
+                "scene": "",
                 **(extra or {}).get(img.image_id, {}),
             }
         )

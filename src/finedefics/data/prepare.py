@@ -37,9 +37,10 @@ def prepare_world(name: str, spec_file: Path, cfg: WorldConfig, seed: int, out: 
         image_id = f"images/{item.split}/{item.label:03d}_{item.index:03d}.png"
         file = out / image_id
         file.parent.mkdir(parents=True, exist_ok=True)
-        world.draw_image(spec, item, cfg, seed, name).save(file, format="PNG")
+        image, scene = world.draw_image(spec, item, cfg, seed, name)
+        image.save(file, format="PNG")
         images.append(SourceImage(item.split, image_id, item.label, image_id, item.attributes))
-        extra[image_id] = {"deviation": item.deviation}
+        extra[image_id] = {"deviation": item.deviation, "scene": json.dumps(scene, sort_keys=True)}
     source = Source(out, [c.name for c in classes], images)
     manifest, rejected = build_manifest(source, spec.super_category, extra, location=lambda f: str(final / f.relative_to(out)))
     meta = {

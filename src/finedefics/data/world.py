@@ -11,6 +11,7 @@ so the same params give the same bytes.
 
 from __future__ import annotations
 
+import colorsys
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -371,24 +372,41 @@ GLYPHS: dict[str, Glyph] = {
 }
 
 
-def _background(size: int, rng: np.random.Generator) -> Image.Image:
+def _background(size: int, rng: np.random.Generator) -> tuple[Image.Image, dict[str, str]]:
+    """A pale tinted background with faint clutter; returns it and its description."""
     base = tuple(int(v) for v in rng.integers(195, 250, 3))
     img = Image.new("RGB", (size, size), base)
     draw = ImageDraw.Draw(img)
+    counts = {"line": 0, "circle": 0}
     for _ in range(int(rng.integers(2, 7))):
         tone = tuple(int(np.clip(v + rng.integers(-45, 15), 0, 255)) for v in base)
         x0, y0 = rng.uniform(0, size, 2)
         x1, y1 = x0 + rng.uniform(-0.5, 0.5) * size, y0 + rng.uniform(-0.5, 0.5) * size
         if rng.random() < 0.5:
             draw.line([(x0, y0), (x1, y1)], fill=tone, width=int(rng.integers(2, 6)))
+            counts["line"] += 1
         else:
             r = rng.uniform(0.03, 0.1) * size
             draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], outline=tone, width=int(rng.integers(2, 5)))
-    return img
+            counts["circle"] += 1
+    clutter = " and ".join(f"{n} faint {k}{'s' if n > 1 else ''}" for k, n in counts.items() if n)
+    return img, {"background": _tint_name(base), "clutter": clutter}
 
 
-def render(spec: WorldSpec, profile: dict[str, str], size: int, rng: np.random.Generator) -> tuple[Image.Image, dict[str, np.ndarray]]:
-    """Draw one image of `profile`; returns it and a boolean mask per part (plus "object").
+def _tint_name(rgb: tuple[int, ...]) -> str:
+    r, g, b = (v / 255 for v in rgb)
+    hue, sat, _ = colorsys.rgb_to_hsv(r, g, b)
+    if sat < 0.06:
+        return "light grey"
+    for limit, name in ((0.05, "pink"), (0.18, "yellow"), (0.45, "green"), (0.55, "cyan"), (0.72, "blue"), (0.92, "purple"), (1.01, "pink")):
+        if hue < limit:
+            return f"pale {name}"
+    return "pale pink"
+
+
+def render(spec: WorldSpec, profile: dict[str, str], size: int, rng: np.random.Generator) -> tuple[Image.Image, dict[str, np.ndarray], dict[str, str]]:
+    """Draw one image of `profile`; returns it, a boolean mask per part (plus "object") and the scene
+    (facing, background, clutter), which is ground truth for the general description.
 
     `rng` is split into independent streams for pose, colour, background and texture, so two
     profiles drawn from equal generators share pose, jitter and background exactly.
@@ -400,7 +418,8 @@ def render(spec: WorldSpec, profile: dict[str, str], size: int, rng: np.random.G
     offset = (float(pose.uniform(-margin, margin)), float(pose.uniform(-margin, margin)))
     big = size * SUPERSAMPLE
     cv = Canvas(big, scale, float(pose.uniform(-0.3, 0.3)), bool(pose.random() < 0.5), offset)
-    cv.image = _background(big, bg)
+    cv.image, scene = _background(big, bg)
+    scene = {"facing": "left" if cv.flip else "right", **scene}
     shades: dict[str, tuple[int, int, int]] = {}
 
     def colors(name: str) -> tuple[int, int, int]:
@@ -414,7 +433,7 @@ def render(spec: WorldSpec, profile: dict[str, str], size: int, rng: np.random.G
     image = cv.image.resize((size, size), Image.Resampling.LANCZOS)
     masks = {k: np.asarray(m.resize((size, size), Image.Resampling.BILINEAR)) > 127 for k, m in cv.masks.items()}
     masks["object"] = np.logical_or.reduce(list(masks.values()))
-    return image, masks
+    return image, masks, scene
 
 
 @dataclass(frozen=True)
@@ -438,6 +457,8 @@ def image_plan(spec: WorldSpec, classes: list[WorldClass], cfg: WorldConfig, see
     return plan
 
 
-def draw_image(spec: WorldSpec, item: WorldImage, cfg: WorldConfig, seed: int, name: str) -> Image.Image:
+def draw_image(spec: WorldSpec, item: WorldImage, cfg: WorldConfig, seed: int, name: str) -> tuple[Image.Image, dict[str, str]]:
+    """The image and its scene description."""
     rng = dataset_rng(seed, name, 2, item.label, item.split == "test", item.index)
-    return render(spec, item.attributes, cfg.image_size, rng)[0]
+    image, _, scene = render(spec, item.attributes, cfg.image_size, rng)
+    return image, scene

@@ -1,0 +1,263 @@
+"""Visual attribute extraction (eq. 3): one answer per train image and attribute key, resumable.
+
+Work is split into units: an image (per-sample and ground-truth construction) or a class
+(tag-based construction: values from the category name, given to every image of the class).
+Answers are written in shards under a resume folder named by a fingerprint of everything that
+decides them, so a run killed at any moment continues where it stopped and ends with the same
+output as an uninterrupted run. Items whose request failed are recorded, counted and retried on
+the next run; the stage fails, keeping its shards, once failures exceed the allowed rate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from finedefics.attributes.backends import BackendError, VQABackend
+from finedefics.attributes.discover import AttributeKey
+from finedefics.attributes.prompts import EXTRACT, EXTRACT_GENERAL, EXTRACT_TAG, EXTRACT_TAG_GENERAL
+from finedefics.config import ExtractConfig
+from finedefics.io import atomic_path
+
+SHARD_COLUMNS = ["unit", "key", "value", "error"]
+
+
+class TooManyFailures(RuntimeError):
+    """More items failed than `max_failure_rate` allows; the shards written so far are kept."""
+
+
+@dataclass
+class Unit:
+    """What one batch of questions is about: an image, or a class (tag-based)."""
+
+    id: str
+    images: list[str]  # image_ids that receive the unit's answers
+    ask: Callable[[], list[str | BackendError | None]]  # per key: answer, failure, or None (no ground truth)
+
+
+@dataclass
+class Extraction:
+    values: pd.DataFrame  # image_id, key, value
+    failures: pd.DataFrame  # unit, key, error
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def questions(keys: list[AttributeKey], superclass: str, class_name: str | None = None) -> list[str]:
+    """The VQA prompt per key (tag-based prompts name the class and carry no image)."""
+    if class_name is None:
+        return [EXTRACT_GENERAL if k.general else EXTRACT.format(attribute=k.key, superclass=superclass) for k in keys]
+    return [
+        EXTRACT_TAG_GENERAL.format(superclass=superclass, class_name=class_name)
+        if k.general
+        else EXTRACT_TAG.format(attribute=k.key, superclass=superclass, class_name=class_name)
+        for k in keys
+    ]
+
+
+def scene_sentence(superclass: str, scene: dict[str, str]) -> str:
+    return f"A {superclass} facing {scene['facing']} on a {scene['background']} background with {scene['clutter']}."
+
+
+def _lookup(truth: dict[str, str], key: str) -> str | None:
+    lowered = {k.lower(): v for k, v in truth.items()}
+    return lowered.get(key.lower())
+
+
+def oracle_answers(keys: list[AttributeKey], superclass: str, attributes: dict[str, str], scene: dict[str, str] | None) -> list[str | None]:
+    """Ground truth per key; None where the source has none (an LLM-discovered key it lacks)."""
+    out: list[str | None] = []
+    for k in keys:
+        if k.general:
+            out.append(scene_sentence(superclass, scene) if scene else None)
+        else:
+            out.append(_lookup(attributes, k.key))
+    return out
+
+
+def class_truth(manifest: pd.DataFrame, classes: dict) -> dict[int, dict[str, str]]:
+    """Class-level ground truth: the world's profiles, else each key's most common train value."""
+    profiles = {c["label"]: c["profile"] for c in classes["classes"] if "profile" in c}
+    if profiles:
+        return profiles
+    truth: dict[int, dict[str, str]] = {}
+    for label, rows in manifest.groupby("label"):
+        counts: dict[str, Counter] = {}
+        for attrs in rows.attributes:
+            for k, v in (json.loads(attrs) if attrs else {}).items():
+                counts.setdefault(k, Counter())[v] += 1
+        truth[int(label)] = {k: c.most_common(1)[0][0] for k, c in counts.items()}
+    return truth
+
+
+def has_ground_truth(manifest: pd.DataFrame) -> bool:
+    return bool((manifest.attributes != "").any())
+
+
+def plan_units(
+    manifest: pd.DataFrame,
+    classes: dict,
+    keys: list[AttributeKey],
+    construction: str,
+    backend: VQABackend | None,
+) -> list[Unit]:
+    """The units of work for a construction mode; `backend` None means the oracle."""
+    superclass = classes["super_category"]
+    train = manifest[manifest.split == "train"]
+    if construction == "tag-based":
+        truth = class_truth(train, classes) if backend is None else {}
+        units = []
+        for c in classes["classes"]:
+            images = list(train.loc[train.label == c["label"], "image_id"])
+            if backend is None:
+                ask = lambda t=truth.get(c["label"], {}): oracle_answers(keys, superclass, t, None)  # noqa: E731
+            else:
+                ask = lambda qs=questions(keys, superclass, c["name"]): backend.answer_text(qs)  # noqa: E731
+            units.append(Unit(f"class:{c['label']}", images, ask))
+        return units
+    asked = questions(keys, superclass)
+    units = []
+    for row in train.itertuples():
+        if backend is None:
+            attrs = json.loads(row.attributes) if row.attributes else {}
+            scene = json.loads(row.scene) if row.scene else None
+            ask = lambda a=attrs, s=scene: oracle_answers(keys, superclass, a, s)  # noqa: E731
+        else:
+            ask = lambda path=row.path: backend.answer(Image.open(path).convert("RGB"), asked)  # noqa: E731
+        units.append(Unit(row.image_id, [row.image_id], ask))
+    return units
+
+
+def fingerprint(manifest: pd.DataFrame, keys: list[AttributeKey], construction: str, cfg: ExtractConfig, oracle: bool) -> str:
+    """A hash of everything that decides the answers (not of how they are batched or sharded)."""
+    train = manifest[manifest.split == "train"]
+    decisive = {
+        "images": list(zip(train.image_id, train.sha1)),
+        "keys": [k.to_dict() for k in keys],
+        "construction": construction,
+        "backend": "oracle" if oracle else cfg.model_dump(exclude={"shard_size", "concurrency", "max_failure_rate", "retries", "timeout_s"}),
+        "prompts": [EXTRACT, EXTRACT_GENERAL, EXTRACT_TAG, EXTRACT_TAG_GENERAL],
+    }
+    return hashlib.sha1(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_shards(folder: Path) -> tuple[dict[str, dict[str, tuple[str, str]]], int]:
+    answers: dict[str, dict[str, tuple[str, str]]] = {}
+    shards = sorted(folder.glob("shard-*.parquet"))
+    for shard in shards:
+        for row in pd.read_parquet(shard).itertuples():
+            answers.setdefault(row.unit, {})[row.key] = (row.value, row.error)
+    return answers, len(shards)
+
+
+def run_units(units: list[Unit], keys: list[AttributeKey], folder: Path, cfg: ExtractConfig, desc: str) -> tuple[dict, dict]:
+    """Answer every unit's questions, resuming from and appending to the shards in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    answers, next_shard = _load_shards(folder)
+    names = [k.key for k in keys]
+    failed = sum(1 for got in answers.values() for _, err in got.values() if err)
+
+    def complete(unit_id: str) -> bool:
+        got = answers.get(unit_id, {})
+        return all(k in got and not got[k][1] for k in names)
+
+    total = len(units) * len(names)
+    resumed = sum(complete(u.id) for u in units) * len(names)
+    budget = cfg.max_failure_rate * total
+    buffer: list[dict] = []
+
+    def flush() -> None:
+        nonlocal next_shard, buffer
+        if buffer:
+            with atomic_path(folder / f"shard-{next_shard:06d}.parquet") as tmp:
+                pd.DataFrame(buffer, columns=SHARD_COLUMNS).to_parquet(tmp, index=False)
+            next_shard += 1
+            buffer = []
+
+    started = time.time()
+    bar = tqdm(total=total, initial=resumed, desc=desc, unit="item", smoothing=0.1)
+    units_in_buffer = 0
+    for unit in units:
+        if complete(unit.id):
+            continue
+        got = answers.setdefault(unit.id, {})
+        for key, result in zip(names, unit.ask()):
+            if result is None:
+                value, error = None, ""
+            elif isinstance(result, BaseException):
+                value, error = "", str(result) or type(result).__name__
+            else:
+                value, error = result, ""
+            failed += bool(error) - bool(got.get(key, ("", ""))[1])
+            got[key] = (value, error)
+            buffer.append({"unit": unit.id, "key": key, "value": value, "error": error})
+        bar.update(len(names))
+        units_in_buffer += 1
+        if units_in_buffer >= cfg.shard_size:
+            flush()
+            units_in_buffer = 0
+        if failed > budget:
+            flush()
+            bar.close()
+            raise TooManyFailures(
+                f"{failed} of {total} answers failed (more than {cfg.max_failure_rate:.0%}); "
+                f"the answers so far are kept in {folder}; fix the backend and run again to continue"
+            )
+    flush()
+    bar.close()
+    elapsed = time.time() - started
+    computed = total - resumed
+    stats = {"resumed_items": resumed, "computed_items": computed, "seconds": elapsed, "items_per_s": computed / elapsed if elapsed > 0 else 0.0}
+    return answers, stats
+
+
+def extract(
+    manifest: pd.DataFrame,
+    classes: dict,
+    keys: list[AttributeKey],
+    construction: str,
+    cfg: ExtractConfig,
+    backend: VQABackend | None,
+    resume_root: Path,
+) -> Extraction:
+    """Values per train image and key; `backend` None answers with the ground truth."""
+    if backend is None and not has_ground_truth(manifest):
+        raise ValueError(
+            f"{classes['dataset']}: no ground-truth attributes for the oracle "
+            f"({'construction ground-truth' if construction == 'ground-truth' else 'backend oracle'}); "
+            "only the world and bird-200 (CUB) have them"
+        )
+    units = plan_units(manifest, classes, keys, construction, backend)
+    folder = resume_root / fingerprint(manifest, keys, construction, cfg, backend is None)
+    answers, stats = run_units(units, keys, folder, cfg, desc=f"extract {classes['dataset']}")
+    rows, failures, missing = [], [], 0
+    for unit in units:
+        for key in (k.key for k in keys):
+            value, error = answers[unit.id][key]
+            if error:
+                failures.append({"unit": unit.id, "key": key, "error": error})
+            elif value is None:
+                missing += 1
+            else:
+                rows.extend({"image_id": i, "key": key, "value": value} for i in unit.images)
+    n_items = len(units) * len(keys)
+    stats.update(
+        {
+            "units": len(units),
+            "keys": len(keys),
+            "values": len(rows),
+            "failed_items": len(failures),
+            "failure_rate": len(failures) / n_items if n_items else 0.0,
+            "items_without_ground_truth": missing,
+        }
+    )
+    values = pd.DataFrame(rows, columns=["image_id", "key", "value"])
+    return Extraction(values, pd.DataFrame(failures, columns=["unit", "key", "error"]), stats)

@@ -1,0 +1,94 @@
+"""A loaded multimodal model with its processor: chat prompts, batched generation, visual tokens.
+
+Idefics2 and LLaVA-1.5 expose their visual tokens (the connector's output), so one image can be
+encoded once and shared by a batch of questions; other image-text-to-text models (BLIP-2, ...)
+fall back to a plain batch with the image repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+SHARED_IMAGE_FAMILIES = ("idefics2", "llava")
+
+
+@dataclass
+class MLLM:
+    model: torch.nn.Module
+    processor: object
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype | None = None) -> "MLLM":
+        processor = AutoProcessor.from_pretrained(str(path))
+        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
+        model.eval()
+        return cls(model, processor)
+
+    @property
+    def family(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def prompt(self, text: str, image: bool = True) -> str:
+        """`text` as one user turn (with an image slot first), ready for the assistant's answer."""
+        if getattr(self.processor, "chat_template", None) is None:
+            return text  # BLIP-2 style: the raw "Question: ... Answer:" prompt
+        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    @torch.no_grad()
+    def visual_tokens(self, images: list[Image.Image]) -> list[torch.Tensor]:
+        """The connector's output for each image: a (tokens, hidden) tensor per image."""
+        pixels = self.processor.image_processor(images, return_tensors="pt")
+        if self.family == "idefics2":
+            out = self.model.get_image_features(pixels["pixel_values"], pixels.get("pixel_attention_mask"))
+        elif self.family == "llava":
+            cfg = self.model.config
+            out = self.model.get_image_features(
+                pixels["pixel_values"],
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            )
+        else:
+            raise NotImplementedError(f"visual tokens of {self.family} models")
+        return list(out.pooler_output)
+
+    def _decode(self, ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], images: list[Image.Image] | None, max_new_tokens: int) -> list[str]:
+        """Greedy answers to `prompts` (one image each, or none), in one left-padded batch."""
+        self.tokenizer.padding_side = "left"
+        kwargs = {"images": [[im] for im in images]} if images else {}
+        inputs = self.processor(text=prompts, return_tensors="pt", padding=True, **kwargs)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        prompt = inputs["input_ids"]
+        if out.shape[1] >= prompt.shape[1] and torch.equal(out[:, : prompt.shape[1]], prompt):
+            out = out[:, prompt.shape[1] :]  # decoder-only models echo the prompt; encoder-decoders do not
+        return self._decode(out)
+
+    @torch.no_grad()
+    def generate_shared_image(self, prompts: list[str], image: Image.Image, max_new_tokens: int) -> list[str]:
+        """Answers to several questions about one image, encoding the image once where possible."""
+        if self.family not in SHARED_IMAGE_FAMILIES:
+            return self.generate(prompts, [image] * len(prompts), max_new_tokens)
+        self.tokenizer.padding_side = "left"
+        inputs = self.processor(text=prompts, images=[[image]] * len(prompts), return_tensors="pt", padding=True)
+        features = self.visual_tokens([image])[0]
+        embeds = self.model.get_input_embeddings()(inputs["input_ids"])
+        mask = (inputs["input_ids"] == self.model.config.image_token_id).unsqueeze(-1)
+        shared = features.to(embeds.dtype).repeat(len(prompts), 1)
+        embeds = embeds.masked_scatter(mask, shared)
+        out = self.model.generate(
+            inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False
+        )
+        return self._decode(out)

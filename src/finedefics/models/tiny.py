@@ -1,0 +1,100 @@
+"""Tiny models built from configs: an Idefics2 (SigLIP-style encoder, perceiver connector, Mistral
+LM) and a text-only Mistral, both with a locally trained tokenizer. They load with the Auto
+classes like any hub checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    GenerationConfig,
+    Idefics2Config,
+    Idefics2ForConditionalGeneration,
+    Idefics2Processor,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.idefics2.image_processing_idefics2 import Idefics2ImageProcessor
+
+from finedefics.models.tokenizer import CHAT_TEMPLATE, END_OF_UTTERANCE, IMAGE
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    patch: int = 8
+    image_size: int = 64
+    latents: int = 16
+    max_positions: int = 512
+
+
+def _text_config(tok: PreTrainedTokenizerFast, s: TinySizes) -> MistralConfig:
+    return MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=s.hidden,
+        intermediate_size=2 * s.hidden,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        max_position_embeddings=s.max_positions,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _generation_config(tok: PreTrainedTokenizerFast) -> GenerationConfig:
+    stop = [tok.eos_token_id, tok.convert_tokens_to_ids(END_OF_UTTERANCE)]
+    return GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=stop, pad_token_id=tok.pad_token_id, do_sample=False)
+
+
+def build_idefics2(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0) -> tuple[Idefics2ForConditionalGeneration, Idefics2Processor]:
+    """A randomly initialised tiny Idefics2 and its processor (no image splitting)."""
+    text = _text_config(tok, sizes)
+    config = Idefics2Config(
+        vision_config=dict(
+            hidden_size=sizes.vision_hidden,
+            intermediate_size=2 * sizes.vision_hidden,
+            num_hidden_layers=sizes.vision_layers,
+            num_attention_heads=sizes.heads,
+            image_size=sizes.image_size,
+            patch_size=sizes.patch,
+        ),
+        perceiver_config=dict(
+            hidden_act="silu",
+            hidden_size=sizes.hidden,
+            rms_norm_eps=1e-6,
+            resampler_n_latents=sizes.latents,
+            resampler_depth=1,
+            resampler_n_heads=sizes.heads,
+            resampler_head_dim=sizes.hidden // sizes.heads,
+            num_key_value_heads=sizes.kv_heads,
+        ),
+        text_config=text.to_dict(),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(config)
+    model.generation_config = _generation_config(tok)
+    image_processor = Idefics2ImageProcessor(
+        do_image_splitting=False, size={"longest_edge": sizes.image_size, "shortest_edge": sizes.image_size}
+    )
+    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=sizes.latents, chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
+def build_causal_lm(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0) -> MistralForCausalLM:
+    """A randomly initialised tiny text-only Mistral."""
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(_text_config(tok, sizes))
+    model.generation_config = _generation_config(tok)
+    return model

@@ -1,0 +1,47 @@
+"""DVC stage `discover@<dataset>`: useful attribute keys for the dataset's super-category (eq. 2).
+
+Writes data/attributes/<dataset>/keys.json: the keys, each typed color / shape / texture /
+size / other, plus the general description key; with the backend's raw answer.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from finedefics.config import load_or_exit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("dataset")
+    name = parser.parse_args().dataset
+    params = load_or_exit("params.yaml")
+    cfg = params.attributes.discover
+
+    from finedefics.attributes.backends import BackendError, text_backend
+    from finedefics.attributes.discover import llm_keys, static_keys
+    from finedefics.attributes.parsing import NoAttributeList
+    from finedefics.io import read_json, write_json
+    from finedefics.tracking import stage_run
+
+    classes = read_json(Path("data/prepared") / name / "classes.json")
+    try:
+        with stage_run("discover", params, run_name=f"discover@{name}") as run:
+            if cfg.backend == "static":
+                keys, raw = static_keys(classes, cfg.file)
+            else:
+                keys, raw = llm_keys(text_backend(cfg, "discover"), classes, cfg.retries)
+            types = {t: sum(k.type == t for k in keys) for t in ("color", "shape", "texture", "size", "other")}
+            write_json(
+                Path("data/attributes") / name / "keys.json",
+                {"dataset": name, "super_category": classes["super_category"], "backend": cfg.backend, "keys": [k.to_dict() for k in keys], "raw": raw},
+            )
+            run.log_metrics({"keys": len(keys), **{f"keys_{t}": n for t, n in types.items()}})
+    except (NoAttributeList, BackendError, ValueError, OSError) as err:
+        print(f"error: discover@{name}: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"{name}: {len(keys)} keys ({', '.join(f'{n} {t}' for t, n in types.items() if n)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""DVC stage `extract@<dataset>`: one VQA answer per train image and attribute key (eq. 3).
+
+Writes data/attributes/<dataset>/values.parquet (image_id, key, value), failures.csv and
+metrics/extract/<dataset>.json. Resumable: answers go to shards under .resume/extract/ as they
+come; a killed run started again continues where it stopped.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from finedefics.config import load_or_exit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("dataset")
+    name = parser.parse_args().dataset
+    params = load_or_exit("params.yaml")
+    cfg = params.attributes.extract
+    construction = params.attributes.construction
+
+    import pandas as pd
+
+    from finedefics.attributes.backends import vqa_backend
+    from finedefics.attributes.discover import load_keys
+    from finedefics.attributes.extract import TooManyFailures, extract
+    from finedefics.io import atomic_path, read_json, write_json, write_parquet
+    from finedefics.tracking import stage_run
+
+    prepared = Path("data/prepared") / name
+    out = Path("data/attributes") / name
+    manifest = pd.read_parquet(prepared / "images.parquet")
+    classes = read_json(prepared / "classes.json")
+    keys = load_keys(read_json(out / "keys.json"))
+    oracle = cfg.backend == "oracle" or construction == "ground-truth"
+    try:
+        with stage_run("extract", params, run_name=f"extract@{name}") as run:
+            backend = None if oracle else vqa_backend(cfg)
+            result = extract(manifest, classes, keys, construction, cfg, backend, Path(".resume/extract") / name)
+            write_parquet(out / "values.parquet", result.values)
+            with atomic_path(out / "failures.csv") as tmp:
+                result.failures.to_csv(tmp, index=False)
+            write_json(Path("metrics/extract") / f"{name}.json", result.stats)
+            run.log_metrics(result.stats)
+    except (TooManyFailures, ValueError, OSError) as err:
+        print(f"error: extract@{name}: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    s = result.stats
+    print(f"{name}: {int(s['values'])} values for {int(s['units'])} units x {int(s['keys'])} keys; {int(s['failed_items'])} failed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import REPO, make_world_workdir, run_stage, set_params, stage_env
+from finedefics.attributes.backends import HFVQA, BackendError, OpenAIChat, OpenAIVQA
+from finedefics.attributes.discover import load_keys
+from finedefics.attributes.extract import extract, questions, scene_sentence
+from finedefics.attributes.prompts import GENERAL_KEY
+from finedefics.config import ExtractConfig
+from finedefics.models.mllm import MLLM
+from openai_server import ModelServer
+
+
+def load(root, name="toy-bird"):
+    manifest = pd.read_parquet(root / "data" / "prepared" / name / "images.parquet")
+    classes = json.loads((root / "data" / "prepared" / name / "classes.json").read_text())
+    keys = load_keys(json.loads((root / "data" / "attributes" / name / "keys.json").read_text()))
+    return manifest, classes, keys
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return make_world_workdir(tmp_path)
+
+
+def test_oracle_answers_are_the_ground_truth_of_each_image(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    manifest, classes, keys = load(workdir)
+    result = extract(manifest, classes, keys, "per-sample", ExtractConfig(), None, workdir / ".resume")
+    train = manifest[manifest.split == "train"].set_index("image_id")
+    assert len(result.values) == len(train) * len(keys) and result.stats["failed_items"] == 0
+    for row in result.values.itertuples():
+        if row.key == GENERAL_KEY:
+            assert row.value == scene_sentence("bird", json.loads(train.loc[row.image_id, "scene"]))
+        else:
+            assert row.value == json.loads(train.loc[row.image_id, "attributes"])[row.key]
+
+
+def test_tag_based_gives_each_image_its_class_profile(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    manifest, classes, keys = load(workdir, "toy-bird")
+    manifest = manifest.copy()
+    result = extract(manifest, classes, keys, "tag-based", ExtractConfig(), None, workdir / ".resume")
+    profiles = {c["label"]: c["profile"] for c in classes["classes"]}
+    labels = dict(zip(manifest.image_id, manifest.label))
+    assert result.stats["units"] == len(classes["classes"])
+    assert GENERAL_KEY not in set(result.values.key)  # no class-level scene
+    for row in result.values.itertuples():
+        assert row.value == profiles[labels[row.image_id]][row.key]
+
+
+def test_oracle_refuses_a_dataset_without_ground_truth(workdir):
+    manifest, classes, keys = load(workdir)
+    manifest = manifest.assign(attributes="")
+    with pytest.raises(ValueError, match="no ground-truth attributes"):
+        extract(manifest, classes, keys, "ground-truth", ExtractConfig(), None, workdir / ".resume")
+
+
+def test_hf_vqa_answers_a_batch_of_keys_as_one_at_a_time(tiny_models):
+    vqa = HFVQA(MLLM.load(tiny_models["vlm"]), max_new_tokens=6)
+    image = Image.new("RGB", (50, 40), (200, 30, 30))
+    asked = questions([k for k in load_keys({"keys": [{"key": f"key {i}", "type": "color"} for i in range(8)]})], "bird")
+    batched = vqa.answer(image, asked)
+    single = [vqa.mllm.generate([vqa.mllm.prompt(q)], [image], 6)[0] for q in asked]
+    assert batched == single and len(batched) == 8
+    assert vqa.answer_text(asked[:2]) == [vqa.mllm.generate([vqa.mllm.prompt(q, image=False)], None, 6)[0] for q in asked[:2]]
+
+
+def test_extract_stage_with_the_hf_backend(workdir, tiny_models):
+    set_params(workdir, **{"attributes.extract.backend": "hf", "attributes.extract.model": str(tiny_models["vlm"]), "attributes.extract.max_new_tokens": 4})
+    proc = run_stage(workdir, "extract.py", "toy-bird")
+    assert proc.returncode == 0, proc.stderr
+    values = pd.read_parquet(workdir / "data" / "attributes" / "toy-bird" / "values.parquet")
+    manifest, _, keys = load(workdir)
+    assert len(values) == (manifest.split == "train").sum() * len(keys)
+    stats = json.loads((workdir / "metrics" / "extract" / "toy-bird.json").read_text())
+    assert stats["computed_items"] == len(values) and stats["failed_items"] == 0
+
+
+def test_ground_truth_construction_uses_the_oracle_whatever_the_backend(workdir):
+    set_params(workdir, **{"attributes.construction": "ground-truth", "attributes.extract.backend": "hf", "attributes.extract.model": "/no/such/model"})
+    proc = run_stage(workdir, "extract.py", "toy-bird")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_openai_client_retries_server_errors_then_gives_up(tiny_models):
+    with ModelServer(vlm=MLLM.load(tiny_models["vlm"])) as server:
+        server.fail = lambda index, record: 503 if index < 2 else None
+        client = OpenAIChat(server.base_url, "tiny", "secret", timeout_s=10, retries=3, max_tokens=4, backoff_s=0.01)
+        assert isinstance(client.chat("hello"), str) and len(server.requests) == 3
+        assert server.requests[0]["auth"] == "Bearer secret"
+        server.fail = lambda index, record: 500
+        with pytest.raises(BackendError, match="HTTP 500 .* after 4 attempt"):
+            client.chat("hello")
+        server.fail = lambda index, record: 400  # not retryable
+        before = len(server.requests)
+        with pytest.raises(BackendError, match="after 1 attempt"):
+            client.chat("hello")
+        assert len(server.requests) == before + 1
+    down = OpenAIChat(server.base_url, "tiny", None, timeout_s=2, retries=1, max_tokens=4, backoff_s=0.01)
+    with pytest.raises(BackendError, match="after 2 attempt"):
+        down.chat("hello")
+
+
+def test_openai_vqa_sends_the_image_and_matches_the_local_model(tiny_models):
+    mllm = MLLM.load(tiny_models["vlm"])
+    image = Image.new("RGB", (64, 64), (20, 200, 30))
+    asked = questions(load_keys({"keys": [{"key": f"key {i}", "type": "color"} for i in range(4)]}), "bird")
+    with ModelServer(vlm=mllm, max_tokens=5) as server:
+        vqa = OpenAIVQA(OpenAIChat(server.base_url, "tiny", None, 10, 1, 5), concurrency=4)
+        answers = vqa.answer(image, asked)
+    assert answers == [mllm.generate([mllm.prompt(q)], [image], 5)[0] for q in asked]
+    assert {r["text"] for r in server.requests} == set(asked) and all(r["image_sha1"] for r in server.requests)
+
+
+def openai_params(workdir, server, shard_size=2, max_failure_rate=0.05):
+    set_params(
+        workdir,
+        **{
+            "attributes.extract.backend": "openai",
+            "attributes.extract.model": "tiny",
+            "attributes.extract.base_url": server.base_url,
+            "attributes.extract.max_new_tokens": 4,
+            "attributes.extract.shard_size": shard_size,
+            "attributes.extract.max_failure_rate": max_failure_rate,
+            "attributes.extract.retries": 0,
+        },
+    )
+
+
+def test_killed_extract_resumes_without_recomputing_and_equals_an_uninterrupted_run(tmp_path, tiny_models):
+    mllm = MLLM.load(tiny_models["vlm"])
+    keys_per_image = 8
+    interrupted = make_world_workdir(tmp_path / "a")
+    with ModelServer(vlm=mllm, max_tokens=4) as server:
+        openai_params(interrupted, server, shard_size=2)
+        # let 5 images through (2 shards + 1 image), then hang and kill the stage with SIGKILL
+        server.hold_from = 5 * keys_per_image
+        proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "extract.py"), "toy-bird"], cwd=interrupted, env=stage_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while not server.holding.is_set() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        server.hold_from = None
+        server.release.set()
+        shards = sorted((interrupted / ".resume" / "extract" / "toy-bird").rglob("shard-*.parquet"))
+        assert len(shards) == 2 and not (interrupted / "data" / "attributes" / "toy-bird" / "values.parquet").exists()
+        done = {unit for shard in shards for unit in pd.read_parquet(shard).unit}
+        first_run = len(server.requests)
+        resumed = run_stage(interrupted, "extract.py", "toy-bird")
+        assert resumed.returncode == 0, resumed.stderr
+        manifest, _, _ = load(interrupted)
+        sha_of = dict(zip(manifest.image_id, manifest.sha1))
+        asked_again = {r["image_sha1"] for r in server.requests[first_run:]}
+        assert not asked_again & {sha_of[i] for i in done}  # nothing written is recomputed
+        assert len(server.requests) - first_run == ((manifest.split == "train").sum() - 4) * keys_per_image
+
+        fresh = make_world_workdir(tmp_path / "b")
+        openai_params(fresh, server, shard_size=2)
+        assert run_stage(fresh, "extract.py", "toy-bird").returncode == 0
+    a = pd.read_parquet(interrupted / "data" / "attributes" / "toy-bird" / "values.parquet")
+    b = pd.read_parquet(fresh / "data" / "attributes" / "toy-bird" / "values.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    stats = json.loads((interrupted / "metrics" / "extract" / "toy-bird.json").read_text())
+    assert stats["resumed_items"] == 4 * keys_per_image
+
+
+def test_failures_are_recorded_below_the_threshold_and_fatal_above_it(tmp_path, tiny_models):
+    mllm = MLLM.load(tiny_models["vlm"])
+    root = make_world_workdir(tmp_path)
+    flaky = "What is the beak shape"
+    with ModelServer(vlm=mllm, max_tokens=4) as server:
+        server.fail = lambda index, record: 500 if flaky in record["text"] else None
+        openai_params(root, server, max_failure_rate=0.2)  # 1 key of 8 fails: 12.5%
+        proc = run_stage(root, "extract.py", "toy-bird")
+        assert proc.returncode == 0, proc.stderr
+        failures = pd.read_csv(root / "data" / "attributes" / "toy-bird" / "failures.csv")
+        n_train = 12
+        assert len(failures) == n_train and set(failures.key) == {"beak shape"} and failures.error.str.contains("HTTP 500").all()
+        values = pd.read_parquet(root / "data" / "attributes" / "toy-bird" / "values.parquet")
+        assert "beak shape" not in set(values.key) and len(values) == n_train * 7
+
+        again = make_world_workdir(tmp_path / "strict")
+        openai_params(again, server, max_failure_rate=0.05)
+        proc = run_stage(again, "extract.py", "toy-bird")
+        assert proc.returncode == 1 and "answers failed" in proc.stderr and "kept in" in proc.stderr
+        assert not (again / "data" / "attributes" / "toy-bird" / "values.parquet").exists()
+        kept = list((again / ".resume" / "extract" / "toy-bird").rglob("shard-*.parquet"))
+        assert kept
+        # the server recovers: the rerun asks again only about images with a failed or missing answer
+        server.fail = lambda index, record: None
+        before = len(server.requests)
+        complete = {u for u, g in pd.concat(pd.read_parquet(s) for s in kept).groupby("unit") if (g.error == "").all()}
+        assert run_stage(again, "extract.py", "toy-bird").returncode == 0
+        assert len(server.requests) - before == (n_train - len(complete)) * 8

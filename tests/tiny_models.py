@@ -1,0 +1,63 @@
+"""Tiny randomly initialised models for tests, saved like hub checkpoints (Auto classes load them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finedefics.attributes.prompts import DISCOVER, EXTRACT, SUMMARIZE
+from finedefics.models.tiny import TinySizes, build_causal_lm, build_idefics2
+from finedefics.models.tokenizer import train_tokenizer
+
+CORPUS = [
+    DISCOVER,
+    EXTRACT,
+    SUMMARIZE,
+    "['wing color', 'beak shape', 'tail shape', 'body size']",
+    "the bird has a red head, a long beak and a striped wing; the flower has pink round petals",
+] * 20
+
+
+def build(root: Path) -> dict[str, Path]:
+    """A tiny Idefics2 (VLM) and a tiny Mistral (LM) with one trained tokenizer, saved under root."""
+    tok = train_tokenizer(CORPUS, vocab_size=400)
+    sizes = TinySizes()
+    vlm, processor = build_idefics2(tok, sizes)
+    lm = build_causal_lm(tok, sizes)
+    paths = {"vlm": root / "vlm", "lm": root / "lm"}
+    vlm.save_pretrained(paths["vlm"])
+    processor.save_pretrained(paths["vlm"])
+    lm.save_pretrained(paths["lm"])
+    tok.save_pretrained(paths["lm"])
+    return paths
+
+
+def teach(lm_dir: Path, out: Path, pairs: list[tuple[str, str]], steps: int = 150) -> Path:
+    """Fine-tune the tiny LM until it answers each chat prompt with its answer (memorisation)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(lm_dir)
+    torch.manual_seed(0)
+    batch = []
+    for prompt, answer in pairs:
+        head = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        ids_head = tok(head, add_special_tokens=False)["input_ids"]
+        ids_answer = tok(" " + answer + "<end_of_utterance>", add_special_tokens=False)["input_ids"]
+        batch.append((ids_head + ids_answer, [-100] * len(ids_head) + ids_answer))
+    width = max(len(i) for i, _ in batch)
+    input_ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _ in batch])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+    attention = (torch.arange(width)[None] < torch.tensor([len(i) for i, _ in batch])[:, None]).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
