@@ -78,6 +78,10 @@ def test_noisy_values_come_from_other_categories(world):
     clean = run(world)
     changed = (clean.descriptions.description != result.descriptions.description).sum()
     assert changed > 0.8 * len(clean.descriptions)
+    keys = [k.key for k in world["keys"] if not k.general]
+    for noisy_text, clean_text in zip(result.descriptions.description, clean.descriptions.description):
+        assert noisy_text.split(". ")[0] == clean_text.split(". ")[0]  # the general description is not noised
+        assert all(k in noisy_text for k in keys)  # every key is still described, only values change
     assert run(world, quality="noisy", noise_rate=0.0).descriptions.equals(clean.descriptions)
 
 
