@@ -1,6 +1,7 @@
 """`dvc repro` end to end in a temporary copy of this working tree, on a tiny world."""
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -10,7 +11,16 @@ import yaml
 
 from conftest import REPO, stage_env
 
-TINY_WORLD = {"categories": 4, "cluster_size": 2, "train_per_class": 3, "test_per_class": 2, "image_size": 32, "deviation_rate": 0.1}
+TINY_WORLD = {"categories": 5, "cluster_size": 2, "train_per_class": 3, "test_per_class": 2, "image_size": 32, "deviation_rate": 0.1}
+TINY_BOOTSTRAP = {
+    "mllm": {"vocab_size": 400, "hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "vision_hidden": 32, "vision_layers": 1, "latents": 4, "epochs": 1, "batch_size": 16},
+    "clip": {"embed_dim": 16, "width": 32, "layers": 1, "epochs": 1, "batch_size": 8},
+}
+
+
+def ran(output: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
 
 
 def sh(cmd, cwd, check=True):
@@ -32,6 +42,7 @@ def clone(tmp_path_factory):
             shutil.copy2(src, dest / rel)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["world"] = TINY_WORLD
+    params["bootstrap"] = TINY_BOOTSTRAP
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", dest)
     return dest
@@ -43,23 +54,41 @@ def test_dvc_repro_prepares_the_default_datasets(clone):
     for name in ("toy-bird", "toy-flower"):
         out = clone / "data" / "prepared" / name
         manifest = pd.read_parquet(out / "images.parquet")
-        assert len(manifest) == 4 * (3 + 2)
+        assert len(manifest) == 5 * (3 + 2)
         assert all((clone / p).is_file() for p in manifest.path)
         classes = json.loads((out / "classes.json").read_text())
-        assert len(classes["classes"]) == 4 and classes["source"] == "world"
-        assert json.loads((clone / "metrics" / "prepare" / f"{name}.json").read_text())["train_images"] == 12
+        assert len(classes["classes"]) == 5 and classes["source"] == "world"
+        assert json.loads((clone / "metrics" / "prepare" / f"{name}.json").read_text())["train_images"] == 15
         assert (clone / "plots" / "prepare" / f"{name}.png").is_file()
         keys = json.loads((clone / "data" / "attributes" / name / "keys.json").read_text())["keys"]
         values = pd.read_parquet(clone / "data" / "attributes" / name / "values.parquet")
-        assert len(values) == 12 * len(keys)
+        assert len(values) == 15 * len(keys)
         descriptions = pd.read_parquet(clone / "data" / "descriptions" / f"{name}.parquet")
-        assert len(descriptions) == 12 and descriptions.description.str.len().min() > 50
+        assert len(descriptions) == 15 and descriptions.description.str.len().min() > 50
+        negatives = pd.read_parquet(clone / "data" / "negatives" / f"{name}.parquet")
+        assert len(negatives) == 15 and negatives.negatives.str.len().eq(3).all()
+        options = json.loads((clone / "data" / "eval_options" / f"{name}.json").read_text())
+        assert sum(len(v) for v in options.values()) == 10
+    diagnosis = json.loads((clone / "metrics" / "bootstrap.json").read_text())
+    assert {"caption_attribute_accuracy", "knowledge_attribute_accuracy", "zero_shot_mc_accuracy"} <= set(diagnosis)
+    assert (clone / "models" / "base" / "model.safetensors").is_file() and (clone / "models" / "clip" / "open_clip_model.safetensors").is_file()
     assert "Running stage 'prepare@toy-bird'" in proc.stdout
     # generated outputs are ignored by git; nothing but dvc.lock is new
     status = sh("git status --porcelain --untracked-files=all", clone).stdout.split("\n")
     assert {line[3:] for line in status if line and not line[3:].endswith(".gitignore")} == {"dvc.lock"}
     again = sh("dvc repro", clone)
     assert "Running stage" not in again.stdout and "up to date" in again.stdout
+
+
+@pytest.mark.slow
+def test_changing_negatives_reruns_mining_and_nothing_upstream(clone):
+    sh("dvc repro", clone)
+    before = pd.read_parquet(clone / "data" / "negatives" / "toy-bird.parquet")
+    proc = sh("dvc exp run -S negatives=simple", clone)
+    assert ran(proc.stdout) == {"check_params", "mine@toy-bird", "mine@toy-flower"}
+    after = pd.read_parquet(clone / "data" / "negatives" / "toy-bird.parquet")
+    assert not before.negatives.equals(after.negatives) and before.distractors.equals(after.distractors)
+    sh("git checkout params.yaml && dvc checkout -q", clone)
 
 
 @pytest.mark.slow

@@ -138,6 +138,40 @@ class TrainConfig(Schema):
     stage2: StageTrainConfig = StageTrainConfig(batch_size=128)
 
 
+class TinyMLLMConfig(Schema):
+    """The tiny Idefics2 `bootstrap` builds and pre-trains for the world (model.base: tiny)."""
+
+    vocab_size: int = Field(1024, ge=300)
+    hidden: int = Field(128, ge=16)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    kv_heads: int = Field(2, ge=1)
+    vision_hidden: int = Field(96, ge=16)
+    vision_layers: int = Field(3, ge=1)
+    patch: int = Field(8, ge=2)
+    latents: int = Field(16, ge=1)  # visual tokens per image (perceiver resampler)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)  # the vision tower and connector learn from scratch: 1e-3 already diverges
+
+
+class TinyCLIPConfig(Schema):
+    """The tiny open_clip model `bootstrap` trains for mining (model.clip: tiny)."""
+
+    embed_dim: int = Field(64, ge=8)
+    width: int = Field(64, ge=16)
+    layers: int = Field(2, ge=1)
+    patch: int = Field(8, ge=2)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+
+
+class BootstrapConfig(Schema):
+    mllm: TinyMLLMConfig = TinyMLLMConfig()
+    clip: TinyCLIPConfig = TinyCLIPConfig()
+
+
 class TrackingConfig(Schema):
     experiment: str = Field("finedefics", min_length=1)
 
@@ -155,6 +189,7 @@ class Params(Schema):
     align: AlignConfig = AlignConfig()
     instructions: InstructionsConfig = InstructionsConfig()
     model: ModelConfig = ModelConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
 

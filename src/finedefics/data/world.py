@@ -320,20 +320,22 @@ def _draw_flower(cv: Canvas, p: dict[str, str], colors: Callable[[str], tuple[in
             rx, ry = leaves[p["leaf shape"]]
             pts = _ellipse((side * rx, 0.30), rx, ry, rot=-side * 0.35)
         cv.fill("leaf", pts, leaf)
-    centre = (0.0, -0.12)
+    centre, head = (0.0, -0.17), 1.3  # the flower head, drawn 1.3x the unit petal size
     petal = colors(p["petal color"])
     shapes = {
         "round": lambda: _ellipse((0.0, -0.15), 0.10, 0.12),
         "pointed": lambda: [(0.0, -0.04), (0.09, -0.14), (0.0, -0.33), (-0.09, -0.14)],
         "narrow": lambda: _ellipse((0.0, -0.17), 0.035, 0.15),
     }
-    petals = [_rotate([(x, y + centre[1]) for x, y in shapes[p["petal shape"]]()], centre, k * math.pi / 3) for k in range(6)]
+    petals = [
+        _rotate([(head * x, head * y + centre[1]) for x, y in shapes[p["petal shape"]]()], centre, k * math.pi / 3) for k in range(6)
+    ]
     for pts in petals:
         cv.fill("petal", pts, petal, outline=False)
-    cv.texture(p["petal pattern"], cv.masks["petal"], petal, centre, 0.34, rng)
+    cv.texture(p["petal pattern"], cv.masks["petal"], petal, centre, 0.34 * head, rng)
     for pts in petals:
         cv.outline(pts, petal)
-    cv.fill("center", _ellipse(centre, 0.075, 0.075), colors(p["center color"]))
+    cv.fill("center", _ellipse(centre, 0.075 * head, 0.075 * head), colors(p["center color"]))
 
 
 @dataclass(frozen=True)

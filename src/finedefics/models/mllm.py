@@ -37,6 +37,12 @@ class MLLM:
     def tokenizer(self):
         return self.processor.tokenizer
 
+    @property
+    def turn_end(self) -> str:
+        """What closes an assistant turn in this model's chat format."""
+        end = "<end_of_utterance>"
+        return end if end in self.tokenizer.get_vocab() else self.tokenizer.eos_token
+
     def prompt(self, text: str, image: bool = True) -> str:
         """`text` as one user turn (with an image slot first), ready for the assistant's answer."""
         if getattr(self.processor, "chat_template", None) is None:
@@ -47,7 +53,7 @@ class MLLM:
     @torch.no_grad()
     def visual_tokens(self, images: list[Image.Image]) -> list[torch.Tensor]:
         """The connector's output for each image: a (tokens, hidden) tensor per image."""
-        pixels = self.processor.image_processor(images, return_tensors="pt")
+        pixels = self.processor.image_processor([[im] for im in images], return_tensors="pt")  # one image per sample
         if self.family == "idefics2":
             out = self.model.get_image_features(pixels["pixel_values"], pixels.get("pixel_attention_mask"))
         elif self.family == "llava":

@@ -84,6 +84,15 @@ def build_idefics2(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0
     )
     torch.manual_seed(seed)
     model = Idefics2ForConditionalGeneration(config)
+    # Idefics2's connector is meant to be trained from a pre-trained start. From scratch, two of its
+    # initial values drown the image: the perceiver's latent queries are all ones (identical queries
+    # whose residual dwarfs what they read), and its output norm puts visual tokens at ~50x the scale
+    # of token embeddings (std 0.02). Small random latents and an output scale matching the token
+    # embeddings let the images through.
+    resampler = model.model.connector.perceiver_resampler
+    with torch.no_grad():
+        resampler.latents.normal_(0.0, 0.02)
+        resampler.norm.weight.fill_(config.text_config.initializer_range)
     model.generation_config = _generation_config(tok)
     image_processor = Idefics2ImageProcessor(
         do_image_splitting=False, size={"longest_edge": sizes.image_size, "shortest_edge": sizes.image_size}

@@ -1,0 +1,163 @@
+"""`bootstrap` on the embedded default: the tiny base MLLM of the world, and the paper's diagnosis.
+
+The base is pre-trained on (a) captions of train images that state their attribute values and
+never the category name, and (b) text-only category knowledge. It never sees an image next to
+a category name, so it can read attributes and knows every category, yet cannot tell which
+category an image shows: the object-category misalignment of paper §2.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from finedefics.config import TinyMLLMConfig
+from finedefics.evaluate.foci import mc_question, parse_choice, query, shuffled
+from finedefics.models import world_text as wt
+from finedefics.models.mllm import MLLM
+from finedefics.models.sft import ChatExample, iterate, load_image
+from finedefics.models.tiny import TinySizes, build_idefics2
+from finedefics.models.tokenizer import train_tokenizer
+
+
+@dataclass
+class WorldDataset:
+    """A prepared world dataset, as `bootstrap` reads it."""
+
+    name: str
+    manifest: pd.DataFrame
+    classes: dict
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.classes["attributes"])
+
+    @property
+    def superclass(self) -> str:
+        return self.classes["super_category"]
+
+    def split(self, split: str) -> pd.DataFrame:
+        return self.manifest[self.manifest.split == split]
+
+
+def pretraining_examples(datasets: list[WorldDataset], seed: int, knowledge_repeats: int = 8) -> list[ChatExample]:
+    """What the base learns, never an image next to a category name:
+    (a) a caption of every train image, stating its attribute values;
+    (b) the category knowledge of every class, as chat and as plain statements;
+    (c) a multiple-choice question on one attribute of every train image (options: values);
+    (d) text-only multiple choice between category names by an attribute value.
+    (c) and (d) teach the multiple-choice format without tying images to names."""
+    rng = np.random.default_rng([seed, 11])
+    examples = []
+    for ds in datasets:
+        attrs = ds.classes["attributes"]
+        for row in ds.split("train").itertuples():
+            values = json.loads(row.attributes)
+            examples.append(ChatExample(wt.caption_question(ds.superclass), wt.caption(ds.superclass, ds.keys, values), row.path))
+            key = str(rng.choice(ds.keys))
+            wrong = [v for v in attrs[key]["values"] if v != values[key]]
+            options = shuffled([values[key], *rng.choice(wrong, size=min(3, len(wrong)), replace=False)], rng)
+            question = mc_question(f"What is the {key} of the {ds.superclass} in the image?", options)
+            examples.append(ChatExample(question, "ABCD"[options.index(values[key])], row.path))
+        classes = ds.classes["classes"]
+        for c in classes:
+            text = wt.knowledge(c["name"], ds.superclass, ds.keys, c["profile"])
+            examples += [ChatExample(wt.knowledge_question(c["name"]), text)] * knowledge_repeats
+            examples.append(ChatExample("Tell me about a category.", wt.knowledge_statement(c["name"], ds.keys, c["profile"])))
+            for _ in range(2):
+                key = str(rng.choice(ds.keys))
+                others = [o["name"] for o in classes if o["profile"][key] != c["profile"][key]]
+                if len(others) < 3:
+                    continue
+                options = shuffled([c["name"], *rng.choice(others, size=3, replace=False)], rng)
+                value = c["profile"][key]
+                question = mc_question(f"Which of these {ds.classes['plural']} has {'an' if value[0] in 'aeiou' else 'a'} {value} {key}?", options)
+                examples.append(ChatExample(question, "ABCD"[options.index(c["name"])]))
+    return examples
+
+
+def tokenizer_corpus(datasets: list[WorldDataset], examples: list[ChatExample]) -> list[str]:
+    """Everything the pipeline will say in the world: the examples, names, and the FOCI prompt."""
+    corpus = [f"{e.question} {e.answer}" for e in examples]
+    for ds in datasets:
+        names = [c["name"] for c in ds.classes["classes"]]
+        corpus.append(mc_question(query(ds.classes["plural"]), names[:4]))
+        corpus += [f"What is the name of the {ds.superclass} in the image? {n}" for n in names]
+        corpus += [s for s in ds.manifest.scene if s]
+    return corpus
+
+
+def build_base(datasets: list[WorldDataset], cfg: TinyMLLMConfig, image_size: int, seed: int) -> tuple[MLLM, list[ChatExample]]:
+    """The tokenizer trained on the world's text and a randomly initialised tiny Idefics2."""
+    examples = pretraining_examples(datasets, seed)
+    tok = train_tokenizer(tokenizer_corpus(datasets, examples), cfg.vocab_size)
+    sizes = TinySizes(
+        hidden=cfg.hidden,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        kv_heads=cfg.kv_heads,
+        vision_hidden=cfg.vision_hidden,
+        vision_layers=cfg.vision_layers,
+        patch=cfg.patch,
+        image_size=image_size,
+        latents=cfg.latents,
+    )
+    model, processor = build_idefics2(tok, sizes, seed)
+    return MLLM(model, processor), examples
+
+
+@torch.no_grad()
+def answer_all(mllm: MLLM, questions: list[str], images: list[str] | None, max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    out: list[str] = []
+    index = list(range(len(questions)))
+    for chunk in tqdm(list(iterate(index, batch_size)), desc="generate", unit="batch", leave=False):
+        prompts = [mllm.prompt(questions[i], image=images is not None) for i in chunk]
+        pictures = [load_image(images[i]) for i in chunk] if images is not None else None
+        out += mllm.generate(prompts, pictures, max_new_tokens)
+    return out
+
+
+def diagnose(mllm: MLLM, datasets: list[WorldDataset], seed: int) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """The paper's three capabilities, from generations: attributes read from test images, category
+    knowledge, and zero-shot multiple choice (ground truth and 3 random wrong classes)."""
+    metrics: dict[str, float] = {}
+    samples: dict[str, list[str]] = {}
+    for ds in datasets:
+        test = ds.split("test")
+        captions = answer_all(mllm, [wt.caption_question(ds.superclass)] * len(test), list(test.path), 96)
+        right = [
+            wt.read_values(text, ds.keys).get(k) == v
+            for text, attrs in zip(captions, test.attributes)
+            for k, v in json.loads(attrs).items()
+        ]
+        names = [c["name"] for c in ds.classes["classes"]]
+        known = answer_all(mllm, [wt.knowledge_question(n) for n in names], None, 96)
+        knowledge_right = [
+            wt.read_values(text, ds.keys).get(k) == v for text, c in zip(known, ds.classes["classes"]) for k, v in c["profile"].items()
+        ]
+        rng = np.random.default_rng([seed, 3])
+        questions, truth = [], []
+        for label in test.label:
+            wrong = rng.choice([i for i in range(len(names)) if i != label], size=3, replace=False)
+            options = shuffled([names[label], *(names[i] for i in wrong)], rng)
+            questions.append(mc_question(query(ds.classes["plural"]), options))
+            truth.append("ABCD"[options.index(names[label])])
+        answers = answer_all(mllm, questions, list(test.path), 4)
+        picks = [parse_choice(a) for a in answers]
+        metrics.update(
+            {
+                f"{ds.name}/caption_attribute_accuracy": float(np.mean(right)),
+                f"{ds.name}/knowledge_attribute_accuracy": float(np.mean(knowledge_right)),
+                f"{ds.name}/zero_shot_mc_accuracy": float(np.mean([p == t for p, t in zip(picks, truth)])),
+                f"{ds.name}/zero_shot_mc_failure_rate": float(np.mean([p is None for p in picks])),
+            }
+        )
+        samples[ds.name] = [captions[0], known[0], answers[0]]
+    for metric in ("caption_attribute_accuracy", "knowledge_attribute_accuracy", "zero_shot_mc_accuracy", "zero_shot_mc_failure_rate"):
+        metrics[metric] = float(np.mean([metrics[f"{ds.name}/{metric}"] for ds in datasets]))
+    return metrics, samples

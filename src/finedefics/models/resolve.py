@@ -1,0 +1,92 @@
+"""Published base models at paper scale: find them offline, check them, record which weights are used.
+
+Nothing is downloaded here: a hub id must already be in the local Hugging Face cache (or be a
+local folder). What `bootstrap` records (revision, or a hash of every weight file) pins the
+exact weights a run used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+MLLM_TYPES = ("idefics2", "llava")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class ModelNotAvailable(FileNotFoundError):
+    """The configured model is not on this machine; the message says how to provide it offline."""
+
+
+def sha256(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hub_snapshot(repo_id: str, key: str, instead: str = "a local folder holding it") -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as err:
+        raise ModelNotAvailable(
+            f"{key} {repo_id!r} is not available offline ({type(err).__name__}); fetch it once where there is "
+            f"internet with `huggingface-cli download {repo_id}` (it fills ~/.cache/huggingface; copy that cache "
+            f"here or set HF_HOME), or set {key} to {instead}"
+        ) from None
+
+
+def check_mllm(spec: str, key: str = "model.base") -> dict:
+    """Load config and processor through the Auto classes and check the weight files are present."""
+    from transformers import AutoConfig, AutoProcessor
+
+    local = Path(spec)
+    folder = local if local.is_dir() else _hub_snapshot(spec, key)
+    config = AutoConfig.from_pretrained(str(folder))
+    if config.model_type not in MLLM_TYPES:
+        raise ValueError(f"{key} {spec!r} is a {config.model_type!r} model; supported: {', '.join(MLLM_TYPES)}")
+    AutoProcessor.from_pretrained(str(folder))
+    weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not weights:
+        raise ModelNotAvailable(f"{key} {spec!r}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
+    record = {"model": spec, "model_type": config.model_type, "path": str(folder.resolve())}
+    if local.is_dir():
+        record["files"] = {p.name: sha256(p) for p in weights}
+    else:
+        record["revision"] = folder.name  # the hub cache keeps each snapshot under its commit hash
+        record["files"] = [p.name for p in weights]
+    return record
+
+
+def check_clip(spec: str, key: str = "model.clip") -> dict:
+    """`<architecture>:<pretrained tag or file>` or `local-dir:<folder>`, found offline."""
+    import open_clip
+
+    if spec.startswith("local-dir:"):
+        folder = Path(spec.split(":", 1)[1])
+        weights = sorted(p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES)
+        if not (folder / "open_clip_config.json").is_file() or not weights:
+            raise ModelNotAvailable(f"{key} {spec!r}: expected open_clip_config.json and weights in {folder}")
+        return {"model": spec, "files": {p.name: sha256(p) for p in weights}}
+    if ":" not in spec:
+        raise ValueError(f"{key} {spec!r}: expected tiny, <architecture>:<pretrained tag or file> or local-dir:<folder>")
+    name, pretrained = spec.split(":", 1)
+    if name not in open_clip.list_models():
+        raise ValueError(f"{key} {spec!r}: unknown open_clip architecture {name!r}")
+    if Path(pretrained).is_file():
+        return {"model": spec, "architecture": name, "files": {Path(pretrained).name: sha256(Path(pretrained))}}
+    source = open_clip.get_pretrained_cfg(name, pretrained)
+    if not source or not source.get("hf_hub"):
+        raise ModelNotAvailable(
+            f"{key} {spec!r}: no hub source for tag {pretrained!r}; put the weights file on this machine and set {key} to {name}:<file>"
+        )
+    repo = "/".join(source["hf_hub"].strip("/").split("/")[:2])
+    snapshot = _hub_snapshot(repo, key, f"{name}:<path of the weights file>")
+    files = sorted(p.name for p in snapshot.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise ModelNotAvailable(f"{key} {spec!r}: the cached {repo} holds no weights; download it again")
+    return {"model": spec, "architecture": name, "hub": repo, "revision": snapshot.name, "files": files}

@@ -1,0 +1,103 @@
+"""DVC stage `bootstrap`: the base MLLM and the CLIP model for mining.
+
+Embedded default (`model.base: tiny`, `model.clip: tiny`): trains a tokenizer on the world's text,
+builds a tiny Idefics2 and pre-trains it on captions (attribute values, never category names) and
+text-only category knowledge; trains a tiny open_clip model on train images and class names;
+writes models/base/, models/clip/ and metrics/bootstrap.json (the paper's diagnosis, measured).
+Paper scale: finds the configured models offline, checks them, and records exactly which weights
+are used (models/base/base.json, models/clip/clip.json); nothing heavy is written.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from finedefics.config import load_or_exit
+
+BASE, CLIP, METRICS = Path("models/base"), Path("models/clip"), Path("metrics/bootstrap.json")
+
+
+def main() -> None:
+    params = load_or_exit("params.yaml")
+
+    import pandas as pd
+    import torch
+
+    from finedefics.data.prepare import is_world
+    from finedefics.io import atomic_path, read_json, write_json
+    from finedefics.models.resolve import ModelNotAvailable, check_clip, check_mllm
+    from finedefics.tracking import stage_run
+
+    torch.manual_seed(params.seed)
+    world = {n: s for n, s in params.datasets.items() if is_world(s)}
+    tiny = [k for k, v in (("model.base", params.model.base), ("model.clip", params.model.clip)) if v == "tiny"]
+    if tiny and len(world) != len(params.datasets):
+        print(f"error: {' and '.join(tiny)} = tiny is built from the synthetic world, but datasets has real ones; "
+              "set them to published models (see configs/paper.yaml)", file=sys.stderr)
+        raise SystemExit(2)
+
+    def prepared(name):
+        return pd.read_parquet(Path("data/prepared") / name / "images.parquet"), read_json(Path("data/prepared") / name / "classes.json")
+
+    metrics: dict[str, float] = {}
+    try:
+        with stage_run("bootstrap", params) as run:
+            if params.model.base == "tiny":
+                from finedefics.models import sft
+                from finedefics.models.bootstrap import WorldDataset, build_base, diagnose
+
+                datasets = [WorldDataset(n, *prepared(n)) for n in world]
+                cfg = params.bootstrap.mllm
+                mllm, examples = build_base(datasets, cfg, params.world.image_size, params.seed)
+                n_params = sum(p.numel() for p in mllm.model.parameters())
+                print(f"tiny Idefics2: {n_params / 1e6:.2f}M parameters, {len(examples)} pre-training examples, vocabulary {len(mllm.tokenizer)}")
+                sft.train(mllm, examples, cfg.epochs, cfg.batch_size, cfg.lr, params.seed, "pre-train base",
+                          log=lambda m, step: run.log_metrics({f"base_{k}": v for k, v in m.items()}, step))
+                with atomic_path(BASE) as tmp:
+                    mllm.model.save_pretrained(tmp)
+                    mllm.processor.save_pretrained(tmp)
+                    write_json(tmp / "base.json", {"model": "tiny", "parameters": n_params, "examples": len(examples)})
+                diagnosis, samples = diagnose(mllm, datasets, params.seed)
+                metrics.update(diagnosis)
+                for name, (caption, knowledge, choice) in samples.items():
+                    print(f"{name}: caption of a test image: {caption}\n{name}: knowledge: {knowledge}\n{name}: multiple choice answer: {choice!r}")
+            else:
+                record = check_mllm(params.model.base)
+                with atomic_path(BASE) as tmp:
+                    tmp.mkdir()
+                    write_json(tmp / "base.json", record)
+                print(f"base MLLM: {record['model']} ({record.get('revision') or 'local files hashed'})")
+            if params.model.clip == "tiny":
+                from finedefics.models.clip import train_prompt, train_tiny, zero_shot_accuracy
+
+                images, texts = [], []
+                data = {n: prepared(n) for n in world}
+                for manifest, classes in data.values():
+                    train = manifest[manifest.split == "train"]
+                    names = [c["name"] for c in classes["classes"]]
+                    images += list(train.path)
+                    texts += [train_prompt(names[label], classes["super_category"]) for label in train.label]
+                with atomic_path(CLIP) as tmp:
+                    clip = train_tiny(params.bootstrap.clip, params.world.image_size, images, texts, params.seed, tmp,
+                                      log=lambda m, step: run.log_metrics(m, step))
+                for name, (manifest, classes) in data.items():
+                    test = manifest[manifest.split == "test"]
+                    acc = zero_shot_accuracy(clip, list(test.path), list(test.label), [c["name"] for c in classes["classes"]])
+                    metrics[f"{name}/clip_zero_shot_accuracy"] = acc
+            else:
+                record = check_clip(params.model.clip)
+                with atomic_path(CLIP) as tmp:
+                    tmp.mkdir()
+                    write_json(tmp / "clip.json", record)
+                print(f"CLIP: {record['model']}")
+            write_json(METRICS, metrics)
+            run.log_metrics(metrics)
+    except (ModelNotAvailable, ValueError, OSError) as err:
+        print(f"error: bootstrap: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if metrics:
+        print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""DVC stage `mine@<dataset>`: hard negatives per train image and the evaluation option sets.
+
+Writes data/negatives/<dataset>.parquet (per train image: the negatives `negatives` asks for,
+each with one train image and its description, and the 3 most CLIP-similar wrong classes as
+Stage II distractors), data/eval_options/<dataset>.json (FOCI format; the published FOCI sets
+as they are for the six real datasets) and metrics/mine/<dataset>.json.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from finedefics.config import load_or_exit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("dataset")
+    name = parser.parse_args().dataset
+    params = load_or_exit("params.yaml")
+
+    import numpy as np
+    import pandas as pd
+
+    from finedefics.data.prepare import is_world
+    from finedefics.data.real import REAL_DATASETS
+    from finedefics.io import atomic_path, read_json, write_json, write_parquet
+    from finedefics.mining import Embeddings, check_options, eval_options, mine
+    from finedefics.tracking import stage_run
+
+    manifest = pd.read_parquet(Path("data/prepared") / name / "images.parquet")
+    classes = read_json(Path("data/prepared") / name / "classes.json")
+    names = [c["name"] for c in classes["classes"]]
+    descriptions = pd.read_parquet(Path("data/descriptions") / f"{name}.parquet")
+    emb = Embeddings.load(Path("data/embeddings") / f"{name}.npz")
+    train, test = manifest[manifest.split == "train"], manifest[manifest.split == "test"]
+    options_path = Path("data/eval_options") / f"{name}.json"
+    try:
+        with stage_run("mine", params, run_name=f"mine@{name}") as run:
+            negatives = mine(train, names, dict(zip(descriptions.image_id, descriptions.description)), emb, params.negatives, params.seed)
+            write_parquet(Path("data/negatives") / f"{name}.parquet", negatives)
+            if is_world(params.datasets[name]):
+                options = eval_options(test, names, emb)
+                check_options(options, names)
+                write_json(options_path, options)
+            else:
+                reference = REAL_DATASETS[name].foci_file
+                check_options(read_json(reference), names)
+                with atomic_path(options_path) as tmp:
+                    shutil.copyfile(reference, tmp)
+            stats = {"train_images": len(negatives), "negatives_per_image": float(negatives.negatives.str.len().mean())}
+            if "cluster" in classes["classes"][0]:
+                cluster = np.array([c["cluster"] for c in classes["classes"]])
+                pairs = [(a, n) for a, ns in zip(negatives.label, negatives.negatives) for n in ns]
+                same = [cluster[a] == cluster[n] for a, n in pairs]
+                stats["negatives_in_same_cluster"] = float(np.mean(same)) if same else 0.0
+                stats["chance_same_cluster"] = float(np.mean([(cluster == cluster[a]).sum() - 1 for a in range(len(cluster))]) / (len(cluster) - 1))
+            write_json(Path("metrics/mine") / f"{name}.json", stats)
+            run.log_metrics(stats)
+    except ValueError as err:
+        print(f"error: mine@{name}: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"{name}: negatives ({params.negatives}) for {len(negatives)} train images; option sets for {len(test)} test images")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO, make_world_workdir, run_stage, set_params
+from finedefics.config import TinyCLIPConfig, TinyMLLMConfig
+from finedefics.models import sft
+from finedefics.models import world_text as wt
+from finedefics.models.bootstrap import WorldDataset, build_base, diagnose, pretraining_examples
+from finedefics.models.clip import Clip, train_prompt, train_tiny
+from finedefics.models.mllm import MLLM
+from finedefics.models.resolve import sha256
+
+SMALL_MLLM = TinyMLLMConfig(vocab_size=400, hidden=64, layers=2, heads=2, kv_heads=1, vision_hidden=32, vision_layers=1, latents=4, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = make_world_workdir(tmp_path_factory.mktemp("boot"), categories=4, cluster_size=2, train_per_class=2, test_per_class=2)
+    out = root / "data" / "prepared" / "toy-bird"
+    ds = WorldDataset("toy-bird", pd.read_parquet(out / "images.parquet"), json.loads((out / "classes.json").read_text()))
+    return root, ds
+
+
+def test_pretraining_never_shows_an_image_next_to_a_category_name(world, monkeypatch):
+    root, ds = world
+    monkeypatch.chdir(root)
+    examples = pretraining_examples([ds], seed=0)
+    names = [c["name"] for c in ds.classes["classes"]]
+    with_image = [e for e in examples if e.image]
+    assert len(with_image) == 2 * (ds.split("train").shape[0])  # a caption and an attribute question each
+    assert not any(n in e.question or n in e.answer for e in with_image for n in names)
+    assert any(n in e.answer for e in examples if not e.image for n in names)  # knowledge is text-only
+
+
+def test_diagnosis_is_measured_from_generations(world, monkeypatch):
+    root, ds = world
+    monkeypatch.chdir(root)
+    mllm, _ = build_base([ds], SMALL_MLLM, 64, seed=0)
+    untrained, _ = diagnose(mllm, [ds], seed=0)
+    assert untrained["caption_attribute_accuracy"] < 0.2 and untrained["knowledge_attribute_accuracy"] < 0.2
+    # teach it the test captions and the category knowledge: the same code must then read them back
+    test = ds.split("test")
+    lessons = [sft.ChatExample(wt.caption_question("bird"), wt.caption("bird", ds.keys, json.loads(a)), p) for a, p in zip(test.attributes, test.path)]
+    lessons += [sft.ChatExample(wt.knowledge_question(c["name"]), wt.knowledge(c["name"], "bird", ds.keys, c["profile"])) for c in ds.classes["classes"]]
+    sft.train(mllm, lessons * 8, epochs=25, batch_size=8, lr=2e-3, seed=0, desc="teach")
+    taught, samples = diagnose(mllm, [ds], seed=0)
+    assert taught["caption_attribute_accuracy"] > 0.5 and taught["knowledge_attribute_accuracy"] > 0.9
+    assert samples["toy-bird"][0].startswith("A bird:")
+    assert 0.0 <= taught["zero_shot_mc_accuracy"] <= 1.0
+
+
+def test_mllm_checkpoint_reloads_with_identical_outputs(world, tmp_path, monkeypatch):
+    root, ds = world
+    monkeypatch.chdir(root)
+    mllm, _ = build_base([ds], SMALL_MLLM, 64, seed=1)
+    mllm.model.save_pretrained(tmp_path)
+    mllm.processor.save_pretrained(tmp_path)
+    again = MLLM.load(tmp_path)
+    batch = sft.encode(mllm, [sft.ChatExample("Describe this bird.", "A bird.", ds.split("test").path.iloc[0])])
+    with torch.no_grad():
+        assert torch.equal(mllm.model(**batch).logits, again.model(**batch).logits)
+    prompts, images = [mllm.prompt("Describe this bird.")], [sft.load_image(ds.split("test").path.iloc[0])]
+    assert mllm.generate(prompts, images, 8) == again.generate(prompts, images, 8)
+
+
+def test_clip_checkpoint_reloads_with_identical_outputs(world, tmp_path, monkeypatch):
+    root, ds = world
+    monkeypatch.chdir(root)
+    train = ds.split("train")
+    names = [c["name"] for c in ds.classes["classes"]]
+    cfg = TinyCLIPConfig(embed_dim=16, width=32, layers=1, epochs=2, batch_size=4)
+    clip = train_tiny(cfg, 64, list(train.path), [train_prompt(names[l], "bird") for l in train.label], 0, tmp_path / "clip")
+    again = Clip.load("tiny", tiny_dir=tmp_path / "clip")
+    paths = list(ds.split("test").path)
+    np.testing.assert_array_equal(clip.embed_images(paths), again.embed_images(paths))
+    np.testing.assert_array_equal(clip.embed_texts(names), again.embed_texts(names))
+
+
+def test_paper_scale_bootstrap_records_local_weights(tmp_path, tiny_models):
+    root = make_world_workdir(tmp_path)
+    clip_dir = tmp_path / "clip"
+    import open_clip
+
+    from finedefics.models.clip import register_tiny, save_local_dir
+
+    register_tiny(TinyCLIPConfig(embed_dim=16, width=32, layers=1), 64, clip_dir)
+    save_local_dir(open_clip.create_model("finedefics-tiny-clip"), TinyCLIPConfig(embed_dim=16, width=32, layers=1), 64, clip_dir)
+    set_params(root, **{"model.base": str(tiny_models["vlm"]), "model.clip": f"local-dir:{clip_dir}"})
+    proc = run_stage(root, "bootstrap.py")
+    assert proc.returncode == 0, proc.stderr
+    base = json.loads((root / "models" / "base" / "base.json").read_text())
+    weights = tiny_models["vlm"] / "model.safetensors"
+    assert base["model_type"] == "idefics2" and base["files"] == {"model.safetensors": sha256(weights)}
+    clip = json.loads((root / "models" / "clip" / "clip.json").read_text())
+    assert clip["files"] == {"open_clip_model.safetensors": sha256(clip_dir / "open_clip_model.safetensors")}
+    assert sorted(p.name for p in (root / "models" / "base").iterdir()) == ["base.json"]  # nothing heavy
+
+
+def test_a_missing_base_model_fails_with_how_to_provide_it(tmp_path):
+    root = make_world_workdir(tmp_path)
+    set_params(root, **{"model.base": "some-org/not-downloaded-model"})
+    proc = run_stage(root, "bootstrap.py")
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "some-org/not-downloaded-model" in line and "not available offline" in line and "huggingface-cli download" in line
+
+
+def test_tiny_models_need_the_world(tmp_path):
+    root = make_world_workdir(tmp_path)
+    set_params(root, **{"datasets": {"bird-200": "data/raw/bird-200"}})
+    proc = run_stage(root, "bootstrap.py")
+    assert proc.returncode == 2 and "tiny is built from the synthetic world" in proc.stderr
