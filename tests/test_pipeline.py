@@ -16,6 +16,11 @@ TINY_BOOTSTRAP = {
     "mllm": {"vocab_size": 400, "hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "vision_hidden": 32, "vision_layers": 1, "latents": 4, "epochs": 1, "batch_size": 16},
     "clip": {"embed_dim": 16, "width": 32, "layers": 1, "epochs": 1, "batch_size": 8},
 }
+TINY_TRAIN = {
+    "stage1": {"epochs": 1, "lr": 5e-4, "warmup_steps": 1, "batch_size": 8},
+    "stage2": {"epochs": 1, "lr": 5e-4, "warmup_steps": 1, "batch_size": 8},
+    "per_device_batch_size": 8,
+}
 
 
 def ran(output: str) -> set[str]:
@@ -43,6 +48,7 @@ def clone(tmp_path_factory):
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["world"] = TINY_WORLD
     params["bootstrap"] = TINY_BOOTSTRAP
+    params["train"].update(TINY_TRAIN)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", dest)
     return dest
@@ -73,6 +79,19 @@ def test_dvc_repro_prepares_the_default_datasets(clone):
     assert {"caption_attribute_accuracy", "knowledge_attribute_accuracy", "zero_shot_mc_accuracy"} <= set(diagnosis)
     assert (clone / "models" / "base" / "model.safetensors").is_file() and (clone / "models" / "clip" / "open_clip_model.safetensors").is_file()
     assert "Running stage 'prepare@toy-bird'" in proc.stdout
+    s1, s2 = (json.loads((clone / "metrics" / f"train_stage{i}.json").read_text()) for i in (1, 2))
+    assert s1["trained"] == 1 and s1["steps"] == 3 and s2["steps"] == 6  # 30 triples; 30 open + 30 closed questions
+    for which, file in (("base", "eval_base.json"), ("finedefics", "eval.json")):
+        metrics = json.loads((clone / "metrics" / file).read_text())
+        assert set(metrics) == {"toy-bird", "toy-flower", "average"}
+        assert 0 <= metrics["average"]["accuracy"] <= 1 and {"failure_rate", "open_set_accuracy"} <= set(metrics["average"])
+        results = json.loads((clone / "results" / "predictions" / which / "toy-bird.json").read_text())
+        assert len(results["predictions"]) == 10 and set(results) == {"metrics", "predictions", "config"}
+    analysis = json.loads((clone / "metrics" / "analysis.json").read_text())
+    assert set(analysis) == {"base", "finedefics"} and "probe_object_last" in analysis["base"]["toy-bird"]
+    assert (clone / "plots" / "analysis" / "finedefics" / "toy-bird" / "confusion.png").is_file()
+    shown = sh("dvc plots show --json", clone).stdout
+    assert "tsne_joint.png" in shown
     # generated outputs are ignored by git; nothing but dvc.lock is new
     status = sh("git status --porcelain --untracked-files=all", clone).stdout.split("\n")
     assert {line[3:] for line in status if line and not line[3:].endswith(".gitignore")} == {"dvc.lock"}
@@ -85,9 +104,12 @@ def test_changing_negatives_reruns_mining_and_nothing_upstream(clone):
     sh("dvc repro", clone)
     before = pd.read_parquet(clone / "data" / "negatives" / "toy-bird.parquet")
     proc = sh("dvc exp run -S negatives=simple", clone)
-    assert ran(proc.stdout) == {"check_params", "mine@toy-bird", "mine@toy-flower"}
+    downstream = {"build_instructions", "train_stage1", "train_stage2", "evaluate@finedefics", "analyze"}
+    assert ran(proc.stdout) == {"check_params", "mine@toy-bird", "mine@toy-flower"} | downstream  # base not re-evaluated
     after = pd.read_parquet(clone / "data" / "negatives" / "toy-bird.parquet")
     assert not before.negatives.equals(after.negatives) and before.distractors.equals(after.distractors)
+    diff = json.loads(sh("dvc metrics diff --all --json", clone).stdout)
+    assert {"toy-bird.accuracy", "toy-flower.accuracy", "average.accuracy"} <= set(diff["metrics/eval.json"])
     sh("git checkout params.yaml && dvc checkout -q", clone)
 
 

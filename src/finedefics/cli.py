@@ -41,5 +41,71 @@ def use_config(
     typer.echo(f"{params} now holds {config}; `dvc repro` runs it")
 
 
+@app.command()
+def score(results: Path = typer.Argument(..., help="a results file in FOCI's format")) -> None:
+    """Recompute accuracy and generation-failure rate of a FOCI-format results file."""
+    import json
+
+    from finedefics.evaluate.mc import score as score_predictions
+
+    try:
+        data = json.loads(results.read_text())
+        predictions = data["predictions"] if isinstance(data, dict) else data
+        # recomputed from the prediction where the ground truth is stored, not from the stored flag
+        metrics = score_predictions([p | {"correct": p["predicted"] == p["groundtruth"]} if "groundtruth" in p else p for p in predictions])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        _fail(f"{results}: not a FOCI results file ({err.__class__.__name__}: {err})")
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="image files"),
+    model: Path = typer.Option(..., "--model", help="a model folder (e.g. models/finedefics)"),
+    choices: str = typer.Option(None, "--choices", help='comma-separated class names, e.g. "a,b,c,d"'),
+    open_set: bool = typer.Option(False, "--open", help="name the category freely"),
+    superclass: str = typer.Option("object", "--superclass", help="what the images show, e.g. bird (the FOCI query asks for 'birds')"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per image"),
+) -> None:
+    """Predict the class of each image: multiple choice among --choices, or --open."""
+    import json
+
+    from finedefics.align.finetune import resolve
+
+    if not Path(resolve(model)).joinpath("config.json").is_file():
+        _fail(f"{model}: no model folder (expected config.json); run `dvc repro` or pass --model")
+    options = [c.strip() for c in choices.split(",") if c.strip()] if choices else []
+    if not open_set and len(options) < 2:
+        _fail("give at least two --choices, or --open")
+    if len(options) > 4:
+        _fail("the FOCI format takes at most four choices (A-D)")
+    from finedefics.evaluate.foci import LETTERS, mc_question, parse_choice, query
+    from finedefics.evaluate.mc import open_image
+    from finedefics.models.mllm import MLLM
+
+    loaded = []
+    for path in images:
+        image = open_image(str(path))
+        if image is None:
+            _fail(f"{path}: cannot read this image")
+        loaded.append(image)
+    mllm = MLLM.load(resolve(model))
+    if open_set:
+        question = f"What is the name of the {superclass} in the image?"
+    else:
+        question = mc_question(query(f"{superclass}s"), options)
+    answers = mllm.generate([mllm.prompt(question)] * len(loaded), loaded, 12 if open_set else 5)
+    for path, raw in zip(images, answers):
+        if open_set:
+            predicted = raw
+        else:
+            letter = parse_choice(raw, len(options))
+            predicted = options[LETTERS.index(letter)] if letter else None
+        if as_json:
+            typer.echo(json.dumps({"image": str(path), "predicted": predicted, "predicted_raw": raw}))
+        else:
+            typer.echo(f"{path}\t{predicted if predicted is not None else '(no choice: ' + repr(raw) + ')'}")
+
+
 if __name__ == "__main__":
     app()

@@ -102,6 +102,8 @@ class AlignConfig(Schema):
 
     objective: Literal["obj-att-cat", "obj-cat", "none"] = "obj-att-cat"
     paradigm: Literal["two-stage", "one-stage", "stage2-only", "stage1-only"] = "two-stage"
+    mask_same_class: bool = True  # leave other images of the positive's class out of the denominators
+    temperature: float = Field(0.07, ge=0.001, le=0.5)  # initial value; learnt, clamped to [0.001, 0.5]
 
 
 class InstructionsConfig(Schema):
@@ -130,12 +132,16 @@ class StageTrainConfig(Schema):
     epochs: float = Field(1.0, gt=0)
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(60, ge=0)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)  # global: per-device batch x processes x accumulation
 
 
 class TrainConfig(Schema):
     stage1: StageTrainConfig = StageTrainConfig(batch_size=64)
     stage2: StageTrainConfig = StageTrainConfig(batch_size=128)
+    num_processes: int = Field(1, ge=1)  # > 1: the training stages re-launch through `accelerate launch`
+    per_device_batch_size: int = Field(8, ge=1)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
 
 
 class TinyMLLMConfig(Schema):
@@ -146,7 +152,7 @@ class TinyMLLMConfig(Schema):
     layers: int = Field(4, ge=1)
     heads: int = Field(4, ge=1)
     kv_heads: int = Field(2, ge=1)
-    vision_hidden: int = Field(96, ge=16)
+    vision_hidden: int = Field(64, ge=16)  # multiples of 64 keep bitsandbytes 4-bit CPU kernels happy
     vision_layers: int = Field(3, ge=1)
     patch: int = Field(8, ge=2)
     latents: int = Field(16, ge=1)  # visual tokens per image (perceiver resampler)

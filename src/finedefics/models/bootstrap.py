@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from jinja2 import Environment
 from tqdm import tqdm
 
 from finedefics.config import TinyMLLMConfig
@@ -22,7 +23,7 @@ from finedefics.models import world_text as wt
 from finedefics.models.mllm import MLLM
 from finedefics.models.sft import ChatExample, iterate, load_image
 from finedefics.models.tiny import TinySizes, build_idefics2
-from finedefics.models.tokenizer import train_tokenizer
+from finedefics.models.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 
 @dataclass
@@ -82,14 +83,18 @@ def pretraining_examples(datasets: list[WorldDataset], seed: int, knowledge_repe
 
 
 def tokenizer_corpus(datasets: list[WorldDataset], examples: list[ChatExample]) -> list[str]:
-    """Everything the pipeline will say in the world: the examples, names, and the FOCI prompt."""
-    corpus = [f"{e.question} {e.answer}" for e in examples]
+    """Everything the pipeline will say in the world, as chat turns: the examples, the FOCI
+    prompt, open-set questions and the scenes. Rendered through the chat template, so that
+    "User" and "Assistant" become single tokens (split in pieces, "Assistant" starts with the
+    letter A, which confuses the one-letter answers of multiple choice)."""
+    template = Environment().from_string(CHAT_TEMPLATE)
+    turns = [(e.question, e.answer) for e in examples]
     for ds in datasets:
         names = [c["name"] for c in ds.classes["classes"]]
-        corpus.append(mc_question(query(ds.classes["plural"]), names[:4]))
-        corpus += [f"What is the name of the {ds.superclass} in the image? {n}" for n in names]
-        corpus += [s for s in ds.manifest.scene if s]
-    return corpus
+        turns.append((mc_question(query(ds.classes["plural"]), names[:4]), "A"))
+        turns += [(f"What is the name of the {ds.superclass} in the image?", n) for n in names]
+        turns += [(f"Describe this {ds.superclass} in detail.", s) for s in ds.manifest.scene if s]
+    return [template.render(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in turns]
 
 
 def build_base(datasets: list[WorldDataset], cfg: TinyMLLMConfig, image_size: int, seed: int) -> tuple[MLLM, list[ChatExample]]:

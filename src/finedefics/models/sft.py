@@ -20,6 +20,7 @@ class ChatExample:
     question: str
     answer: str
     image: str | None = None  # path of the image, or None for a text-only example
+    whole: bool = False  # language-model the whole dialogue, not just the answer
 
 
 def load_image(path: str) -> Image.Image:
@@ -28,7 +29,8 @@ def load_image(path: str) -> Image.Image:
 
 
 def encode(mllm: MLLM, examples: list[ChatExample]) -> dict[str, torch.Tensor]:
-    """A right-padded batch whose labels are the answer tokens (and the end of the turn)."""
+    """A right-padded batch whose labels are the answer tokens and the end of the turn (the whole
+    dialogue for examples marked `whole`)."""
     with_image = examples[0].image is not None
     if any((e.image is not None) != with_image for e in examples):
         raise ValueError("a batch mixes examples with and without an image")
@@ -41,9 +43,22 @@ def encode(mllm: MLLM, examples: list[ChatExample]) -> dict[str, torch.Tensor]:
     prompt_lens = mllm.processor(text=prompts, return_tensors="pt", padding=True, **images)["attention_mask"].sum(1)
     labels = batch["input_ids"].clone()
     positions = torch.arange(labels.shape[1])[None]
-    labels[(positions < prompt_lens[:, None]) | (batch["attention_mask"] == 0)] = -100
+    answer_only = torch.tensor([not e.whole for e in examples])[:, None]
+    labels[((positions < prompt_lens[:, None]) & answer_only) | (batch["attention_mask"] == 0)] = -100
     batch["labels"] = labels
     return dict(batch)
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The answer tokens' cross-entropy, averaged per example, then over examples: a one-letter
+    answer weighs as much as a sixty-token caption (a token mean would drown it)."""
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none")
+    per_token = per_token.view(targets.shape)
+    counts = (targets != -100).sum(1).clamp(min=1)
+    return (per_token.sum(1) / counts).mean()
 
 
 def batches(examples: list[ChatExample], batch_size: int, rng: np.random.Generator) -> list[list[ChatExample]]:
@@ -90,7 +105,7 @@ def train(
     bar = tqdm(total=total, desc=desc, unit="step")
     for epoch_batches in plan:
         for chunk in epoch_batches:
-            loss = mllm.model(**encode(mllm, chunk)).loss
+            loss = answer_loss(mllm.model, encode(mllm, chunk))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

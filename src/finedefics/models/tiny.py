@@ -107,3 +107,41 @@ def build_causal_lm(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 
     model = MistralForCausalLM(_text_config(tok, sizes))
     model.generation_config = _generation_config(tok)
     return model
+
+
+def build_llava(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0):
+    """A randomly initialised tiny LLaVA-1.5 (CLIP-style vision tower, MLP projector, Mistral LM)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    vision = CLIPVisionConfig(
+        hidden_size=sizes.vision_hidden,
+        intermediate_size=2 * sizes.vision_hidden,
+        num_hidden_layers=max(2, sizes.vision_layers),
+        num_attention_heads=sizes.heads,
+        image_size=sizes.image_size,
+        patch_size=sizes.patch,
+        projection_dim=sizes.vision_hidden,
+    )
+    config = LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=_text_config(tok, sizes).to_dict(),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = _generation_config(tok)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": sizes.image_size}, crop_size={"height": sizes.image_size, "width": sizes.image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=sizes.patch,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    return model, processor

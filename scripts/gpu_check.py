@@ -1,0 +1,107 @@
+"""GPU check (issue: training): run on a machine with one CUDA GPU, writes its report to stdout.
+
+1. The smoke pipeline on CUDA: a tiny Idefics2 with QLoRA (4-bit NF4, bf16 compute), Stage I
+   steps on a small world: step time and peak memory.
+2. One Stage I forward + backward of the full-width Idefics2-8b architecture (random weights,
+   4-bit) with 2 and 4 LLM layers at per-device batch 2, extrapolated linearly to 32 layers.
+"""
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from finedefics.align.finetune import load_processor, load_trainable  # noqa: E402
+from finedefics.align.losses import Temperature  # noqa: E402
+from finedefics.align.steps import Stage1  # noqa: E402
+from finedefics.config import LoraConfig, ModelConfig  # noqa: E402
+from finedefics.models.mllm import MLLM  # noqa: E402
+
+
+def stage1_rows(root: Path) -> pd.DataFrame:
+    from conftest import make_world_workdir
+    from test_training import write_instructions
+
+    make_world_workdir(root, categories=6, cluster_size=3, train_per_class=4, test_per_class=1)
+    write_instructions(root)
+    rows = pd.read_parquet(root / "data/instructions/stage1.parquet")
+    rows["path"] = [str(root / p) for p in rows.path]
+    return rows
+
+
+def qlora_steps(model_dir: Path, rows: pd.DataFrame, batch: int, steps: int) -> dict:
+    model = load_trainable(str(model_dir), ModelConfig(finetune="qlora", lora=LoraConfig(r=8, alpha=8)), True, "cuda")
+    mllm = MLLM(model, load_processor(str(model_dir)))
+    names = sorted(set(rows.category) | {c for cs in rows.negative_categories for c in cs})
+    stage = Stage1(mllm, Temperature().cuda(), "obj-att-cat", True, True, {n: i for i, n in enumerate(names)})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + [stage.temperature.value], lr=2e-4)
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss, values = stage.loss(rows.iloc[(step * batch) % len(rows):][:batch])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"step_s": float(np.median(times[1:] or times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": values["loss"]}
+
+
+def idefics2_8b(layers: int, image_token_id: int) -> Idefics2Config:
+    """Idefics2-8b's published architecture with `layers` LLM layers."""
+    return Idefics2Config(
+        vision_config={"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+                       "image_size": 980, "patch_size": 14},
+        perceiver_config={"resampler_n_latents": 64, "resampler_depth": 3, "resampler_n_heads": 16, "resampler_head_dim": 96,
+                          "num_key_value_heads": 4},
+        text_config={"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": layers,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32003, "max_position_embeddings": 32768},
+        image_token_id=image_token_id,
+    )
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    from tiny_models import build
+
+    report = {"device": torch.cuda.get_device_name(0)}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        models = build(tmp / "tiny")
+        rows = stage1_rows(tmp / "world")
+        report["smoke_qlora_bf16"] = qlora_steps(models["vlm"], rows, batch=8, steps=6)
+        print(json.dumps(report["smoke_qlora_bf16"]), flush=True)
+        processor = load_processor(str(models["vlm"]))
+        peaks = {}
+        for layers in (2, 4):
+            folder = tmp / f"idefics2-8b-{layers}"
+            torch.manual_seed(0)
+            image_token = processor.tokenizer.convert_tokens_to_ids("<image>")  # the tiny tokenizer: ids below 32003
+            Idefics2ForConditionalGeneration(idefics2_8b(layers, image_token)).to(torch.bfloat16).save_pretrained(folder)
+            processor.image_seq_len = 64  # the 8b perceiver's latents
+            processor.save_pretrained(folder)
+            peaks[layers] = qlora_steps(folder, rows, batch=2, steps=2)
+            print(layers, json.dumps(peaks[layers]), flush=True)
+        per_layer = (peaks[4]["peak_gib"] - peaks[2]["peak_gib"]) / 2
+        report["idefics2_8b"] = {
+            "peak_gib_2_layers": peaks[2]["peak_gib"],
+            "peak_gib_4_layers": peaks[4]["peak_gib"],
+            "peak_gib_32_layers_extrapolated": peaks[2]["peak_gib"] + 30 * per_layer,
+            "step_s_4_layers": peaks[4]["step_s"],
+        }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

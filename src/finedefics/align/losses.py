@@ -1,0 +1,127 @@
+"""The Stage I contrastive losses of paper §3.2, eqs. 5-8, on global representations.
+
+Notation of the paper: o (objects), a (attribute descriptions), c (category names) of the batch
+B; A_hn / C_hn the hard-negative descriptions / categories of each object (K per object).
+Similarities are cosines divided by a learnable temperature. The paper's sums over B are means
+here. Same-class entries of the batch other than the positive are left out of the denominators
+when `mask_same_class` is on (the paper does not say; with several images of a class in a
+batch they would be false negatives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+TEMPERATURE_INIT, TEMPERATURE_MIN, TEMPERATURE_MAX = 0.07, 0.001, 0.5
+
+
+class Temperature(torch.nn.Module):
+    """A learnable temperature, clamped to [0.001, 0.5] as in the authors' code."""
+
+    def __init__(self, value: float = TEMPERATURE_INIT):
+        super().__init__()
+        self.value = torch.nn.Parameter(torch.tensor(float(value)))
+
+    def forward(self) -> torch.Tensor:
+        return self.value.clamp(TEMPERATURE_MIN, TEMPERATURE_MAX)
+
+
+def similarity(x: torch.Tensor, y: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of x with every row of y, over the temperature."""
+    return F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T / tau
+
+
+def _nll(positive: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """-log exp(positive) / sum(exp(logits)), averaged; masked logits are -inf."""
+    return (torch.logsumexp(logits, dim=1) - positive).mean()
+
+
+def _with_hn(batch_logits: torch.Tensor, hn_logits: torch.Tensor | None) -> torch.Tensor:
+    return batch_logits if hn_logits is None else torch.cat([batch_logits, hn_logits], dim=1)
+
+
+def same_class_mask(labels: torch.Tensor) -> torch.Tensor:
+    """True where row and column share a class but are different entries."""
+    same = labels[:, None] == labels[None, :]
+    return same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+
+
+@dataclass
+class Batch:
+    """Global representations of one step. hn tensors are (B, K, d), or None without negatives."""
+
+    o: torch.Tensor
+    a: torch.Tensor
+    c: torch.Tensor
+    labels: torch.Tensor
+    a_hn: torch.Tensor | None = None
+    c_hn: torch.Tensor | None = None
+
+
+def _pairwise(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor, mask_same_class: bool) -> torch.Tensor:
+    logits = similarity(x, y, tau)
+    if mask_same_class:
+        logits = logits.masked_fill(same_class_mask(labels), float("-inf"))
+    return logits
+
+
+def _hn(x: torch.Tensor, hn: torch.Tensor | None, tau: torch.Tensor) -> torch.Tensor | None:
+    """(B, K): each x_i against its own K negatives."""
+    if hn is None:
+        return None
+    return torch.einsum("bd,bkd->bk", F.normalize(x, dim=-1), F.normalize(hn, dim=-1)) / tau
+
+
+def contrastive_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool = True) -> dict[str, torch.Tensor]:
+    """The terms of eqs. 5-7: OA (with negatives), AO, AC (with negatives), CA (with negatives), CCC."""
+    oa = _pairwise(b.o, b.a, b.labels, tau, mask_same_class)  # oa[i, j] = Sim(o_i, a_j)
+    ac = _pairwise(b.a, b.c, b.labels, tau, mask_same_class)  # ac[i, j] = Sim(a_i, c_j)
+    positive_oa, positive_ac = oa.diagonal(), ac.diagonal()
+    terms = {
+        "oa": _nll(positive_oa, _with_hn(oa, _hn(b.o, b.a_hn, tau))),  # eq. 5a
+        "ao": _nll(positive_oa, oa.T),  # eq. 5b: sum over objects o_k for each a_i
+        "ac": _nll(positive_ac, _with_hn(ac, _hn(b.a, b.c_hn, tau))),  # eq. 6a
+        "ca": _nll(positive_ac, _with_hn(ac.T, _hn(b.c, b.a_hn, tau))),  # eq. 6b: Sim(a_j, c_i), Sim(a_w, c_i)
+    }
+    if b.c_hn is not None:  # eq. 7: -log 1 / sum_k exp Sim(c_i, c_k), c_k in C_hn^i
+        terms["ccc"] = torch.logsumexp(_hn(b.c, b.c_hn, tau), dim=1).mean()
+    return terms
+
+
+def object_category_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool = True) -> dict[str, torch.Tensor]:
+    """Objects against categories directly, no attributes (Table 3b "CL (obj.-cat.)")."""
+    oc = _pairwise(b.o, b.c, b.labels, tau, mask_same_class)
+    positive = oc.diagonal()
+    terms = {"oc": _nll(positive, _with_hn(oc, _hn(b.o, b.c_hn, tau))), "co": _nll(positive, oc.T)}
+    if b.c_hn is not None:
+        terms["ccc"] = torch.logsumexp(_hn(b.c, b.c_hn, tau), dim=1).mean()
+    return terms
+
+
+def stage1_total(terms: dict[str, torch.Tensor], generation: torch.Tensor | None) -> torch.Tensor:
+    """Eq. 8: L_G^att + (L_OAC + L_ACC + L_CCC) / 2; for obj-cat (L_OCC + L_CCC) / 2."""
+    contrastive = 0.0
+    if "oa" in terms:
+        contrastive = (terms["oa"] + terms["ao"]) / 2 + (terms["ac"] + terms["ca"]) / 2
+    elif "oc" in terms:
+        contrastive = (terms["oc"] + terms["co"]) / 2
+    total = (contrastive + terms.get("ccc", 0.0)) / 2
+    return total if generation is None else generation + total
+
+
+def gather(b: Batch) -> Batch:
+    """The batch of every process, with gradients (as open_clip's ClipLoss with gather_with_grad),
+    so the denominators hold the negatives of all devices. Identity in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return b
+    from torch.distributed.nn.functional import all_gather
+
+    def cat(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else torch.cat(all_gather(x.contiguous()), dim=0)
+
+    return Batch(cat(b.o), cat(b.a), cat(b.c), cat(b.labels), cat(b.a_hn), cat(b.c_hn))

@@ -1,0 +1,132 @@
+"""One training step of each stage, and the object-category alignment metric (Table 8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from finedefics.align.adapter import Adapter
+from finedefics.align.instructions import describe_question
+from finedefics.align.losses import Batch, Temperature, contrastive_terms, gather, object_category_terms, stage1_total
+from finedefics.models.mllm import MLLM
+from finedefics.models.sft import ChatExample, encode, load_image
+
+
+@dataclass
+class Stage1:
+    """Stage I (eq. 8) over rows of stage1.parquet: `objective` obj-att-cat | obj-cat | none;
+    `negatives` False drops the hard-negative terms (negatives: none)."""
+
+    mllm: MLLM  # the model being trained (PEFT-wrapped or not) with its processor
+    temperature: Temperature
+    objective: str
+    negatives: bool
+    mask_same_class: bool
+    class_index: dict[str, int]  # category name -> id, for same-class masking
+    one_pass: bool = True  # all texts of a step in one padded pass (False: one pass per kind, for checks)
+
+    @property
+    def adapter(self) -> Adapter:
+        return Adapter(self.mllm.model, self.mllm.tokenizer.eos_token_id)
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        return self.mllm.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def representations(self, rows: pd.DataFrame) -> Batch:
+        """ô, â, ĉ (and the negatives' â, ĉ) of a micro-batch."""
+        adapter, B = self.adapter, len(rows)
+        images = [[load_image(p)] for p in rows.path]
+        pixels = self.mllm.processor.image_processor(images, return_tensors="pt")
+        device = next(self.mllm.model.parameters()).device
+        o = adapter.encode_objects({k: v.to(device) for k, v in pixels.items()})
+        descriptions = list(rows.description)
+        neg_descriptions = [d for ds in rows.negative_descriptions for d in ds] if self.negatives else []
+        categories = list(rows.category)
+        neg_categories = [c for cs in rows.negative_categories for c in cs] if self.negatives else []
+        K = len(neg_categories) // B if B else 0
+        if self.one_pass:  # categories deduplicated within the step
+            names = list(dict.fromkeys(categories + neg_categories))
+            texts = (descriptions + neg_descriptions if self.objective == "obj-att-cat" else []) + names
+            reps = adapter.encode_texts(self._ids(texts))
+            n_desc = len(texts) - len(names)
+            by_name = dict(zip(names, reps[n_desc:]))
+            a_all = reps[:n_desc]
+            c = torch.stack([by_name[n] for n in categories])
+            c_hn = torch.stack([by_name[n] for n in neg_categories]).view(B, K, -1) if K else None
+        else:
+            encode = lambda texts: adapter.encode_texts(self._ids(texts)) if texts else None  # noqa: E731
+            a_all = torch.cat([x for x in (encode(descriptions), encode(neg_descriptions)) if x is not None]) if self.objective == "obj-att-cat" else None
+            c = encode(categories)
+            c_hn = encode(neg_categories).view(B, K, -1) if K else None
+        a = a_hn = None
+        if self.objective == "obj-att-cat":
+            a = a_all[:B]
+            a_hn = a_all[B:].view(B, K, -1) if K else None
+        labels = torch.tensor([self.class_index[n] for n in categories], device=device)
+        return Batch(o, a, c, labels, a_hn, c_hn)
+
+    def generation_loss(self, rows: pd.DataFrame) -> torch.Tensor:
+        """L_G^att: the description as the answer to "Describe this {superclass} in detail."."""
+        examples = [ChatExample(describe_question(r.superclass), r.description, r.path) for r in rows.itertuples()]
+        device = next(self.mllm.model.parameters()).device
+        return self.mllm.model(**{k: v.to(device) for k, v in encode(self.mllm, examples).items()}).loss
+
+    def loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
+        tau = self.temperature()
+        terms: dict[str, torch.Tensor] = {}
+        if self.objective != "none":
+            batch = gather(self.representations(rows))
+            if self.objective == "obj-att-cat":
+                terms = contrastive_terms(batch, tau, self.mask_same_class)
+            else:
+                terms = object_category_terms(batch, tau, self.mask_same_class)
+        generation = self.generation_loss(rows) if self.objective != "obj-cat" else None
+        total = stage1_total(terms, generation)
+        values = {f"loss_{k}": v.item() for k, v in terms.items()}
+        if generation is not None:
+            values["loss_generation"] = generation.item()
+        values.update({"loss": total.item(), "temperature": tau.item()})
+        return total, values
+
+
+@dataclass
+class Stage2:
+    """Stage II (eq. 9): the generation loss of classification-centred instruction data."""
+
+    mllm: MLLM
+
+    def loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
+        examples = [ChatExample(r.question, r.answer, r.path) for r in rows.itertuples()]
+        device = next(self.mllm.model.parameters()).device
+        loss = self.mllm.model(**{k: v.to(device) for k, v in encode(self.mllm, examples).items()}).loss
+        return loss, {"loss": loss.item(), "loss_classification": loss.item()}
+
+
+@torch.no_grad()
+def alignment(mllm: MLLM, images: list[str], categories: list[str], batch_size: int = 32) -> dict[str, float]:
+    """Object-category alignment of test images (Table 8), from the global representations:
+    `alignment` the mean cosine of each object with its category name (the paper's measure);
+    `alignment_margin` that cosine minus the mean cosine with the other category names (immune
+    to a common offset of all representations, which the raw cosine rewards);
+    `alignment_top1` how often the own name is the most similar one."""
+    adapter = Adapter(mllm.model, mllm.tokenizer.eos_token_id)
+    device = next(mllm.model.parameters()).device
+    names = sorted(set(categories))
+    c = F.normalize(adapter.encode_texts(mllm.tokenizer(names, add_special_tokens=False)["input_ids"]).float(), dim=-1)
+    own = torch.tensor([names.index(n) for n in categories], device=device)
+    sims = []
+    for start in range(0, len(images), batch_size):
+        pixels = mllm.processor.image_processor([[load_image(p)] for p in images[start : start + batch_size]], return_tensors="pt")
+        o = adapter.encode_objects({k: v.to(device) for k, v in pixels.items()}).float()
+        sims.append(F.normalize(o, dim=-1) @ c.T)
+    sims = torch.cat(sims)
+    positive = sims[torch.arange(len(own)), own]
+    others = (sims.sum(1) - positive) / max(1, len(names) - 1)
+    return {
+        "alignment": float(positive.mean()),
+        "alignment_margin": float((positive - others).mean()),
+        "alignment_top1": float((sims.argmax(1) == own).float().mean()),
+    }

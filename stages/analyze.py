@@ -1,0 +1,100 @@
+"""DVC stage `analyze`: the paper's representation analyses for the base and the final model.
+
+Per dataset and model: linear probing on object features, last token against token average
+(Table 1a), and on features of the model's own category descriptions (Table 1b); alignment
+quality (Table 8); inter-class distance and intra-class variance of objects, inter-class
+distance of category names, and the modality gap (Table 10). Plots: t-SNE of objects, category
+names and both (Figures 2, 4); each model's confusion matrix (Figure 5) and per-class accuracy.
+Numbers to metrics/analysis.json, images to plots/analysis/<model>/<dataset>/.
+"""
+
+from pathlib import Path
+
+from finedefics.config import load_or_exit
+
+DESCRIBE = "Give a brief description of distinguishing features of {name}"
+PER_CLASS = 12  # sampled descriptions per category: half to train the probe, half to test it
+MODELS = ("base", "finedefics")
+
+
+def main() -> None:
+    params = load_or_exit("params.yaml")
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from finedefics.align.run import model_path
+    from finedefics.evaluate import analysis as an
+    from finedefics.evaluate import features
+    from finedefics.io import read_json, write_json
+    from finedefics.models.mllm import MLLM
+    from finedefics.tracking import stage_run
+
+    plots = Path("plots/analysis")
+    results: dict = {}
+    with stage_run("analyze", params) as run:
+        for which in MODELS:
+            torch.manual_seed(params.seed)
+            mllm = MLLM.load(model_path(params, which))
+            results[which] = {}
+            for name in params.datasets:
+                manifest = pd.read_parquet(Path("data/prepared") / name / "images.parquet")
+                classes = read_json(Path("data/prepared") / name / "classes.json")
+                names = [c["name"] for c in classes["classes"]]
+                train, test = manifest[manifest.split == "train"], manifest[manifest.split == "test"]
+                o_train, o_test = features.objects(mllm, list(train.path)), features.objects(mllm, list(test.path))
+                y_train, y_test = train.label.to_numpy(), test.label.to_numpy()
+                cats = features.texts(mllm, names)
+                descriptions = describe(mllm, names, params.seed)
+                d = features.texts(mllm, [t for ts in descriptions for t in ts])
+                d_labels = np.repeat(np.arange(len(names)), PER_CLASS)
+                d_train = np.tile(np.arange(PER_CLASS) < PER_CLASS // 2, len(names))
+                m = {
+                    "probe_object_last": an.probe_accuracy(o_train.last, y_train, o_test.last, y_test),
+                    "probe_object_mean": an.probe_accuracy(o_train.mean, y_train, o_test.mean, y_test),
+                    "probe_description_last": an.probe_accuracy(d.last[d_train], d_labels[d_train], d.last[~d_train], d_labels[~d_train]),
+                    "probe_description_mean": an.probe_accuracy(d.mean[d_train], d_labels[d_train], d.mean[~d_train], d_labels[~d_train]),
+                    "alignment": an.alignment_quality(o_test.last, y_test, cats.last),
+                    "object_inter_class_distance": an.inter_class_distance(o_test.last, y_test),
+                    "object_intra_class_variance": an.intra_class_variance(o_test.last, y_test),
+                    "category_inter_class_distance": an.inter_class_distance(cats.last, np.arange(len(names))),
+                    "modality_gap": an.modality_gap(o_test.last, cats.last),
+                }
+                predictions = read_json(Path("results/predictions") / which / f"{name}.json")["predictions"]
+                truth = [p["groundtruth"] for p in predictions]
+                matrix = an.confusion(truth, [p["predicted"] for p in predictions], names)
+                m["per_class_accuracy"] = {n: float(matrix[i, i] / max(1, matrix[i].sum())) for i, n in enumerate(names)}
+                results[which][name] = m
+                an.plot_tsne({"objects": (o_test.last, y_test)}, f"{which}: objects ({name})", plots / which / name / "tsne_objects.png", params.seed)
+                an.plot_tsne({"categories": (cats.last, np.arange(len(names)))}, f"{which}: category names ({name})", plots / which / name / "tsne_categories.png", params.seed)
+                an.plot_tsne({"objects": (o_test.last, y_test), "categories": (cats.last, np.arange(len(names)))}, f"{which}: objects and categories ({name})",
+                             plots / which / name / "tsne_joint.png", params.seed)
+                an.plot_confusion(matrix, names, f"{which}: multiple choice ({name})", plots / which / name / "confusion.png")
+                print(f"{which} on {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "per_class_accuracy"))
+            run.log_metrics({f"{which}/{n}/{k}": v for n, ms in results[which].items() for k, v in ms.items() if k != "per_class_accuracy"})
+        run.log_artifact(plots)
+    write_json(Path("metrics/analysis.json"), results)
+
+
+def describe(mllm, names: list[str], seed: int) -> list[list[str]]:
+    """PER_CLASS sampled descriptions per category from the model itself (text only), the
+    category's name replaced by "this" so the probe cannot read the label (paper §2)."""
+    import torch
+
+    torch.manual_seed(seed)
+    tok = mllm.tokenizer
+    tok.padding_side = "left"
+    out = []
+    for name in names:
+        prompt = mllm.prompt(DESCRIBE.format(name=name), image=False)
+        inputs = tok([prompt] * PER_CLASS, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            ids = mllm.model.generate(**inputs, max_new_tokens=40, do_sample=True, temperature=1.0, top_k=0)
+        texts = tok.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        out.append([t.replace(name, "this").strip() or "this" for t in texts])
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""DVC stage `build_instructions`: the training data of both stages, over all datasets.
+
+Writes data/instructions/stage1.parquet (image, description, category and the negatives'
+descriptions and categories) and stage2.parquet (open-set QA and, unless instructions.stage2 is
+`open`, FOCI-format multiple choice).
+"""
+
+from pathlib import Path
+
+from finedefics.config import load_or_exit
+
+
+def main() -> None:
+    params = load_or_exit("params.yaml")
+
+    import pandas as pd
+
+    from finedefics.align.instructions import stage1_frame, stage2_frame
+    from finedefics.io import read_json, write_parquet
+    from finedefics.tracking import stage_run
+
+    stage1, stage2 = [], []
+    for name in params.datasets:
+        manifest = pd.read_parquet(Path("data/prepared") / name / "images.parquet")
+        classes = read_json(Path("data/prepared") / name / "classes.json")
+        descriptions = pd.read_parquet(Path("data/descriptions") / f"{name}.parquet")
+        negatives = pd.read_parquet(Path("data/negatives") / f"{name}.parquet")
+        stage1.append(stage1_frame(name, manifest, classes, descriptions, negatives))
+        stage2.append(stage2_frame(name, manifest, classes, negatives, params.instructions.stage2, params.seed))
+    with stage_run("build_instructions", params) as run:
+        s1, s2 = pd.concat(stage1, ignore_index=True), pd.concat(stage2, ignore_index=True)
+        write_parquet(Path("data/instructions/stage1.parquet"), s1)
+        write_parquet(Path("data/instructions/stage2.parquet"), s2)
+        stats = {"stage1_triples": len(s1), "stage2_open": int((s2.kind == "open").sum()), "stage2_closed": int((s2.kind == "closed").sum())}
+        run.log_metrics(stats)
+    print(f"stage I: {stats['stage1_triples']} triples; stage II: {stats['stage2_open']} open-set and {stats['stage2_closed']} multiple-choice questions")
+
+
+if __name__ == "__main__":
+    main()

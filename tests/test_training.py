@@ -1,0 +1,264 @@
+"""Stage I / Stage II training on tiny models: what is trained, QLoRA on CPU, merging, resuming,
+the one-pass text encoding, every paradigm and objective, and LLaVA-1.5."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from conftest import make_world_workdir, run_stage, set_params
+from finedefics.align.finetune import load_processor, load_trainable, save_merged
+from finedefics.align.instructions import stage1_frame, stage2_frame
+from finedefics.align.losses import Temperature
+from finedefics.align.steps import Stage1, Stage2
+from finedefics.align.trainer import FitConfig, fit
+from finedefics.config import LoraConfig, ModelConfig
+from finedefics.models import world_text as wt
+from finedefics.models.mllm import MLLM
+from finedefics.models.sft import ChatExample, encode
+
+TRAIN = {
+    "train.stage1": {"epochs": 1, "lr": 1e-3, "warmup_steps": 1, "batch_size": 4},
+    "train.stage2": {"epochs": 1, "lr": 1e-3, "warmup_steps": 1, "batch_size": 4},
+    "train.per_device_batch_size": 2,
+    "train.checkpoint_every": 1,
+}
+
+
+def write_instructions(root: Path, name: str = "toy-bird", seed: int = 0) -> None:
+    """Stage I / II data for the prepared world in root: descriptions are the captions, negatives
+    are random wrong classes (what `mine` would write, without CLIP)."""
+    out = root / "data" / "prepared" / name
+    manifest = pd.read_parquet(out / "images.parquet")
+    classes = json.loads((out / "classes.json").read_text())
+    keys = list(classes["attributes"])
+    train = manifest[manifest.split == "train"]
+    captions = {r.image_id: wt.caption("bird", keys[:3], json.loads(r.attributes)) for r in train.itertuples()}
+    descriptions = pd.DataFrame({"image_id": list(captions), "description": list(captions.values())})
+    rng = np.random.default_rng(seed)
+    names = [c["name"] for c in classes["classes"]]
+    first = train.groupby("label").image_id.first()
+    rows = []
+    for r in train.itertuples():
+        wrong = rng.choice([i for i in range(len(names)) if i != r.label], size=3, replace=False)
+        rows.append(
+            {
+                "image_id": r.image_id,
+                "label": r.label,
+                "negative_classes": [names[i] for i in wrong],
+                "negative_descriptions": [captions[first[i]] for i in wrong],
+                "distractor_classes": [names[i] for i in wrong],
+            }
+        )
+    negatives = pd.DataFrame(rows)
+    target = root / "data" / "instructions"
+    target.mkdir(parents=True, exist_ok=True)
+    stage1_frame(name, manifest, classes, descriptions, negatives).to_parquet(target / "stage1.parquet")
+    stage2_frame(name, manifest, classes, negatives, "open+closed", seed).to_parquet(target / "stage2.parquet")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_models):
+    root = make_world_workdir(tmp_path_factory.mktemp("train"), categories=6, cluster_size=3, train_per_class=2, test_per_class=1)
+    write_instructions(root)
+    set_params(root, **{"model.base": str(tiny_models["vlm"]), **TRAIN})
+    return root
+
+
+def stage1_for(mllm: MLLM, rows: pd.DataFrame, objective="obj-att-cat", negatives=True, one_pass=True) -> Stage1:
+    names = sorted(set(rows.category) | {c for cs in rows.negative_categories for c in cs})
+    return Stage1(mllm, Temperature(), objective, negatives, True, {n: i for i, n in enumerate(names)}, one_pass)
+
+
+def rows_of(root: Path, n: int = 4) -> pd.DataFrame:
+    frame = pd.read_parquet(root / "data" / "instructions" / "stage1.parquet")
+    frame["path"] = [str(root / p) for p in frame.path]
+    return frame.iloc[:n]
+
+
+def trainable(path, finetune: str):
+    model = load_trainable(str(path), ModelConfig(finetune=finetune, lora=LoraConfig(r=4, alpha=8, dropout=0.0)), False)
+    return MLLM(model, load_processor(str(path)))
+
+
+@pytest.mark.parametrize("finetune", ["lora", "qlora", "full"])
+def test_gradients_reach_only_what_is_trained(workdir, tiny_models, finetune):
+    mllm = trainable(tiny_models["vlm"], finetune)
+    stage = stage1_for(mllm, rows_of(workdir))
+    loss, _ = stage.loss(rows_of(workdir))
+    loss.backward()
+    named = dict(mllm.model.named_parameters())
+    with_grad = {n for n, p in named.items() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert stage.temperature.value.grad is not None and stage.temperature.value.grad != 0
+    if finetune == "full":
+        assert all(p.requires_grad for p in named.values())
+        for part in ("vision_model", "connector", "text_model", "lm_head"):
+            assert any(part in n for n in with_grad), part
+    else:
+        assert with_grad and all("lora_" in n for n in with_grad)
+        assert {n for n, p in named.items() if p.requires_grad} == {n for n in named if "lora_" in n}
+        assert any("text_model" in n for n in with_grad) and any("connector" in n for n in with_grad)
+        assert not any("vision_model" in n for n in named if "lora_" in n)  # LoRA on text model + connector
+
+
+def test_qlora_trains_on_cpu_and_its_loss_falls(workdir, tiny_models):
+    mllm = trainable(tiny_models["vlm"], "qlora")
+    assert any("Linear4bit" in type(m).__name__ for m in mllm.model.modules())
+    rows = rows_of(workdir)
+    stage = stage1_for(mllm, rows)
+    losses = []
+
+    def step(idx):
+        loss, values = stage.loss(rows)
+        losses.append(values["loss"])
+        return loss, values
+
+    cfg = FitConfig(epochs=12, lr=1e-2, warmup_steps=1, batch_size=4, per_device_batch_size=4, checkpoint_every=100, seed=0)
+    fit([mllm.model, stage.temperature], 4, step, cfg, None, "qlora")
+    assert len(losses) == 12 and losses[-1] < 0.8 * losses[0]
+
+
+def _tuned(tiny_models, workdir, finetune):
+    mllm = trainable(tiny_models["vlm"], finetune)
+    rows = rows_of(workdir)
+    stage = stage1_for(mllm, rows)
+    cfg = FitConfig(epochs=3, lr=1e-2, warmup_steps=1, batch_size=4, per_device_batch_size=4, checkpoint_every=100, seed=0)
+    fit([mllm.model, stage.temperature], 4, lambda idx: stage.loss(rows), cfg, None, finetune)
+    return mllm, rows
+
+
+@pytest.mark.parametrize("finetune,atol", [("lora", 1e-4), ("qlora", 0.1)])
+def test_merged_checkpoint_gives_the_adapter_models_logits(workdir, tiny_models, tmp_path, finetune, atol):
+    """QLoRA computes in bf16 through bitsandbytes' kernels, so its tolerance is bf16's; merging into
+    the dequantised base halves the difference of merging into the original weights (measured)."""
+    mllm, rows = _tuned(tiny_models, workdir, finetune)
+    batch = encode(mllm, [ChatExample("Describe this bird in detail.", rows.description.iloc[0], rows.path.iloc[0])])
+    with torch.no_grad():
+        before = mllm.model(**batch).logits.float()
+    save_merged(mllm.model, finetune, str(tiny_models["vlm"]), mllm.processor, tmp_path)
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        after = merged(**batch).logits
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert (after - before).abs().max().item() < atol
+    assert (after - before).abs().mean().item() < 0.05 * before.std().item()
+
+
+def test_resumed_training_equals_an_uninterrupted_run(workdir, tiny_models, tmp_path):
+    frame = rows_of(workdir, n=12)
+
+    def run(resume: Path | None, crash_at: int | None = None):
+        torch.manual_seed(0)
+        model = load_trainable(str(tiny_models["vlm"]), ModelConfig(finetune="lora", lora=LoraConfig(r=4, alpha=8, dropout=0.1)), False)
+        mllm = MLLM(model, load_processor(str(tiny_models["vlm"])))
+        stage = stage1_for(mllm, frame)
+        calls = []
+
+        def step(idx):
+            if crash_at is not None and len(calls) == crash_at:
+                raise KeyboardInterrupt("killed")
+            calls.append(list(idx))
+            return stage.loss(frame.iloc[idx])
+
+        cfg = FitConfig(epochs=2, lr=5e-3, warmup_steps=1, batch_size=4, per_device_batch_size=2, checkpoint_every=2, seed=0)
+        fit([model, stage.temperature], len(frame), step, cfg, resume, "resume")
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, stage.temperature.value.item(), calls
+
+    whole, tau, calls = run(None)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, crash_at=7)  # mid-way through optimizer step 4: steps 1-2 are checkpointed
+    resumed, tau_resumed, calls_after = run(tmp_path)
+    assert calls_after == calls[4:]  # only micro-batches after the checkpoint are recomputed
+    assert tau_resumed == pytest.approx(tau, abs=1e-6)
+    for n in whole:
+        torch.testing.assert_close(resumed[n], whole[n], rtol=1e-5, atol=1e-6)
+
+
+def test_one_padded_pass_equals_separate_passes(workdir, tiny_models):
+    mllm = MLLM.load(tiny_models["vlm"])
+    rows = rows_of(workdir, n=6)
+    with torch.no_grad():
+        one, v1 = stage1_for(mllm, rows, one_pass=True).loss(rows)
+        sep, v2 = stage1_for(mllm, rows, one_pass=False).loss(rows)
+    assert abs(one.item() - sep.item()) < 1e-5
+    for k in v1:
+        assert abs(v1[k] - v2[k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("objective,negatives,terms", [
+    ("obj-att-cat", True, {"oa", "ao", "ac", "ca", "ccc", "generation"}),
+    ("obj-att-cat", False, {"oa", "ao", "ac", "ca", "generation"}),
+    ("obj-cat", True, {"oc", "co", "ccc"}),
+    ("none", True, {"generation"}),
+])
+def test_each_objective_has_its_terms(workdir, tiny_models, objective, negatives, terms):
+    mllm = MLLM.load(tiny_models["vlm"])
+    rows = rows_of(workdir)
+    loss, values = stage1_for(mllm, rows, objective, negatives).loss(rows)
+    assert {k.removeprefix("loss_") for k in values if k.startswith("loss_")} == terms
+    assert torch.isfinite(loss)
+    assert values["loss"] == pytest.approx(loss.item())
+
+
+def test_stage2_loss_is_the_answer_cross_entropy(workdir, tiny_models):
+    mllm = MLLM.load(tiny_models["vlm"])
+    frame = pd.read_parquet(workdir / "data" / "instructions" / "stage2.parquet").iloc[:4]
+    frame["path"] = [str(workdir / p) for p in frame.path]
+    loss, _ = Stage2(mllm).loss(frame)
+    batch = encode(mllm, [ChatExample(r.question, r.answer, r.path) for r in frame.itertuples()])
+    logits = mllm.model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits[keep], targets[keep]).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("paradigm", ["two-stage", "one-stage", "stage2-only", "stage1-only"])
+def test_every_paradigm_runs_the_two_training_stages(workdir, tmp_path, paradigm):
+    root = tmp_path / "w"
+    shutil.copytree(workdir, root)
+    set_params(root, **{"align.paradigm": paradigm})
+    for stage in ("train_stage1.py", "train_stage2.py"):
+        proc = run_stage(root, stage)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    s1 = json.loads((root / "metrics" / "train_stage1.json").read_text())
+    s2 = json.loads((root / "metrics" / "train_stage2.json").read_text())
+    trains_stage1 = paradigm in ("two-stage", "stage1-only")
+    assert s1["trained"] == int(trains_stage1) and s2["trained"] == int(paradigm != "stage1-only")
+    assert (root / "models" / "stage1" / "config.json").is_file() == trains_stage1
+    final = root / "models" / "finedefics"
+    from finedefics.align.finetune import resolve
+
+    assert (Path(resolve(final)) / "config.json").is_file()
+    if trains_stage1:
+        assert s1["alignment_start"] != s1["alignment_end"]
+    if paradigm == "one-stage":
+        assert s2["steps"] == 3 and "alignment_end" in s2  # each step: Stage I triples and their questions
+    MLLM.load(resolve(final))
+
+
+def test_llava_trains_a_step(tiny_models, workdir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from finedefics.models.tiny import TinySizes, build_llava
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["lm"])
+    model, processor = build_llava(tok, TinySizes())
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    mllm = trainable(tmp_path, "lora")
+    assert mllm.model.get_base_model().config.model_type == "llava"
+    assert any("multi_modal_projector" in n and "lora_" in n for n, _ in mllm.model.named_parameters())
+    rows = rows_of(workdir)
+    stage = stage1_for(mllm, rows)
+    before = {n: p.detach().clone() for n, p in mllm.model.named_parameters() if p.requires_grad}
+    cfg = FitConfig(epochs=1, lr=1e-2, warmup_steps=1, batch_size=4, per_device_batch_size=4, checkpoint_every=100, seed=0)
+    fit([mllm.model, stage.temperature], 4, lambda idx: stage.loss(rows), cfg, None, "llava")
+    changed = [n for n, p in mllm.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("lora_B" in n for n in changed)
+    loss, _ = Stage2(mllm).loss(pd.DataFrame({"question": ["What is the name of the bird in the image?"], "answer": ["x"], "path": [rows.path.iloc[0]]}))
+    assert torch.isfinite(loss)
