@@ -80,7 +80,7 @@ def test_dvc_repro_prepares_the_default_datasets(clone):
     assert (clone / "models" / "base" / "model.safetensors").is_file() and (clone / "models" / "clip" / "open_clip_model.safetensors").is_file()
     assert "Running stage 'prepare@toy-bird'" in proc.stdout
     s1, s2 = (json.loads((clone / "metrics" / f"train_stage{i}.json").read_text()) for i in (1, 2))
-    assert s1["trained"] == 1 and s1["steps"] == 3 and s2["steps"] == 6  # 30 triples; 30 open + 30 closed questions
+    assert s1["trained"] == 1 and s1["steps"] == 30 // 8 and s2["steps"] == 60 // 8  # 30 triples; 30 open + 30 closed questions
     for which, file in (("base", "eval_base.json"), ("finedefics", "eval.json")):
         metrics = json.loads((clone / "metrics" / file).read_text())
         assert set(metrics) == {"toy-bird", "toy-flower", "average"}
