@@ -218,7 +218,7 @@ def test_stage2_loss_is_the_answer_cross_entropy(workdir, tiny_models):
 
 
 @pytest.mark.parametrize("paradigm", ["two-stage", "one-stage", "stage2-only", "stage1-only"])
-def test_every_paradigm_runs_the_two_training_stages(workdir, tmp_path, paradigm):
+def test_every_paradigm_runs_the_two_training_stages(workdir, tmp_path, monkeypatch, paradigm):
     root = tmp_path / "w"
     shutil.copytree(workdir, root)
     set_params(root, **{"align.paradigm": paradigm})
@@ -230,7 +230,8 @@ def test_every_paradigm_runs_the_two_training_stages(workdir, tmp_path, paradigm
     trains_stage1 = paradigm in ("two-stage", "stage1-only")
     assert s1["trained"] == int(trains_stage1) and s2["trained"] == int(paradigm != "stage1-only")
     assert (root / "models" / "stage1" / "config.json").is_file() == trains_stage1
-    final = root / "models" / "finedefics"
+    monkeypatch.chdir(root)  # pointers name folders relative to the repository, like DVC paths
+    final = Path("models/finedefics")
     from finedefics.align.finetune import resolve
 
     assert (Path(resolve(final)) / "config.json").is_file()
