@@ -12,10 +12,10 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from finedefics.align.finetune import resolve
+from finedefics.data.prepared import PREPARED, load_prepared
 from finedefics.evaluate.mc import evaluate, items
 from finedefics.models.mllm import MLLM
 
@@ -28,11 +28,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    prepared = Path("data/prepared") / args.dataset
+    prepared = PREPARED / args.dataset
     if not (prepared / "images.parquet").is_file():
         raise SystemExit(f"{prepared}: not prepared; run `dvc repro` first")
-    manifest = pd.read_parquet(prepared / "images.parquet")
-    classes = json.loads((prepared / "classes.json").read_text())
+    manifest, classes = load_prepared(args.dataset)
     test = manifest[manifest.split == "test"]
     options = json.loads((Path("data/eval_options") / f"{args.dataset}.json").read_text())
     entries = items(options, dict(zip(test.foci_key, test.path)), [c["name"] for c in classes["classes"]], 0)[: args.images]

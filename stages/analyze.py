@@ -21,10 +21,10 @@ def main() -> None:
     params = load_or_exit("params.yaml")
 
     import numpy as np
-    import pandas as pd
     import torch
 
     from finedefics.align.run import model_path
+    from finedefics.data.prepared import load_prepared
     from finedefics.evaluate import analysis as an
     from finedefics.evaluate import features
     from finedefics.io import read_json, write_json
@@ -39,8 +39,7 @@ def main() -> None:
             mllm = MLLM.load(model_path(params, which))
             results[which] = {}
             for name in params.datasets:
-                manifest = pd.read_parquet(Path("data/prepared") / name / "images.parquet")
-                classes = read_json(Path("data/prepared") / name / "classes.json")
+                manifest, classes = load_prepared(name)
                 names = [c["name"] for c in classes["classes"]]
                 train, test = manifest[manifest.split == "train"], manifest[manifest.split == "test"]
                 o_train, o_test = features.objects(mllm, list(train.path)), features.objects(mllm, list(test.path))

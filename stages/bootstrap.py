@@ -20,11 +20,11 @@ BASE, CLIP, METRICS = Path("models/base"), Path("models/clip"), Path("metrics/bo
 def main() -> None:
     params = load_or_exit("params.yaml")
 
-    import pandas as pd
     import torch
 
     from finedefics.data.prepare import is_world
-    from finedefics.io import atomic_path, read_json, write_json
+    from finedefics.data.prepared import load_prepared
+    from finedefics.io import atomic_path, write_json
     from finedefics.models.resolve import ModelNotAvailable, check_clip, check_mllm
     from finedefics.tracking import stage_run
 
@@ -36,9 +36,6 @@ def main() -> None:
               "set them to published models (see configs/paper.yaml)", file=sys.stderr)
         raise SystemExit(2)
 
-    def prepared(name):
-        return pd.read_parquet(Path("data/prepared") / name / "images.parquet"), read_json(Path("data/prepared") / name / "classes.json")
-
     metrics: dict[str, float] = {}
     try:
         with stage_run("bootstrap", params) as run:
@@ -46,7 +43,7 @@ def main() -> None:
                 from finedefics.models import sft
                 from finedefics.models.bootstrap import WorldDataset, build_base, diagnose
 
-                datasets = [WorldDataset(n, *prepared(n)) for n in world]
+                datasets = [WorldDataset(n, *load_prepared(n)) for n in world]
                 cfg = params.bootstrap.mllm
                 mllm, examples = build_base(datasets, cfg, params.world.image_size, params.seed)
                 n_params = sum(p.numel() for p in mllm.model.parameters())
@@ -71,7 +68,7 @@ def main() -> None:
                 from finedefics.models.clip import train_prompt, train_tiny, zero_shot_accuracy
 
                 images, texts = [], []
-                data = {n: prepared(n) for n in world}
+                data = {n: load_prepared(n) for n in world}
                 for manifest, classes in data.values():
                     train = manifest[manifest.split == "train"]
                     names = [c["name"] for c in classes["classes"]]

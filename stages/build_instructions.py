@@ -16,13 +16,13 @@ def main() -> None:
     import pandas as pd
 
     from finedefics.align.instructions import stage1_frame, stage2_frame
-    from finedefics.io import read_json, write_parquet
+    from finedefics.data.prepared import load_prepared
+    from finedefics.io import write_parquet
     from finedefics.tracking import stage_run
 
     stage1, stage2 = [], []
     for name in params.datasets:
-        manifest = pd.read_parquet(Path("data/prepared") / name / "images.parquet")
-        classes = read_json(Path("data/prepared") / name / "classes.json")
+        manifest, classes = load_prepared(name)
         descriptions = pd.read_parquet(Path("data/descriptions") / f"{name}.parquet")
         negatives = pd.read_parquet(Path("data/negatives") / f"{name}.parquet")
         stage1.append(stage1_frame(name, manifest, classes, descriptions, negatives))

@@ -16,15 +16,13 @@ def main() -> None:
     name = parser.parse_args().dataset
     params = load_or_exit("params.yaml")
 
-    import pandas as pd
-
-    from finedefics.io import atomic_path, read_json
+    from finedefics.data.prepared import load_prepared
+    from finedefics.io import atomic_path
     from finedefics.mining import Embeddings
     from finedefics.models.clip import Clip, class_prompt
     from finedefics.tracking import stage_run
 
-    manifest = pd.read_parquet(Path("data/prepared") / name / "images.parquet")
-    classes = read_json(Path("data/prepared") / name / "classes.json")
+    manifest, classes = load_prepared(name)
     with stage_run("embed", params, run_name=f"embed@{name}") as run:
         clip = Clip.load(params.model.clip)
         images = clip.embed_images(list(manifest.path), desc=f"embed {name}")

@@ -22,11 +22,11 @@ def main() -> None:
     params = load_or_exit("params.yaml")
 
     import numpy as np
-    import pandas as pd
     import torch
 
     from finedefics.align.run import model_path
-    from finedefics.evaluate.mc import evaluate, items, open_set, score
+    from finedefics.data.prepared import load_prepared
+    from finedefics.evaluate.mc import UNREADABLE, evaluate, items, open_set, score
     from finedefics.io import atomic_path, read_json, write_json
     from finedefics.models.mllm import MLLM
     from finedefics.tracking import stage_run
@@ -39,8 +39,7 @@ def main() -> None:
     with stage_run("evaluate", params, run_name=f"evaluate@{which}") as run, atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         for name in params.datasets:
-            manifest = pd.read_parquet(Path("data/prepared") / name / "images.parquet")
-            classes = read_json(Path("data/prepared") / name / "classes.json")
+            manifest, classes = load_prepared(name)
             test = manifest[manifest.split == "test"]
             try:
                 entries = items(read_json(Path("data/eval_options") / f"{name}.json"), dict(zip(test.foci_key, test.path)),
@@ -49,7 +48,7 @@ def main() -> None:
                 sys.exit(f"evaluate: {name}: {err}")
             predictions = evaluate(mllm, classes["plural"], entries, desc=f"{which} on {name}")
             scores = score(predictions)
-            unreadable = sum(p["predicted_raw"] == "<unreadable image>" for p in predictions)
+            unreadable = sum(p["predicted_raw"] == UNREADABLE for p in predictions)
             if unreadable:
                 print(f"warning: {name}: {unreadable} test image(s) could not be read; counted as generation failures", file=sys.stderr)
             opened = open_set(mllm, classes["super_category"], list(test.path), list(test.class_name))

@@ -20,18 +20,15 @@ def main() -> None:
     cfg = params.attributes.extract
     construction = params.attributes.construction
 
-    import pandas as pd
-
     from finedefics.attributes.backends import vqa_backend
     from finedefics.attributes.discover import load_keys
     from finedefics.attributes.extract import TooManyFailures, extract
+    from finedefics.data.prepared import load_prepared
     from finedefics.io import atomic_path, read_json, write_json, write_parquet
     from finedefics.tracking import stage_run
 
-    prepared = Path("data/prepared") / name
     out = Path("data/attributes") / name
-    manifest = pd.read_parquet(prepared / "images.parquet")
-    classes = read_json(prepared / "classes.json")
+    manifest, classes = load_prepared(name)
     keys = load_keys(read_json(out / "keys.json"))
     oracle = cfg.backend == "oracle" or construction == "ground-truth"
     try:

@@ -24,13 +24,13 @@ def main() -> None:
     import pandas as pd
 
     from finedefics.data.prepare import is_world
+    from finedefics.data.prepared import load_prepared
     from finedefics.data.real import REAL_DATASETS
     from finedefics.io import atomic_path, read_json, write_json, write_parquet
     from finedefics.mining import Embeddings, check_options, eval_options, mine
     from finedefics.tracking import stage_run
 
-    manifest = pd.read_parquet(Path("data/prepared") / name / "images.parquet")
-    classes = read_json(Path("data/prepared") / name / "classes.json")
+    manifest, classes = load_prepared(name)
     names = [c["name"] for c in classes["classes"]]
     descriptions = pd.read_parquet(Path("data/descriptions") / f"{name}.parquet")
     emb = Embeddings.load(Path("data/embeddings") / f"{name}.npz")

@@ -23,13 +23,12 @@ def main() -> None:
     from finedefics.attributes.backends import BackendError, text_backend
     from finedefics.attributes.discover import load_keys
     from finedefics.attributes.summarize import summarize
+    from finedefics.data.prepared import load_prepared
     from finedefics.io import read_json, write_json, write_parquet
     from finedefics.tracking import stage_run
 
-    prepared = Path("data/prepared") / name
     attributes = Path("data/attributes") / name
-    manifest = pd.read_parquet(prepared / "images.parquet")
-    classes = read_json(prepared / "classes.json")
+    manifest, classes = load_prepared(name)
     keys = load_keys(read_json(attributes / "keys.json"))
     values = pd.read_parquet(attributes / "values.parquet")
     try:

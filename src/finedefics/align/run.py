@@ -17,6 +17,7 @@ from finedefics.align.losses import Temperature
 from finedefics.align.steps import Stage1, Stage2, alignment
 from finedefics.align.trainer import FitConfig, fit
 from finedefics.config import Params, StageTrainConfig
+from finedefics.data.prepared import load_prepared
 from finedefics.io import atomic_path, write_json
 from finedefics.models.mllm import MLLM
 
@@ -55,7 +56,7 @@ def test_images(datasets: list[str]) -> tuple[list[str], list[str]]:
     """Paths and class names of every test image, for the alignment metric."""
     paths, names = [], []
     for name in datasets:
-        manifest = pd.read_parquet(Path("data/prepared") / name / "images.parquet")
+        manifest, _ = load_prepared(name)
         test = manifest[manifest.split == "test"]
         paths += list(test.path)
         names += list(test.class_name)
