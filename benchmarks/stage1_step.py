@@ -79,9 +79,7 @@ def main() -> None:
         rows, corpus = world_rows(Path(tmp), args.batch)
         m = TinyMLLMConfig()
         tok = train_tokenizer(corpus * 4, m.vocab_size)
-        sizes = TinySizes(hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.kv_heads, vision_hidden=m.vision_hidden,
-                          vision_layers=m.vision_layers, patch=m.patch, latents=m.latents)
-        model, processor = build_idefics2(tok, sizes)
+        model, processor = build_idefics2(tok, TinySizes.of(m, 64))
         mllm = MLLM(model.train(), processor)
         names = sorted(set(rows.category) | {c for cs in rows.negative_categories for c in cs})
         index = {n: i for i, n in enumerate(names)}

@@ -79,28 +79,19 @@ def predict(
         _fail("give at least two --choices, or --open")
     if len(options) > 4:
         _fail("the FOCI format takes at most four choices (A-D)")
-    from finedefics.evaluate.foci import LETTERS, mc_question, parse_choice, query
-    from finedefics.evaluate.mc import open_image
+    from finedefics.evaluate import mc  # a module: `open_set` is this command's flag
     from finedefics.models.mllm import MLLM
 
-    loaded = []
-    for path in images:
-        image = open_image(str(path))
-        if image is None:
+    for path in images:  # before the model loads: a bad path fails in a second
+        if mc.open_image(str(path)) is None:
             _fail(f"{path}: cannot read this image")
-        loaded.append(image)
     mllm = MLLM.load(resolve(model))
+    paths = [str(p) for p in images]
     if open_set:
-        question = f"What is the name of the {superclass} in the image?"
+        answers = [(r["predicted_raw"], r["predicted_raw"]) for r in mc.open_set(mllm, superclass, paths, [""] * len(paths))]
     else:
-        question = mc_question(query(f"{superclass}s"), options)
-    answers = mllm.generate([mllm.prompt(question)] * len(loaded), loaded, 12 if open_set else 5)
-    for path, raw in zip(images, answers):
-        if open_set:
-            predicted = raw
-        else:
-            letter = parse_choice(raw, len(options))
-            predicted = options[LETTERS.index(letter)] if letter else None
+        answers = [(r["predicted"], r["predicted_raw"]) for r in mc.evaluate(mllm, f"{superclass}s", [mc.Item(p, p, "", options) for p in paths], desc="predict")]
+    for path, (predicted, raw) in zip(images, answers):
         if as_json:
             typer.echo(json.dumps({"image": str(path), "predicted": predicted, "predicted_raw": raw}))
         else:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from finedefics.models.sft import load_image
+
 LORA_PROJECTIONS = "(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj|linear_1|linear_2)"
 
 
@@ -80,20 +82,20 @@ class Adapter:
             )
         return torch.stack(list(out.pooler_output))
 
-    def encode_embeds(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Right-padded sequences whose last real element is EOS -> last-layer state at EOS."""
-        hidden = self.text_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return hidden[torch.arange(len(hidden)), mask.sum(1) - 1]
+    def states(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The LLM's last-layer states of right-padded input embeddings."""
+        return self.text_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 
-    def encode_objects(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
-        """ô: the visual tokens of each image and an EOS embedding, through the LLM."""
+    def object_states(self, pixels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states, mask) of each image's visual tokens followed by an EOS embedding."""
         visual = self.visual_tokens(pixels)
         eos = self.embed(torch.full((len(visual), 1), self.eos_id, dtype=torch.long, device=visual.device)).to(visual.dtype)
         embeds = torch.cat([visual, eos], dim=1)
-        return self.encode_embeds(embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=visual.device))
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=visual.device)
+        return self.states(embeds, mask), mask
 
-    def encode_texts(self, ids: list[list[int]]) -> torch.Tensor:
-        """â / ĉ: each token sequence with EOS appended, all in one right-padded pass."""
+    def text_states(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states, mask) of each token sequence with EOS appended, in one right-padded pass."""
         lengths = [len(t) + 1 for t in ids]
         width = max(lengths)
         device = next(self.model.parameters()).device
@@ -102,4 +104,29 @@ class Adapter:
         for i, tokens in enumerate(ids):
             batch[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[i, : lengths[i]] = 1
-        return self.encode_embeds(self.embed(batch), mask)
+        return self.states(self.embed(batch), mask), mask
+
+    def encode_objects(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """ô: the state at the EOS after each image's visual tokens."""
+        return last(*self.object_states(pixels))
+
+    def encode_texts(self, ids: list[list[int]]) -> torch.Tensor:
+        """â / ĉ: the state at the EOS appended to each token sequence."""
+        return last(*self.text_states(ids))
+
+
+def last(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The state of each right-padded sequence's last real element."""
+    return states[torch.arange(len(states)), mask.sum(1) - 1]
+
+
+def mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The states averaged over each sequence's real elements."""
+    return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+def pixels(mllm, paths: list[str]) -> dict[str, torch.Tensor]:
+    """The image processor's tensors for one image per path, on the model's device."""
+    device = next(mllm.model.parameters()).device
+    batch = mllm.processor.image_processor([[load_image(p)] for p in paths], return_tensors="pt")
+    return {k: v.to(device) for k, v in batch.items()}

@@ -8,11 +8,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from finedefics.align.adapter import Adapter
+from finedefics.align.adapter import Adapter, pixels
 from finedefics.align.instructions import describe_question
 from finedefics.align.losses import Batch, Temperature, contrastive_terms, gather, object_category_terms, stage1_total
 from finedefics.models.mllm import MLLM
-from finedefics.models.sft import ChatExample, encode, load_image
+from finedefics.models.sft import ChatExample, encode
+
+
+def lm_loss(mllm: MLLM, examples: list[ChatExample]) -> torch.Tensor:
+    """The model's cross-entropy on the answers of a batch of chat examples."""
+    device = next(mllm.model.parameters()).device
+    return mllm.model(**{k: v.to(device) for k, v in encode(mllm, examples).items()}).loss
 
 
 @dataclass
@@ -38,10 +44,8 @@ class Stage1:
     def representations(self, rows: pd.DataFrame) -> Batch:
         """ô, â, ĉ (and the negatives' â, ĉ) of a micro-batch."""
         adapter, B = self.adapter, len(rows)
-        images = [[load_image(p)] for p in rows.path]
-        pixels = self.mllm.processor.image_processor(images, return_tensors="pt")
         device = next(self.mllm.model.parameters()).device
-        o = adapter.encode_objects({k: v.to(device) for k, v in pixels.items()})
+        o = adapter.encode_objects(pixels(self.mllm, list(rows.path)))
         descriptions = list(rows.description)
         neg_descriptions = [d for ds in rows.negative_descriptions for d in ds] if self.negatives else []
         categories = list(rows.category)
@@ -70,9 +74,7 @@ class Stage1:
 
     def generation_loss(self, rows: pd.DataFrame) -> torch.Tensor:
         """L_G^att: the description as the answer to "Describe this {superclass} in detail."."""
-        examples = [ChatExample(describe_question(r.superclass), r.description, r.path) for r in rows.itertuples()]
-        device = next(self.mllm.model.parameters()).device
-        return self.mllm.model(**{k: v.to(device) for k, v in encode(self.mllm, examples).items()}).loss
+        return lm_loss(self.mllm, [ChatExample(describe_question(r.superclass), r.description, r.path) for r in rows.itertuples()])
 
     def loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
         tau = self.temperature()
@@ -99,9 +101,7 @@ class Stage2:
     mllm: MLLM
 
     def loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
-        examples = [ChatExample(r.question, r.answer, r.path) for r in rows.itertuples()]
-        device = next(self.mllm.model.parameters()).device
-        loss = self.mllm.model(**{k: v.to(device) for k, v in encode(self.mllm, examples).items()}).loss
+        loss = lm_loss(self.mllm, [ChatExample(r.question, r.answer, r.path) for r in rows.itertuples()])
         return loss, {"loss": loss.item(), "loss_classification": loss.item()}
 
 
@@ -119,8 +119,7 @@ def alignment(mllm: MLLM, images: list[str], categories: list[str], batch_size: 
     own = torch.tensor([names.index(n) for n in categories], device=device)
     sims = []
     for start in range(0, len(images), batch_size):
-        pixels = mllm.processor.image_processor([[load_image(p)] for p in images[start : start + batch_size]], return_tensors="pt")
-        o = adapter.encode_objects({k: v.to(device) for k, v in pixels.items()}).float()
+        o = adapter.encode_objects(pixels(mllm, images[start : start + batch_size])).float()
         sims.append(F.normalize(o, dim=-1) @ c.T)
     sims = torch.cat(sims)
     positive = sims[torch.arange(len(own)), own]

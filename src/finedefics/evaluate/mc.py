@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from finedefics.align.instructions import open_question
 from finedefics.evaluate.foci import LETTERS, mc_question, parse_choice, query
 from finedefics.models.mllm import MLLM
 
@@ -93,8 +94,7 @@ def normalise(name: str) -> str:
 
 def open_set(mllm: MLLM, superclass: str, paths: list[str], truths: list[str], batch_size: int = 32, max_new_tokens: int = 12) -> list[dict]:
     """Open-set recognition: the generated name against the class name, normalised."""
-    question = f"What is the name of the {superclass} in the image?"
-    raw = _answers(mllm, [question] * len(paths), paths, batch_size, max_new_tokens, "open-set")
+    raw = _answers(mllm, [open_question(superclass)] * len(paths), paths, batch_size, max_new_tokens, "open-set")
     return [
         {"predicted_raw": UNREADABLE if t is None else t, "groundtruth": g, "correct": t is not None and normalise(t) == normalise(g)}
         for t, g in zip(raw, truths)

@@ -17,6 +17,7 @@ import torch
 from jinja2 import Environment
 from tqdm import tqdm
 
+from finedefics.align.instructions import describe_question, open_question
 from finedefics.config import TinyMLLMConfig
 from finedefics.evaluate.foci import mc_question, parse_choice, query, shuffled
 from finedefics.models import world_text as wt
@@ -92,8 +93,8 @@ def tokenizer_corpus(datasets: list[WorldDataset], examples: list[ChatExample]) 
     for ds in datasets:
         names = [c["name"] for c in ds.classes["classes"]]
         turns.append((mc_question(query(ds.classes["plural"]), names[:4]), "A"))
-        turns += [(f"What is the name of the {ds.superclass} in the image?", n) for n in names]
-        turns += [(f"Describe this {ds.superclass} in detail.", s) for s in ds.manifest.scene if s]
+        turns += [(open_question(ds.superclass), n) for n in names]
+        turns += [(describe_question(ds.superclass), s) for s in ds.manifest.scene if s]
     return [template.render(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in turns]
 
 
@@ -101,18 +102,7 @@ def build_base(datasets: list[WorldDataset], cfg: TinyMLLMConfig, image_size: in
     """The tokenizer trained on the world's text and a randomly initialised tiny Idefics2."""
     examples = pretraining_examples(datasets, seed)
     tok = train_tokenizer(tokenizer_corpus(datasets, examples), cfg.vocab_size)
-    sizes = TinySizes(
-        hidden=cfg.hidden,
-        layers=cfg.layers,
-        heads=cfg.heads,
-        kv_heads=cfg.kv_heads,
-        vision_hidden=cfg.vision_hidden,
-        vision_layers=cfg.vision_layers,
-        patch=cfg.patch,
-        image_size=image_size,
-        latents=cfg.latents,
-    )
-    model, processor = build_idefics2(tok, sizes, seed)
+    model, processor = build_idefics2(tok, TinySizes.of(cfg, image_size), seed)
     return MLLM(model, processor), examples
 
 

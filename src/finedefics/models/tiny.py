@@ -18,6 +18,7 @@ from transformers import (
 )
 from transformers.models.idefics2.image_processing_idefics2 import Idefics2ImageProcessor
 
+from finedefics.config import TinyMLLMConfig
 from finedefics.models.tokenizer import CHAT_TEMPLATE, END_OF_UTTERANCE, IMAGE
 
 
@@ -33,6 +34,12 @@ class TinySizes:
     image_size: int = 64
     latents: int = 16
     max_positions: int = 512
+
+    @classmethod
+    def of(cls, cfg: TinyMLLMConfig, image_size: int) -> TinySizes:
+        """The sizes `bootstrap.mllm` asks for, on images of `image_size`."""
+        names = ("hidden", "layers", "heads", "kv_heads", "vision_hidden", "vision_layers", "patch", "latents")
+        return cls(image_size=image_size, **{n: getattr(cfg, n) for n in names})
 
 
 def _text_config(tok: PreTrainedTokenizerFast, s: TinySizes) -> MistralConfig:
