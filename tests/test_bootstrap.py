@@ -1,12 +1,11 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, make_world_workdir, run_stage, set_params
+from conftest import make_world_workdir, run_stage, set_params
 from finedefics.config import TinyCLIPConfig, TinyMLLMConfig
 from finedefics.models import sft
 from finedefics.models import world_text as wt

@@ -11,7 +11,7 @@ from conftest import REPO, stage_env
 from finedefics.data.manifest import EmptyClassError, LeakageError
 from finedefics.data.prepare import prepare_real
 from finedefics.data.real import REAL_DATASETS, DatasetNotFound, load_real
-from real_fixtures import MAKERS, make_flat, write_image
+from real_fixtures import MAKERS, make_flat
 
 
 @pytest.mark.parametrize("name", list(MAKERS))
