@@ -9,5 +9,5 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 echo '```'
 nvidia-smi --query-gpu=name,memory.total --format=csv
-timeout 480 python scripts/gpu_check.py
+timeout 480 "$(command -v python || command -v python3)" scripts/gpu_check.py
 echo '```'
