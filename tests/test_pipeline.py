@@ -110,6 +110,13 @@ def test_changing_negatives_reruns_mining_and_nothing_upstream(clone):
     assert not before.negatives.equals(after.negatives) and before.distractors.equals(after.distractors)
     diff = json.loads(sh("dvc metrics diff --all --json", clone).stdout)
     assert {"toy-bird.accuracy", "toy-flower.accuracy", "average.accuracy"} <= set(diff["metrics/eval.json"])
+    # the report finds the experiment by its switches and leaves the rows nobody ran missing
+    average = 100 * json.loads((clone / "metrics" / "eval.json").read_text())["average"]["accuracy"]
+    sh("finedefics report --out reports/results.md", clone)
+    report = (clone / "reports" / "results.md").read_text()
+    simple = next(line for line in report.splitlines() if line.startswith("| Simple Neg."))
+    assert f"| {average:.1f} | 74.26 |" in simple
+    assert next(line for line in report.splitlines() if line.startswith("| CL (obj.-cat.)")).endswith("| 72.72 | missing |")
     sh("git checkout params.yaml && dvc checkout -q", clone)
 
 

@@ -100,3 +100,29 @@ def predict(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command()
+def report(
+    out: Path = typer.Option(Path("reports/results.md"), help="where to write the report"),
+    params: Path = typer.Option(Path("params.yaml"), help="the committed params the ablations differ from"),
+    exp_show: Path = typer.Option(None, help="a saved `dvc exp show --json` (default: run it here)"),
+    took: str = typer.Option("", help="how long the queue took, written into the report"),
+) -> None:
+    """Fill the paper's tables from the DVC experiments (see scripts/ablations.sh)."""
+    import json
+
+    from finedefics import report as rep
+
+    try:
+        load_params(params)
+        show = json.loads(exp_show.read_text()) if exp_show else rep.dvc_exp_show(Path.cwd())
+    except (ConfigError, OSError, ValueError, RuntimeError) as err:
+        _fail(str(err))
+    default = rep.committed_params(params)
+    datasets = list(load_params(params).datasets)
+    exps = rep.experiments(show)
+    header = f"The queue took {took}." if took else ""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(rep.render(exps, default, datasets, header))
+    typer.echo(f"{out}: {len(exps)} finished experiment(s)")
