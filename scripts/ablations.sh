@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Queue the paper's ablations (Tables 3a-c, 5, 6a-e) as DVC experiments on the committed params,
+# Queue the paper's ablations (Tables 3a-c, 5, 6a-e) and Table 4's LLaVA-1.5 as DVC experiments on the committed params,
 # run them one after another, then write reports/results.md:
 #   scripts/ablations.sh            # queue, run, report
 #   scripts/ablations.sh --queue    # only queue them (then: dvc queue start; dvc queue status)
@@ -27,6 +27,7 @@ q t6c-noisy      -S attributes.quality=noisy
 q t6d-short      -S attributes.level=short
 q t6e-upper      -S attributes.construction=ground-truth
 q t6e-tag        -S attributes.construction=tag-based
+q t4-llava       -S model.base=tiny-llava                          # Table 4: both rows (base and + A^3)
 
 [[ "${1:-}" == "--queue" ]] && exit 0
 start=$(date +%s)

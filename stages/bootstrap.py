@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from finedefics.config import load_or_exit
+from finedefics.config import TINY_BASES, load_or_exit
 
 BASE, CLIP, METRICS = Path("models/base"), Path("models/clip"), Path("metrics/bootstrap.json")
 
@@ -30,7 +30,7 @@ def main() -> None:
 
     torch.manual_seed(params.seed)
     world = {n: s for n, s in params.datasets.items() if is_world(s)}
-    tiny = [k for k, v in (("model.base", params.model.base), ("model.clip", params.model.clip)) if v == "tiny"]
+    tiny = [k for k, v in (("model.base", params.model.base), ("model.clip", params.model.clip)) if v in ("tiny", *TINY_BASES)]
     if tiny and len(world) != len(params.datasets):
         print(f"error: {' and '.join(tiny)} = tiny is built from the synthetic world, but datasets has real ones; "
               "set them to published models (see configs/paper.yaml)", file=sys.stderr)
@@ -39,21 +39,22 @@ def main() -> None:
     metrics: dict[str, float] = {}
     try:
         with stage_run("bootstrap", params) as run:
-            if params.model.base == "tiny":
+            if params.model.base in TINY_BASES:
                 from finedefics.models import sft
                 from finedefics.models.bootstrap import WorldDataset, build_base, diagnose
 
                 datasets = [WorldDataset(n, *load_prepared(n)) for n in world]
                 cfg = params.bootstrap.mllm
-                mllm, examples = build_base(datasets, cfg, params.world.image_size, params.seed)
+                family = TINY_BASES[params.model.base]
+                mllm, examples = build_base(datasets, cfg, params.world.image_size, params.seed, family)
                 n_params = sum(p.numel() for p in mllm.model.parameters())
-                print(f"tiny Idefics2: {n_params / 1e6:.2f}M parameters, {len(examples)} pre-training examples, vocabulary {len(mllm.tokenizer)}")
+                print(f"tiny {family}: {n_params / 1e6:.2f}M parameters, {len(examples)} pre-training examples, vocabulary {len(mllm.tokenizer)}")
                 sft.train(mllm, examples, cfg.epochs, cfg.batch_size, cfg.lr, params.seed, "pre-train base",
                           log=lambda m, step: run.log_metrics({f"base_{k}": v for k, v in m.items()}, step))
                 with atomic_path(BASE) as tmp:
                     mllm.model.save_pretrained(tmp)
                     mllm.processor.save_pretrained(tmp)
-                    write_json(tmp / "base.json", {"model": "tiny", "parameters": n_params, "examples": len(examples)})
+                    write_json(tmp / "base.json", {"model": params.model.base, "parameters": n_params, "examples": len(examples)})
                 diagnosis, samples = diagnose(mllm, datasets, params.seed)
                 metrics.update(diagnosis)
                 for name, (caption, knowledge, choice) in samples.items():

@@ -53,13 +53,15 @@ def test_diagnosis_is_measured_from_generations(world, monkeypatch):
     assert 0.0 <= taught["zero_shot_mc_accuracy"] <= 1.0
 
 
-def test_mllm_checkpoint_reloads_with_identical_outputs(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["idefics2", "llava"])  # model.base: tiny / tiny-llava (Table 4)
+def test_mllm_checkpoint_reloads_with_identical_outputs(world, tmp_path, monkeypatch, family):
     root, ds = world
     monkeypatch.chdir(root)
-    mllm, _ = build_base([ds], SMALL_MLLM, 64, seed=1)
+    mllm, _ = build_base([ds], SMALL_MLLM, 64, seed=1, family=family)
     mllm.model.save_pretrained(tmp_path)
     mllm.processor.save_pretrained(tmp_path)
     again = MLLM.load(tmp_path)
+    assert mllm.family == again.family == family
     batch = sft.encode(mllm, [sft.ChatExample("Describe this bird.", "A bird.", ds.split("test").path.iloc[0])])
     with torch.no_grad():
         assert torch.equal(mllm.model(**batch).logits, again.model(**batch).logits)

@@ -119,10 +119,13 @@ class LoraConfig(Schema):
     modules: list[Literal["text_model", "connector", "vision_model"]] = ["text_model", "connector"]
 
 
+TINY_BASES = {"tiny": "idefics2", "tiny-llava": "llava"}  # model.base values `bootstrap` builds, and their family
+
+
 class ModelConfig(Schema):
     """Base MLLM, CLIP for mining, and how they are fine-tuned (Table 4)."""
 
-    base: str = "tiny"  # "tiny" (built by `bootstrap`), a hub id or a local path
+    base: str = "tiny"  # "tiny" / "tiny-llava" (built by `bootstrap`, Idefics2 / LLaVA-1.5), a hub id or a local path
     clip: str = "tiny"  # "tiny" (built by `bootstrap`) or "<open_clip name>:<pretrained tag>"
     finetune: Literal["qlora", "lora", "full"] = "lora"
     lora: LoraConfig = LoraConfig()

@@ -16,7 +16,7 @@ from finedefics.align.finetune import load_processor, load_trainable, resolve, s
 from finedefics.align.losses import Temperature
 from finedefics.align.steps import Stage1, Stage2, alignment
 from finedefics.align.trainer import FitConfig, fit
-from finedefics.config import Params, StageTrainConfig
+from finedefics.config import TINY_BASES, Params, StageTrainConfig
 from finedefics.data.prepared import load_prepared
 from finedefics.io import atomic_path, write_json
 from finedefics.models.mllm import MLLM
@@ -44,7 +44,7 @@ def process():
 
 
 def base_model(params: Params) -> str:
-    return "models/base" if params.model.base == "tiny" else params.model.base
+    return "models/base" if params.model.base in TINY_BASES else params.model.base
 
 
 def model_path(params: Params, which: str) -> str:

@@ -23,7 +23,7 @@ from finedefics.evaluate.foci import mc_question, parse_choice, query, shuffled
 from finedefics.models import world_text as wt
 from finedefics.models.mllm import MLLM
 from finedefics.models.sft import ChatExample, iterate, load_image
-from finedefics.models.tiny import TinySizes, build_idefics2
+from finedefics.models.tiny import TinySizes, build_idefics2, build_llava
 from finedefics.models.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 
@@ -98,11 +98,15 @@ def tokenizer_corpus(datasets: list[WorldDataset], examples: list[ChatExample]) 
     return [template.render(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in turns]
 
 
-def build_base(datasets: list[WorldDataset], cfg: TinyMLLMConfig, image_size: int, seed: int) -> tuple[MLLM, list[ChatExample]]:
-    """The tokenizer trained on the world's text and a randomly initialised tiny Idefics2."""
+def build_base(
+    datasets: list[WorldDataset], cfg: TinyMLLMConfig, image_size: int, seed: int, family: str = "idefics2"
+) -> tuple[MLLM, list[ChatExample]]:
+    """The tokenizer trained on the world's text and a randomly initialised tiny Idefics2 (or
+    LLaVA-1.5, `family="llava"`, for Table 4)."""
     examples = pretraining_examples(datasets, seed)
     tok = train_tokenizer(tokenizer_corpus(datasets, examples), cfg.vocab_size)
-    model, processor = build_idefics2(tok, TinySizes.of(cfg, image_size), seed)
+    build = {"idefics2": build_idefics2, "llava": build_llava}[family]
+    model, processor = build(tok, TinySizes.of(cfg, image_size), seed)
     return MLLM(model, processor), examples
 
 
