@@ -58,6 +58,19 @@ def test_each_term_matches_the_paper(mask):
         assert got[k].item() == pytest.approx(want[k], rel=1e-9), k
 
 
+def test_bounded_ccc_takes_the_name_itself_as_positive():
+    b = toy_batch()
+    got = contrastive_terms(b, torch.tensor(TAU, dtype=torch.float64), True, ccc="bounded")["ccc"].item()
+    self_term = math.exp(1 / TAU)  # a name's cosine with itself is 1
+    want = sum(-math.log(self_term / (self_term + sum(e(b.c[i], w) for w in b.c_hn[i]))) for i in range(len(b.c))) / len(b.c)
+    assert got == pytest.approx(want, rel=1e-9) and got >= 0
+    # as written (logsumexp) it is unbounded below: far-apart names drive it negative, the bounded form to 0
+    apart = Batch(b.o, b.a, b.c, b.labels, b.a_hn, -b.c[:, None, :].repeat(1, 3, 1))
+    tau = torch.tensor(TAU, dtype=torch.float64)
+    assert contrastive_terms(apart, tau)["ccc"].item() == pytest.approx(-1 / TAU + math.log(3))
+    assert contrastive_terms(apart, tau, ccc="bounded")["ccc"].item() == pytest.approx(0, abs=1e-8)
+
+
 def test_masking_only_matters_with_repeated_classes():
     b = toy_batch(labels=(0, 1, 2, 3, 4, 5))
     tau = torch.tensor(TAU, dtype=torch.float64)

@@ -75,7 +75,19 @@ def _hn(x: torch.Tensor, hn: torch.Tensor | None, tau: torch.Tensor) -> torch.Te
     return torch.einsum("bd,bkd->bk", F.normalize(x, dim=-1), F.normalize(hn, dim=-1)) / tau
 
 
-def contrastive_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool = True) -> dict[str, torch.Tensor]:
+def category_category(c: torch.Tensor, c_hn: torch.Tensor, tau: torch.Tensor, form: str = "logsumexp") -> torch.Tensor:
+    """Eq. 7. `logsumexp`, as written: log sum_k exp Sim(c_i, c_k) over the K negative categories,
+    unbounded below (it rewards pushing names ever further apart). `bounded`: the same negatives
+    against the name itself as the positive, -log exp Sim(c_i, c_i) / (exp Sim(c_i, c_i) +
+    sum_k exp Sim(c_i, c_k)), which is 0 at best."""
+    hn = _hn(c, c_hn, tau)
+    if form == "logsumexp":
+        return torch.logsumexp(hn, dim=1).mean()
+    itself = torch.ones_like(hn[:, :1]) / tau  # cosine of a name with itself
+    return _nll(itself[:, 0], torch.cat([itself, hn], dim=1))
+
+
+def contrastive_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool = True, ccc: str = "logsumexp") -> dict[str, torch.Tensor]:
     """The terms of eqs. 5-7: OA (with negatives), AO, AC (with negatives), CA (with negatives), CCC."""
     oa = _pairwise(b.o, b.a, b.labels, tau, mask_same_class)  # oa[i, j] = Sim(o_i, a_j)
     ac = _pairwise(b.a, b.c, b.labels, tau, mask_same_class)  # ac[i, j] = Sim(a_i, c_j)
@@ -87,17 +99,17 @@ def contrastive_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool = True)
         "ca": _nll(positive_ac, _with_hn(ac.T, _hn(b.c, b.a_hn, tau))),  # eq. 6b: Sim(a_j, c_i), Sim(a_w, c_i)
     }
     if b.c_hn is not None:  # eq. 7: -log 1 / sum_k exp Sim(c_i, c_k), c_k in C_hn^i
-        terms["ccc"] = torch.logsumexp(_hn(b.c, b.c_hn, tau), dim=1).mean()
+        terms["ccc"] = category_category(b.c, b.c_hn, tau, ccc)
     return terms
 
 
-def object_category_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool = True) -> dict[str, torch.Tensor]:
+def object_category_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool = True, ccc: str = "logsumexp") -> dict[str, torch.Tensor]:
     """Objects against categories directly, no attributes (Table 3b "CL (obj.-cat.)")."""
     oc = _pairwise(b.o, b.c, b.labels, tau, mask_same_class)
     positive = oc.diagonal()
     terms = {"oc": _nll(positive, _with_hn(oc, _hn(b.o, b.c_hn, tau))), "co": _nll(positive, oc.T)}
     if b.c_hn is not None:
-        terms["ccc"] = torch.logsumexp(_hn(b.c, b.c_hn, tau), dim=1).mean()
+        terms["ccc"] = category_category(b.c, b.c_hn, tau, ccc)
     return terms
 
 

@@ -92,7 +92,7 @@ def train(params: Params, which: str, source: str, out: Path, log) -> dict[str, 
     s1, s2 = frames["stage1"], frames["stage2"]
     names = sorted(set(s1.category) | {c for cs in s1.negative_categories for c in cs})
     stage1 = Stage1(mllm, temperature, params.align.objective, bool(s1.negative_categories.str.len().max()), params.align.mask_same_class,
-                    {n: i for i, n in enumerate(names)})
+                    {n: i for i, n in enumerate(names)}, ccc=params.align.ccc)
     stage2 = Stage2(mllm)
     if which == "stage1":
         n, step, cfg = len(s1), lambda idx: stage1.loss(s1.iloc[idx]), params.train.stage1

@@ -33,6 +33,7 @@ class Stage1:
     mask_same_class: bool
     class_index: dict[str, int]  # category name -> id, for same-class masking
     one_pass: bool = True  # all texts of a step in one padded pass (False: one pass per kind, for checks)
+    ccc: str = "logsumexp"  # the form of eq. 7 (align.ccc)
 
     @property
     def adapter(self) -> Adapter:
@@ -82,9 +83,9 @@ class Stage1:
         if self.objective != "none":
             batch = gather(self.representations(rows))
             if self.objective == "obj-att-cat":
-                terms = contrastive_terms(batch, tau, self.mask_same_class)
+                terms = contrastive_terms(batch, tau, self.mask_same_class, self.ccc)
             else:
-                terms = object_category_terms(batch, tau, self.mask_same_class)
+                terms = object_category_terms(batch, tau, self.mask_same_class, self.ccc)
         generation = self.generation_loss(rows) if self.objective != "obj-cat" else None
         total = stage1_total(terms, generation)
         values = {f"loss_{k}": v.item() for k, v in terms.items()}
