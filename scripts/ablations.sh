@@ -28,9 +28,9 @@ q t6d-short      -S attributes.level=short
 q t6e-upper      -S attributes.construction=ground-truth
 q t6e-tag        -S attributes.construction=tag-based
 q t4-llava       -S model.base=tiny-llava                          # Table 4: both rows (base and + A^3)
-q x-ccc-bounded  -S align.ccc=bounded                              # not in the paper: eq. 7's form
-q diag-s2-18ep   -S train.stage2.epochs=18                         # not in the paper: Stage II length
-q diag-ccc-s2-18ep -S train.stage2.epochs=18 -S align.ccc=bounded
+q x-ccc-logsumexp -S align.ccc=logsumexp                           # not in the paper: eq. 7 as written
+q diag-s2-6ep    -S train.stage2.epochs=6                          # not in the paper: Stage II length
+q diag-s2-6ep-logsumexp -S train.stage2.epochs=6 -S align.ccc=logsumexp  # the earlier default
 
 [[ "${1:-}" == "--queue" ]] && exit 0
 start=$(date +%s)

@@ -103,7 +103,7 @@ class AlignConfig(Schema):
     objective: Literal["obj-att-cat", "obj-cat", "none"] = "obj-att-cat"
     paradigm: Literal["two-stage", "one-stage", "stage2-only", "stage1-only"] = "two-stage"
     mask_same_class: bool = True  # leave other images of the positive's class out of the denominators
-    ccc: Literal["logsumexp", "bounded"] = "logsumexp"  # eq. 7 as written, or against the name itself
+    ccc: Literal["bounded", "logsumexp"] = "bounded"  # against the name itself, or eq. 7 as written (unbounded below)
     temperature: float = Field(0.07, ge=0.001, le=0.5)  # initial value; learnt, clamped to [0.001, 0.5]
 
 

@@ -33,7 +33,7 @@ class Stage1:
     mask_same_class: bool
     class_index: dict[str, int]  # category name -> id, for same-class masking
     one_pass: bool = True  # all texts of a step in one padded pass (False: one pass per kind, for checks)
-    ccc: str = "logsumexp"  # the form of eq. 7 (align.ccc)
+    ccc: str = "bounded"  # the form of eq. 7 (align.ccc)
 
     @property
     def adapter(self) -> Adapter:
