@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from finedefics.align.adapter import Adapter, pixels
 from finedefics.align.instructions import describe_question
 from finedefics.align.losses import Batch, Temperature, contrastive_terms, gather, object_category_terms, stage1_total
+from finedefics.config import AlignConfig
 from finedefics.models.mllm import MLLM
 from finedefics.models.sft import ChatExample, encode
 
@@ -33,7 +34,7 @@ class Stage1:
     mask_same_class: bool
     class_index: dict[str, int]  # category name -> id, for same-class masking
     one_pass: bool = True  # all texts of a step in one padded pass (False: one pass per kind, for checks)
-    ccc: str = "bounded"  # the form of eq. 7 (align.ccc)
+    ccc: str = AlignConfig().ccc  # the form of eq. 7 (align.ccc), its params default
 
     @property
     def adapter(self) -> Adapter:
