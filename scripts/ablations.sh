@@ -2,41 +2,60 @@
 # Queue the paper's ablations (Tables 3a-c, 5, 6a-e) and Table 4's LLaVA-1.5 as DVC experiments on the committed params,
 # run them one after another, then write reports/results.md:
 #   scripts/ablations.sh            # queue, run, report
-#   scripts/ablations.sh --queue    # only queue them (then: dvc queue start; dvc queue status)
+#   scripts/ablations.sh --queue    # only queue them
+#   scripts/ablations.sh --run      # run what is queued (e.g. after an interruption), then report
 # Each experiment changes the params named on its line and nothing else; stages whose inputs did
 # not change come back from DVC's run cache. `dvc exp show` lists them, MLflow holds their runs
 # (the repository's mlflow.db, also for the queue's temporary workspaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-q() { dvc exp run --queue --name "$1" "${@:2}"; }
+queue_all() {
+  q() { dvc exp run --queue --name "$1" "${@:2}"; }
 
-q default                                                          # Tables 2 and 8, every "ours" row
-q t3a-finetune   -S align.paradigm=stage2-only -S instructions.stage2=open
-q t3b-obj-cat    -S align.objective=obj-cat                        # also Tables 6c/6d "None"
-q t3c-one-stage  -S align.paradigm=one-stage
-q t5-no-color    -S 'attributes.types=[shape,texture,size]'
-q t5-no-shape    -S 'attributes.types=[color,texture,size]'
-q t5-no-texture  -S 'attributes.types=[color,shape,size]'
-q t5-no-size     -S 'attributes.types=[color,shape,texture]'
-q t6a-simple     -S negatives=simple
-q t6a-none       -S negatives=none
-q t6b-pretrain   -S align.paradigm=stage1-only
-q t6b-it         -S align.paradigm=stage2-only
-q t6c-noisy      -S attributes.quality=noisy
-q t6d-short      -S attributes.level=short
-q t6e-upper      -S attributes.construction=ground-truth
-q t6e-tag        -S attributes.construction=tag-based
-q t4-llava       -S model.base=tiny-llava                          # Table 4: both rows (base and + A^3)
-q x-ccc-logsumexp -S align.ccc=logsumexp                           # not in the paper: eq. 7 as written
-q diag-s2-6ep    -S train.stage2.epochs=6                          # not in the paper: Stage II length
-q diag-s2-6ep-logsumexp -S train.stage2.epochs=6 -S align.ccc=logsumexp  # the earlier default
+  q default                                                          # Tables 2 and 8, every "ours" row
+  q t3a-finetune   -S align.paradigm=stage2-only -S instructions.stage2=open
+  q t3b-obj-cat    -S align.objective=obj-cat                        # also Tables 6c/6d "None"
+  q t3c-one-stage  -S align.paradigm=one-stage
+  q t5-no-color    -S 'attributes.types=[shape,texture,size]'
+  q t5-no-shape    -S 'attributes.types=[color,texture,size]'
+  q t5-no-texture  -S 'attributes.types=[color,shape,size]'
+  q t5-no-size     -S 'attributes.types=[color,shape,texture]'
+  q t6a-simple     -S negatives=simple
+  q t6a-none       -S negatives=none
+  q t6b-pretrain   -S align.paradigm=stage1-only
+  q t6b-it         -S align.paradigm=stage2-only
+  q t6c-noisy      -S attributes.quality=noisy
+  q t6d-short      -S attributes.level=short
+  q t6e-upper      -S attributes.construction=ground-truth
+  q t6e-tag        -S attributes.construction=tag-based
+  q t4-llava       -S model.base=tiny-llava                          # Table 4: both rows (base and + A^3)
+  q x-ccc-logsumexp -S align.ccc=logsumexp                           # not in the paper: eq. 7 as written
+  q diag-s2-6ep    -S train.stage2.epochs=6                          # not in the paper: Stage II length
+  q diag-s2-6ep-logsumexp -S train.stage2.epochs=6 -S align.ccc=logsumexp  # the earlier default
+}
 
+# `dvc queue status` (and `dvc exp show`) ping the worker through celery's file broker, which can
+# crash it mid-queue (treeverse/dvc#10428): wait on the worker's process instead. DVC's worker exits
+# 60 s after the queue runs empty; if it died early, let its last experiment finish and start another.
+pidfile=.dvc/tmp/exps/celery/dvc-exp-worker-1.pid
+worker_alive() { [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+count() { dvc queue status | grep -cw "$1" || true; }  # grep reads it all: no SIGPIPE under pipefail
+run_queue() {
+  while :; do
+    while worker_alive; do sleep 30; done
+    while (( $(count Running) > 0 )); do sleep 30; done
+    (( $(count Queued) > 0 )) || break
+    dvc queue start -j 1
+    sleep 10
+  done
+  dvc queue status
+}
+
+[[ "${1:-}" == "--run" ]] || queue_all
 [[ "${1:-}" == "--queue" ]] && exit 0
 start=$(date +%s)
-dvc queue start -j 1
-while dvc queue status | grep -E 'Queued|Running' >/dev/null; do sleep 30; done  # grep reads it all: no SIGPIPE under pipefail
-dvc queue status
+run_queue
 took="$(( ($(date +%s) - start) / 60 )) min on $(nproc) CPU core(s)"
 echo "queue finished: $took"
 finedefics report --out reports/results.md --took "$took"

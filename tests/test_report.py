@@ -69,3 +69,21 @@ def test_report_refuses_an_unreadable_exp_show(tmp_path):
     bad.write_text("not json")
     result = CliRunner().invoke(app, ["report", "--exp-show", str(bad), "--out", str(tmp_path / "r.md"), "--params", str(REPO / "params.yaml")])
     assert result.exit_code == 2 and "error:" in result.output and not (tmp_path / "r.md").exists()
+
+
+def test_the_queue_covers_every_row_of_the_report():
+    import re
+    import shlex
+
+    from finedefics.report import EXTRA, TABLES
+
+    queued = []
+    for line in (REPO / "scripts" / "ablations.sh").read_text().splitlines():
+        if re.match(r"\s*q \S", line):
+            words = shlex.split(line, comments=True)
+            switches = [w for flag, w in zip(words, words[1:]) if flag == "-S"]
+            queued.append({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in switches)})
+    assert len(queued) == 20 and {} in queued
+    for table in (*TABLES, *EXTRA):
+        for row in table.rows:
+            assert row.overrides in queued, (table.title, row.label)
