@@ -1,13 +1,15 @@
 """`finedefics report`: experiments matched to the paper's rows by their switches."""
 
 import json
+import re
+import shlex
 
 import yaml
 from typer.testing import CliRunner
 
 from conftest import REPO
 from finedefics.cli import app
-from finedefics.report import committed_params, experiments, find
+from finedefics.report import EXTRA, TABLES, committed_params, experiments, find
 
 DEFAULT_TREE = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -72,11 +74,6 @@ def test_report_refuses_an_unreadable_exp_show(tmp_path):
 
 
 def test_the_queue_covers_every_row_of_the_report():
-    import re
-    import shlex
-
-    from finedefics.report import EXTRA, TABLES
-
     queued = []
     for line in (REPO / "scripts" / "ablations.sh").read_text().splitlines():
         if re.match(r"\s*q \S", line):
