@@ -34,7 +34,9 @@ def main() -> None:
     manifest, classes = load_prepared(args.dataset)
     test = manifest[manifest.split == "test"]
     options = json.loads((Path("data/eval_options") / f"{args.dataset}.json").read_text())
-    entries = items(options, dict(zip(test.foci_key, test.path)), [c["name"] for c in classes["classes"]], 0)[: args.images]
+    entries = items(options, dict(zip(test.foci_key, test.path)), [c["name"] for c in classes["classes"]], 0)[
+        : args.images
+    ]
     mllm = MLLM.load(resolve(args.model))
     evaluate(mllm, classes["plural"], entries[: args.batch], batch_size=args.batch, desc="warm-up")
     start = time.perf_counter()

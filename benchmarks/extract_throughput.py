@@ -55,7 +55,9 @@ def main() -> None:
     t_single = time.perf_counter() - start
 
     assert batched == single, "batched and one-at-a-time answers differ"
-    print(f"items: {items} ({args.images} images x {args.keys} keys), max_new_tokens {args.max_new_tokens}, torch threads 2")
+    print(
+        f"items: {items} ({args.images} images x {args.keys} keys), max_new_tokens {args.max_new_tokens}, torch threads 2"
+    )
     print(f"one question at a time: {items / t_single:8.1f} items/s")
     print(f"batched per image:      {items / t_batched:8.1f} items/s")
     print(f"ratio: {t_single / t_batched:.2f}x")

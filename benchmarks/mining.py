@@ -50,7 +50,11 @@ def main() -> None:
         texts = clip.embed_texts([f"a photo of a {n}." for n in names])
 
         start = time.perf_counter()
-        emb = Embeddings(list(train.image_id), clip.embed_images([paths[i] for i in train.image_id], batch_size=256, desc="embed"), texts)
+        emb = Embeddings(
+            list(train.image_id),
+            clip.embed_images([paths[i] for i in train.image_id], batch_size=256, desc="embed"),
+            texts,
+        )
         mined = mine(train, names, {}, emb, "hard", seed=0)
         t_batched = time.perf_counter() - start
 

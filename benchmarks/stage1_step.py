@@ -63,9 +63,21 @@ def world_rows(root: Path, batch: int) -> tuple[pd.DataFrame, list[str]]:
     negatives = []
     for r in train.itertuples():
         wrong = rng.choice([i for i in range(len(names)) if i != r.label], size=3, replace=False)
-        negatives.append({"image_id": r.image_id, "label": r.label, "negative_classes": [names[i] for i in wrong],
-                          "negative_descriptions": [text[first[i]] for i in wrong]})
-    frame = stage1_frame("toy-bird", manifest, classes, pd.DataFrame({"image_id": list(text), "description": list(text.values())}), pd.DataFrame(negatives))
+        negatives.append(
+            {
+                "image_id": r.image_id,
+                "label": r.label,
+                "negative_classes": [names[i] for i in wrong],
+                "negative_descriptions": [text[first[i]] for i in wrong],
+            }
+        )
+    frame = stage1_frame(
+        "toy-bird",
+        manifest,
+        classes,
+        pd.DataFrame({"image_id": list(text), "description": list(text.values())}),
+        pd.DataFrame(negatives),
+    )
     return frame.sample(batch, random_state=0), list(text.values()) + names
 
 
@@ -101,8 +113,10 @@ def main() -> None:
         per_kind, loss_kind = timed(Stage1, False)
         per_text, loss_text = timed(PerTextStage1, True)
     texts = 8 * args.batch  # description, category and 3 + 3 negatives per image
-    print(f"batch {args.batch} images, K=3 negatives: {texts} texts per step ({len(names)} distinct names); "
-          f"tiny Idefics2 of the default bootstrap sizes, torch threads 2, median of {args.steps} steps")
+    print(
+        f"batch {args.batch} images, K=3 negatives: {texts} texts per step ({len(names)} distinct names); "
+        f"tiny Idefics2 of the default bootstrap sizes, torch threads 2, median of {args.steps} steps"
+    )
     print(f"one padded pass:   {one * 1000:8.1f} ms/step  (loss {loss_one:.6f})")
     print(f"one pass per kind: {per_kind * 1000:8.1f} ms/step  (loss {loss_kind:.6f})")
     print(f"one pass per text: {per_text * 1000:8.1f} ms/step  (loss {loss_text:.6f})")

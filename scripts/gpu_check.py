@@ -49,24 +49,47 @@ def qlora_steps(model_dir: Path, rows: pd.DataFrame, batch: int, steps: int) -> 
     for step in range(steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        loss, values = stage.loss(rows.iloc[(step * batch) % len(rows):][:batch])
+        loss, values = stage.loss(rows.iloc[(step * batch) % len(rows) :][:batch])
         loss.backward()
         opt.step()
         opt.zero_grad()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"step_s": float(np.median(times[1:] or times)), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": values["loss"]}
+    return {
+        "step_s": float(np.median(times[1:] or times)),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss": values["loss"],
+    }
 
 
 def idefics2_8b(layers: int, image_token_id: int) -> Idefics2Config:
     """Idefics2-8b's published architecture with `layers` LLM layers."""
     return Idefics2Config(
-        vision_config={"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
-                       "image_size": 980, "patch_size": 14},
-        perceiver_config={"resampler_n_latents": 64, "resampler_depth": 3, "resampler_n_heads": 16, "resampler_head_dim": 96,
-                          "num_key_value_heads": 4},
-        text_config={"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": layers,
-                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32003, "max_position_embeddings": 32768},
+        vision_config={
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 27,
+            "num_attention_heads": 16,
+            "image_size": 980,
+            "patch_size": 14,
+        },
+        perceiver_config={
+            "resampler_n_latents": 64,
+            "resampler_depth": 3,
+            "resampler_n_heads": 16,
+            "resampler_head_dim": 96,
+            "num_key_value_heads": 4,
+        },
+        text_config={
+            "model_type": "mistral",
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 32003,
+            "max_position_embeddings": 32768,
+        },
         image_token_id=image_token_id,
     )
 
@@ -89,7 +112,9 @@ def main() -> None:
             torch.manual_seed(0)
             image_token = processor.tokenizer.convert_tokens_to_ids("<image>")  # the tiny tokenizer: ids below 32003
             with torch.device("cuda"):
-                Idefics2ForConditionalGeneration(idefics2_8b(layers, image_token)).to(torch.bfloat16).save_pretrained(folder)
+                Idefics2ForConditionalGeneration(idefics2_8b(layers, image_token)).to(torch.bfloat16).save_pretrained(
+                    folder
+                )
             torch.cuda.empty_cache()
             processor.image_seq_len = 64  # the 8b perceiver's latents
             processor.image_processor.size = {"longest_edge": 980, "shortest_edge": 378}  # Idefics2-8b's: 378x378 here

@@ -52,8 +52,12 @@ def main() -> None:
                 m = {
                     "probe_object_last": an.probe_accuracy(o_train.last, y_train, o_test.last, y_test),
                     "probe_object_mean": an.probe_accuracy(o_train.mean, y_train, o_test.mean, y_test),
-                    "probe_description_last": an.probe_accuracy(d.last[d_train], d_labels[d_train], d.last[~d_train], d_labels[~d_train]),
-                    "probe_description_mean": an.probe_accuracy(d.mean[d_train], d_labels[d_train], d.mean[~d_train], d_labels[~d_train]),
+                    "probe_description_last": an.probe_accuracy(
+                        d.last[d_train], d_labels[d_train], d.last[~d_train], d_labels[~d_train]
+                    ),
+                    "probe_description_mean": an.probe_accuracy(
+                        d.mean[d_train], d_labels[d_train], d.mean[~d_train], d_labels[~d_train]
+                    ),
                     "alignment": an.alignment_quality(o_test.last, y_test, cats.last),
                     "object_inter_class_distance": an.inter_class_distance(o_test.last, y_test),
                     "object_intra_class_variance": an.intra_class_variance(o_test.last, y_test),
@@ -63,15 +67,43 @@ def main() -> None:
                 predictions = read_json(Path("results/predictions") / which / f"{name}.json")["predictions"]
                 truth = [p["groundtruth"] for p in predictions]
                 matrix = an.confusion(truth, [p["predicted"] for p in predictions], names)
-                m["per_class_accuracy"] = {n: float(matrix[i, i] / max(1, matrix[i].sum())) for i, n in enumerate(names)}
+                m["per_class_accuracy"] = {
+                    n: float(matrix[i, i] / max(1, matrix[i].sum())) for i, n in enumerate(names)
+                }
                 results[which][name] = m
-                an.plot_tsne({"objects": (o_test.last, y_test)}, f"{which}: objects ({name})", plots / which / name / "tsne_objects.png", params.seed)
-                an.plot_tsne({"categories": (cats.last, np.arange(len(names)))}, f"{which}: category names ({name})", plots / which / name / "tsne_categories.png", params.seed)
-                an.plot_tsne({"objects": (o_test.last, y_test), "categories": (cats.last, np.arange(len(names)))}, f"{which}: objects and categories ({name})",
-                             plots / which / name / "tsne_joint.png", params.seed)
-                an.plot_confusion(matrix, names, f"{which}: multiple choice ({name})", plots / which / name / "confusion.png")
-                print(f"{which} on {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "per_class_accuracy"))
-            run.log_metrics({f"{which}/{n}/{k}": v for n, ms in results[which].items() for k, v in ms.items() if k != "per_class_accuracy"})
+                an.plot_tsne(
+                    {"objects": (o_test.last, y_test)},
+                    f"{which}: objects ({name})",
+                    plots / which / name / "tsne_objects.png",
+                    params.seed,
+                )
+                an.plot_tsne(
+                    {"categories": (cats.last, np.arange(len(names)))},
+                    f"{which}: category names ({name})",
+                    plots / which / name / "tsne_categories.png",
+                    params.seed,
+                )
+                an.plot_tsne(
+                    {"objects": (o_test.last, y_test), "categories": (cats.last, np.arange(len(names)))},
+                    f"{which}: objects and categories ({name})",
+                    plots / which / name / "tsne_joint.png",
+                    params.seed,
+                )
+                an.plot_confusion(
+                    matrix, names, f"{which}: multiple choice ({name})", plots / which / name / "confusion.png"
+                )
+                print(
+                    f"{which} on {name}: "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "per_class_accuracy")
+                )
+            run.log_metrics(
+                {
+                    f"{which}/{n}/{k}": v
+                    for n, ms in results[which].items()
+                    for k, v in ms.items()
+                    if k != "per_class_accuracy"
+                }
+            )
         run.log_artifact(plots)
     write_json(Path("metrics/analysis.json"), results)
 

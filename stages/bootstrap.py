@@ -30,10 +30,17 @@ def main() -> None:
 
     torch.manual_seed(params.seed)
     world = {n: s for n, s in params.datasets.items() if is_world(s)}
-    tiny = [k for k, v in (("model.base", params.model.base), ("model.clip", params.model.clip)) if v in ("tiny", *TINY_BASES)]
+    tiny = [
+        k
+        for k, v in (("model.base", params.model.base), ("model.clip", params.model.clip))
+        if v in ("tiny", *TINY_BASES)
+    ]
     if tiny and len(world) != len(params.datasets):
-        print(f"error: {' and '.join(tiny)} = tiny is built from the synthetic world, but datasets has real ones; "
-              "set them to published models (see configs/paper.yaml)", file=sys.stderr)
+        print(
+            f"error: {' and '.join(tiny)} = tiny is built from the synthetic world, but datasets has real ones; "
+            "set them to published models (see configs/paper.yaml)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
 
     metrics: dict[str, float] = {}
@@ -48,17 +55,32 @@ def main() -> None:
                 family = TINY_BASES[params.model.base]
                 mllm, examples = build_base(datasets, cfg, params.world.image_size, params.seed, family)
                 n_params = sum(p.numel() for p in mllm.model.parameters())
-                print(f"tiny {family}: {n_params / 1e6:.2f}M parameters, {len(examples)} pre-training examples, vocabulary {len(mllm.tokenizer)}")
-                sft.train(mllm, examples, cfg.epochs, cfg.batch_size, cfg.lr, params.seed, "pre-train base",
-                          log=lambda m, step: run.log_metrics({f"base_{k}": v for k, v in m.items()}, step))
+                print(
+                    f"tiny {family}: {n_params / 1e6:.2f}M parameters, {len(examples)} pre-training examples, vocabulary {len(mllm.tokenizer)}"
+                )
+                sft.train(
+                    mllm,
+                    examples,
+                    cfg.epochs,
+                    cfg.batch_size,
+                    cfg.lr,
+                    params.seed,
+                    "pre-train base",
+                    log=lambda m, step: run.log_metrics({f"base_{k}": v for k, v in m.items()}, step),
+                )
                 with atomic_path(BASE) as tmp:
                     mllm.model.save_pretrained(tmp)
                     mllm.processor.save_pretrained(tmp)
-                    write_json(tmp / "base.json", {"model": params.model.base, "parameters": n_params, "examples": len(examples)})
+                    write_json(
+                        tmp / "base.json",
+                        {"model": params.model.base, "parameters": n_params, "examples": len(examples)},
+                    )
                 diagnosis, samples = diagnose(mllm, datasets, params.seed)
                 metrics.update(diagnosis)
                 for name, (caption, knowledge, choice) in samples.items():
-                    print(f"{name}: caption of a test image: {caption}\n{name}: knowledge: {knowledge}\n{name}: multiple choice answer: {choice!r}")
+                    print(
+                        f"{name}: caption of a test image: {caption}\n{name}: knowledge: {knowledge}\n{name}: multiple choice answer: {choice!r}"
+                    )
             else:
                 record = check_mllm(params.model.base)
                 with atomic_path(BASE) as tmp:
@@ -76,11 +98,20 @@ def main() -> None:
                     images += list(train.path)
                     texts += [train_prompt(names[label], classes["super_category"]) for label in train.label]
                 with atomic_path(CLIP) as tmp:
-                    clip = train_tiny(params.bootstrap.clip, params.world.image_size, images, texts, params.seed, tmp,
-                                      log=lambda m, step: run.log_metrics(m, step))
+                    clip = train_tiny(
+                        params.bootstrap.clip,
+                        params.world.image_size,
+                        images,
+                        texts,
+                        params.seed,
+                        tmp,
+                        log=lambda m, step: run.log_metrics(m, step),
+                    )
                 for name, (manifest, classes) in data.items():
                     test = manifest[manifest.split == "test"]
-                    acc = zero_shot_accuracy(clip, list(test.path), list(test.label), [c["name"] for c in classes["classes"]])
+                    acc = zero_shot_accuracy(
+                        clip, list(test.path), list(test.label), [c["name"] for c in classes["classes"]]
+                    )
                     metrics[f"{name}/clip_zero_shot_accuracy"] = acc
             else:
                 record = check_clip(params.model.clip)

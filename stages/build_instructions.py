@@ -31,9 +31,15 @@ def main() -> None:
         s1, s2 = pd.concat(stage1, ignore_index=True), pd.concat(stage2, ignore_index=True)
         write_parquet(Path("data/instructions/stage1.parquet"), s1)
         write_parquet(Path("data/instructions/stage2.parquet"), s2)
-        stats = {"stage1_triples": len(s1), "stage2_open": int((s2.kind == "open").sum()), "stage2_closed": int((s2.kind == "closed").sum())}
+        stats = {
+            "stage1_triples": len(s1),
+            "stage2_open": int((s2.kind == "open").sum()),
+            "stage2_closed": int((s2.kind == "closed").sum()),
+        }
         run.log_metrics(stats)
-    print(f"stage I: {stats['stage1_triples']} triples; stage II: {stats['stage2_open']} open-set and {stats['stage2_closed']} multiple-choice questions")
+    print(
+        f"stage I: {stats['stage1_triples']} triples; stage II: {stats['stage2_open']} open-set and {stats['stage2_closed']} multiple-choice questions"
+    )
 
 
 if __name__ == "__main__":

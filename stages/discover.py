@@ -34,7 +34,13 @@ def main() -> None:
             types = {t: sum(k.type == t for k in keys) for t in ("color", "shape", "texture", "size", "other")}
             write_json(
                 Path("data/attributes") / name / "keys.json",
-                {"dataset": name, "super_category": classes["super_category"], "backend": cfg.backend, "keys": [k.to_dict() for k in keys], "raw": raw},
+                {
+                    "dataset": name,
+                    "super_category": classes["super_category"],
+                    "backend": cfg.backend,
+                    "keys": [k.to_dict() for k in keys],
+                    "raw": raw,
+                },
             )
             run.log_metrics({"keys": len(keys), **{f"keys_{t}": n for t, n in types.items()}})
     except (NoAttributeList, BackendError, ValueError, OSError) as err:

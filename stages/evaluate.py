@@ -42,21 +42,34 @@ def main() -> None:
             manifest, classes = load_prepared(name)
             test = manifest[manifest.split == "test"]
             try:
-                entries = items(read_json(Path("data/eval_options") / f"{name}.json"), dict(zip(test.foci_key, test.path)),
-                                [c["name"] for c in classes["classes"]], params.seed)
+                entries = items(
+                    read_json(Path("data/eval_options") / f"{name}.json"),
+                    dict(zip(test.foci_key, test.path)),
+                    [c["name"] for c in classes["classes"]],
+                    params.seed,
+                )
             except ValueError as err:
                 sys.exit(f"evaluate: {name}: {err}")
             predictions = evaluate(mllm, classes["plural"], entries, desc=f"{which} on {name}")
             scores = score(predictions)
             unreadable = sum(p["predicted_raw"] == UNREADABLE for p in predictions)
             if unreadable:
-                print(f"warning: {name}: {unreadable} test image(s) could not be read; counted as generation failures", file=sys.stderr)
+                print(
+                    f"warning: {name}: {unreadable} test image(s) could not be read; counted as generation failures",
+                    file=sys.stderr,
+                )
             opened = open_set(mllm, classes["super_category"], list(test.path), list(test.class_name))
-            metrics[name] = {"accuracy": scores["accuracy"], "failure_rate": scores["failure_rate"],
-                             "open_set_accuracy": float(np.mean([o["correct"] for o in opened])), "unreadable": unreadable}
+            metrics[name] = {
+                "accuracy": scores["accuracy"],
+                "failure_rate": scores["failure_rate"],
+                "open_set_accuracy": float(np.mean([o["correct"] for o in opened])),
+                "unreadable": unreadable,
+            }
             config = {"model": source, "dataset": name, "seed": params.seed, "protocol": "FOCI 4-way multiple choice"}
             write_json(tmp / f"{name}.json", {"metrics": scores, "predictions": predictions, "config": config})
-            print(f"{which} on {name}: accuracy {scores['accuracy']:.3f}, failures {scores['failure_rate']:.3f}, open-set {metrics[name]['open_set_accuracy']:.3f}")
+            print(
+                f"{which} on {name}: accuracy {scores['accuracy']:.3f}, failures {scores['failure_rate']:.3f}, open-set {metrics[name]['open_set_accuracy']:.3f}"
+            )
         keys = ("accuracy", "failure_rate", "open_set_accuracy")
         metrics["average"] = {k: float(np.mean([metrics[n][k] for n in params.datasets])) for k in keys}
         run.log_metrics({f"{n}/{k}": v for n, m in metrics.items() for k, v in m.items()})

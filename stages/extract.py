@@ -44,7 +44,9 @@ def main() -> None:
         print(f"error: extract@{name}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     s = result.stats
-    print(f"{name}: {int(s['values'])} values for {int(s['units'])} units x {int(s['keys'])} keys; {int(s['failed_items'])} failed")
+    print(
+        f"{name}: {int(s['values'])} values for {int(s['units'])} units x {int(s['keys'])} keys; {int(s['failed_items'])} failed"
+    )
 
 
 if __name__ == "__main__":

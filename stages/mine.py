@@ -38,7 +38,14 @@ def main() -> None:
     options_path = Path("data/eval_options") / f"{name}.json"
     try:
         with stage_run("mine", params, run_name=f"mine@{name}") as run:
-            negatives = mine(train, names, dict(zip(descriptions.image_id, descriptions.description)), emb, params.negatives, params.seed)
+            negatives = mine(
+                train,
+                names,
+                dict(zip(descriptions.image_id, descriptions.description)),
+                emb,
+                params.negatives,
+                params.seed,
+            )
             write_parquet(Path("data/negatives") / f"{name}.parquet", negatives)
             if is_world(params.datasets[name]):
                 options = eval_options(test, names, emb)
@@ -55,13 +62,17 @@ def main() -> None:
                 pairs = [(a, n) for a, ns in zip(negatives.label, negatives.negatives) for n in ns]
                 same = [cluster[a] == cluster[n] for a, n in pairs]
                 stats["negatives_in_same_cluster"] = float(np.mean(same)) if same else 0.0
-                stats["chance_same_cluster"] = float(np.mean([(cluster == cluster[a]).sum() - 1 for a in range(len(cluster))]) / (len(cluster) - 1))
+                stats["chance_same_cluster"] = float(
+                    np.mean([(cluster == cluster[a]).sum() - 1 for a in range(len(cluster))]) / (len(cluster) - 1)
+                )
             write_json(Path("metrics/mine") / f"{name}.json", stats)
             run.log_metrics(stats)
     except ValueError as err:
         print(f"error: mine@{name}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(f"{name}: negatives ({params.negatives}) for {len(negatives)} train images; option sets for {len(test)} test images")
+    print(
+        f"{name}: negatives ({params.negatives}) for {len(negatives)} train images; option sets for {len(test)} test images"
+    )
 
 
 if __name__ == "__main__":

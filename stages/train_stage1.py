@@ -36,8 +36,13 @@ def main() -> None:
         if main_process:
             write_json(METRICS, {"trained": 1, **metrics})
             tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("alignment")})
-            print(f"stage I: {metrics['steps']} steps; " + "; ".join(
-                f"{k} {metrics[k + '_start']:.3f} -> {metrics[k + '_end']:.3f}" for k in ("alignment", "alignment_margin", "alignment_top1")))
+            print(
+                f"stage I: {metrics['steps']} steps; "
+                + "; ".join(
+                    f"{k} {metrics[k + '_start']:.3f} -> {metrics[k + '_end']:.3f}"
+                    for k in ("alignment", "alignment_margin", "alignment_top1")
+                )
+            )
 
 
 if __name__ == "__main__":

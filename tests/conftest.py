@@ -45,7 +45,9 @@ def make_world_workdir(root: Path, name: str = "toy-bird", **world) -> Path:
     from finedefics.config import WorldConfig
     from finedefics.data.prepare import prepare_world
 
-    cfg = WorldConfig(**{"categories": 6, "cluster_size": 3, "train_per_class": 2, "test_per_class": 1, "image_size": 64, **world})
+    cfg = WorldConfig(
+        **{"categories": 6, "cluster_size": 3, "train_per_class": 2, "test_per_class": 1, "image_size": 64, **world}
+    )
     out = root / "data" / "prepared" / name
     out.mkdir(parents=True)
     prepared = prepare_world(name, REPO / "world" / f"{name}.yaml", cfg, 0, out, Path("data/prepared") / name)
@@ -53,7 +55,9 @@ def make_world_workdir(root: Path, name: str = "toy-bird", **world) -> Path:
     (out / "classes.json").write_text(json.dumps(prepared.classes))
     keys, source = static_keys(prepared.classes, None)
     (root / "data" / "attributes" / name).mkdir(parents=True)
-    (root / "data" / "attributes" / name / "keys.json").write_text(json.dumps({"keys": [k.to_dict() for k in keys], "raw": source}))
+    (root / "data" / "attributes" / name / "keys.json").write_text(
+        json.dumps({"keys": [k.to_dict() for k in keys], "raw": source})
+    )
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["world"] = cfg.model_dump()
     params["datasets"] = {name: f"world/{name}.yaml"}
@@ -78,4 +82,11 @@ def set_params(root: Path, **changes) -> None:
 def run_stage(root: Path, stage: str, *args: str, **kwargs):
     import subprocess
 
-    return subprocess.run([sys.executable, str(REPO / "stages" / stage), *args], cwd=root, capture_output=True, text=True, env=stage_env(), **kwargs)
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / stage), *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=stage_env(),
+        **kwargs,
+    )

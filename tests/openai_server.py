@@ -13,8 +13,8 @@ import hashlib
 import io
 import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 from PIL import Image
 
@@ -61,7 +61,7 @@ class ModelServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def __enter__(self) -> "ModelServer":
+    def __enter__(self) -> ModelServer:
         self.thread.start()
         return self
 
@@ -78,7 +78,12 @@ class ModelServer:
         pixels = base64.b64decode(image.split(",", 1)[1]) if image else None
         with self._lock:
             index = len(self.requests)
-            record = {"text": text, "image_sha1": hashlib.sha1(pixels).hexdigest() if pixels else None, "auth": auth, "model": body["model"]}
+            record = {
+                "text": text,
+                "image_sha1": hashlib.sha1(pixels).hexdigest() if pixels else None,
+                "auth": auth,
+                "model": body["model"],
+            }
             self.requests.append(record)
         if self.hold_from is not None and index >= self.hold_from:
             self.holding.set()
@@ -94,4 +99,8 @@ class ModelServer:
                 answer = self.lm.complete([text])[0]
             else:
                 answer = self.vlm.generate([self.vlm.prompt(text, image=False)], None, self.max_tokens)[0]
-        return 200, {"object": "chat.completion", "model": body["model"], "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}
+        return 200, {
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}],
+        }

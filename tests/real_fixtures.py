@@ -41,7 +41,9 @@ def write_image(path: Path) -> None:
     Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path, format="JPEG")
 
 
-def foci_sample(name: str, classes: int | None = CLASSES_PER_DATASET, per_class: int | None = TEST_PER_CLASS) -> dict[str, list[str]]:
+def foci_sample(
+    name: str, classes: int | None = CLASSES_PER_DATASET, per_class: int | None = TEST_PER_CLASS
+) -> dict[str, list[str]]:
     """The first `classes` classes of the FOCI reference (all if None) and a few of their test keys."""
     reference = json.loads(REAL_DATASETS[name].foci_file.read_text())
     return {c: [e["image"] for e in entries[:per_class]] for c, entries in list(reference.items())[:classes]}
@@ -55,13 +57,20 @@ def make_cub(root: Path) -> Fixture:
     sample = foci_sample("bird-200")
     fx = Fixture(root, list(sample))
     lines = {"images": [], "labels": [], "split": [], "classes": []}
-    attrs = ["1 has_bill_shape::curved_(up_or_down)", "2 has_bill_shape::dagger", "3 has_wing_color::blue", "4 has_wing_color::white"]
+    attrs = [
+        "1 has_bill_shape::curved_(up_or_down)",
+        "2 has_bill_shape::dagger",
+        "3 has_wing_color::blue",
+        "4 has_wing_color::white",
+    ]
     attr_rows = []
     image_id = 0
     for label, (cls, keys) in enumerate(sample.items()):
         folder = _strip(keys[0]).split("/")[0]  # e.g. 001.Black_footed_Albatross
         lines["classes"].append(f"{label + 1} {folder}")
-        rels = [(_strip(k), "0") for k in keys] + [(f"{folder}/{cls}_train_{i}.jpg", "1") for i in range(TRAIN_PER_CLASS)]
+        rels = [(_strip(k), "0") for k in keys] + [
+            (f"{folder}/{cls}_train_{i}.jpg", "1") for i in range(TRAIN_PER_CLASS)
+        ]
         for rel, is_train in rels:
             image_id += 1
             write_image(root / "images" / rel)
@@ -73,7 +82,12 @@ def make_cub(root: Path) -> Fixture:
                 attr_rows.append(f"{image_id} {attr} {present} 3 10.5")
         fx.test_keys.update({k: cls for k in keys})
         fx.train_count += TRAIN_PER_CLASS
-    for fname, key in (("images.txt", "images"), ("image_class_labels.txt", "labels"), ("train_test_split.txt", "split"), ("classes.txt", "classes")):
+    for fname, key in (
+        ("images.txt", "images"),
+        ("image_class_labels.txt", "labels"),
+        ("train_test_split.txt", "split"),
+        ("classes.txt", "classes"),
+    ):
         (root / fname).write_text("\n".join(lines[key]) + "\n")
     (root / "attributes").mkdir()
     (root / "attributes" / "image_attribute_labels.txt").write_text("\n".join(attr_rows) + "\n")
@@ -205,7 +219,7 @@ def make_flat(root: Path, name: str) -> Fixture:
     for cls, keys in sample.items():
         for k in keys:
             write_image(root / k)
-        for i in range(TRAIN_PER_CLASS):
+        for _ in range(TRAIN_PER_CLASS):
             rel = f"train/{len(rows):05d}.jpg"
             write_image(root / rel)
             rows.append(f'{rel},"{cls}"')

@@ -13,10 +13,22 @@ from finedefics.attributes.prompts import GENERAL_KEY
         ("['wing color', 'Beak Shape', 'tail shape']", ["wing color", "beak shape", "tail shape"]),
         ('Here you go: ["wing color", "beak shape"] Hope this helps!', ["wing color", "beak shape"]),
         ("['fur length' 'fur density', 'eye color']", ["fur length", "fur density", "eye color"]),
-        ("Sure!\n```python\n[\n  'wing color'\n  'wing color',\n  \"tail shape\",\n]\n```", ["wing color", "tail shape"]),
-        ("Useful attributes:\n1. Wing color: the hue of the wings\n2) beak shape\n3. Tail shape - forked or not.\nThat is all.", ["wing color", "beak shape", "tail shape"]),
-        ("- **Petal color**\n* petal shape\n\u2022 Leaf shape.\nThese help a lot.", ["petal color", "petal shape", "leaf shape"]),
-        ("['wing color', 'it is a really long explanation that goes on and on about birds and their many features']", ["wing color"]),
+        (
+            "Sure!\n```python\n[\n  'wing color'\n  'wing color',\n  \"tail shape\",\n]\n```",
+            ["wing color", "tail shape"],
+        ),
+        (
+            "Useful attributes:\n1. Wing color: the hue of the wings\n2) beak shape\n3. Tail shape - forked or not.\nThat is all.",
+            ["wing color", "beak shape", "tail shape"],
+        ),
+        (
+            "- **Petal color**\n* petal shape\n\u2022 Leaf shape.\nThese help a lot.",
+            ["petal color", "petal shape", "leaf shape"],
+        ),
+        (
+            "['wing color', 'it is a really long explanation that goes on and on about birds and their many features']",
+            ["wing color"],
+        ),
     ],
 )
 def test_parses_messy_llm_answers(answer, expected):
@@ -55,9 +67,17 @@ def test_attribute_types(key, kind):
 
 
 def test_static_keys_of_the_world_finer_and_a_file(tmp_path):
-    world = {"dataset": "toy-bird", "super_category": "bird", "attributes": {"wing color": {"type": "color"}, "beak shape": {"type": "shape"}}}
+    world = {
+        "dataset": "toy-bird",
+        "super_category": "bird",
+        "attributes": {"wing color": {"type": "color"}, "beak shape": {"type": "shape"}},
+    }
     keys, source = static_keys(world, None)
-    assert [(k.key, k.type, k.general) for k in keys] == [("wing color", "color", False), ("beak shape", "shape", False), (GENERAL_KEY, "other", True)]
+    assert [(k.key, k.type, k.general) for k in keys] == [
+        ("wing color", "color", False),
+        ("beak shape", "shape", False),
+        (GENERAL_KEY, "other", True),
+    ]
     assert source == "world spec"
     pets, source = static_keys({"dataset": "pet-37", "super_category": "pet", "attributes": {}}, None)
     names = [k.key for k in pets]
@@ -68,4 +88,8 @@ def test_static_keys_of_the_world_finer_and_a_file(tmp_path):
     listing = tmp_path / "aircraft.txt"
     listing.write_text("1. wing shape\n2. engine number\n3. tail color\n")
     keys, _ = static_keys({"dataset": "aircraft-102", "super_category": "aircraft", "attributes": {}}, str(listing))
-    assert [(k.key, k.type) for k in keys[:3]] == [("wing shape", "shape"), ("engine number", "size"), ("tail color", "color")]
+    assert [(k.key, k.type) for k in keys[:3]] == [
+        ("wing shape", "shape"),
+        ("engine number", "size"),
+        ("tail color", "color"),
+    ]

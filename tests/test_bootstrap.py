@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_world_workdir, run_stage, set_params
+
 from finedefics.config import TinyCLIPConfig, TinyMLLMConfig
 from finedefics.models import sft
 from finedefics.models import world_text as wt
@@ -14,14 +14,20 @@ from finedefics.models.clip import Clip, train_prompt, train_tiny
 from finedefics.models.mllm import MLLM
 from finedefics.models.resolve import sha256
 
-SMALL_MLLM = TinyMLLMConfig(vocab_size=400, hidden=64, layers=2, heads=2, kv_heads=1, vision_hidden=32, vision_layers=1, latents=4, epochs=1)
+SMALL_MLLM = TinyMLLMConfig(
+    vocab_size=400, hidden=64, layers=2, heads=2, kv_heads=1, vision_hidden=32, vision_layers=1, latents=4, epochs=1
+)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = make_world_workdir(tmp_path_factory.mktemp("boot"), categories=4, cluster_size=2, train_per_class=2, test_per_class=2)
+    root = make_world_workdir(
+        tmp_path_factory.mktemp("boot"), categories=4, cluster_size=2, train_per_class=2, test_per_class=2
+    )
     out = root / "data" / "prepared" / "toy-bird"
-    ds = WorldDataset("toy-bird", pd.read_parquet(out / "images.parquet"), json.loads((out / "classes.json").read_text()))
+    ds = WorldDataset(
+        "toy-bird", pd.read_parquet(out / "images.parquet"), json.loads((out / "classes.json").read_text())
+    )
     return root, ds
 
 
@@ -44,8 +50,14 @@ def test_diagnosis_is_measured_from_generations(world, monkeypatch):
     assert untrained["caption_attribute_accuracy"] < 0.2 and untrained["knowledge_attribute_accuracy"] < 0.2
     # teach it the test captions and the category knowledge: the same code must then read them back
     test = ds.split("test")
-    lessons = [sft.ChatExample(wt.caption_question("bird"), wt.caption("bird", ds.keys, json.loads(a)), p) for a, p in zip(test.attributes, test.path)]
-    lessons += [sft.ChatExample(wt.knowledge_question(c["name"]), wt.knowledge(c["name"], "bird", ds.keys, c["profile"])) for c in ds.classes["classes"]]
+    lessons = [
+        sft.ChatExample(wt.caption_question("bird"), wt.caption("bird", ds.keys, json.loads(a)), p)
+        for a, p in zip(test.attributes, test.path)
+    ]
+    lessons += [
+        sft.ChatExample(wt.knowledge_question(c["name"]), wt.knowledge(c["name"], "bird", ds.keys, c["profile"]))
+        for c in ds.classes["classes"]
+    ]
     sft.train(mllm, lessons * 8, epochs=25, batch_size=8, lr=2e-3, seed=0, desc="teach")
     taught, samples = diagnose(mllm, [ds], seed=0)
     assert taught["caption_attribute_accuracy"] > 0.5 and taught["knowledge_attribute_accuracy"] > 0.9
@@ -75,7 +87,9 @@ def test_clip_checkpoint_reloads_with_identical_outputs(world, tmp_path, monkeyp
     train = ds.split("train")
     names = [c["name"] for c in ds.classes["classes"]]
     cfg = TinyCLIPConfig(embed_dim=16, width=32, layers=1, epochs=2, batch_size=4)
-    clip = train_tiny(cfg, 64, list(train.path), [train_prompt(names[l], "bird") for l in train.label], 0, tmp_path / "clip")
+    clip = train_tiny(
+        cfg, 64, list(train.path), [train_prompt(names[label], "bird") for label in train.label], 0, tmp_path / "clip"
+    )
     again = Clip.load("tiny", tiny_dir=tmp_path / "clip")
     paths = list(ds.split("test").path)
     np.testing.assert_array_equal(clip.embed_images(paths), again.embed_images(paths))
@@ -90,7 +104,9 @@ def test_paper_scale_bootstrap_records_local_weights(tmp_path, tiny_models):
     from finedefics.models.clip import register_tiny, save_local_dir
 
     register_tiny(TinyCLIPConfig(embed_dim=16, width=32, layers=1), 64, clip_dir)
-    save_local_dir(open_clip.create_model("finedefics-tiny-clip"), TinyCLIPConfig(embed_dim=16, width=32, layers=1), 64, clip_dir)
+    save_local_dir(
+        open_clip.create_model("finedefics-tiny-clip"), TinyCLIPConfig(embed_dim=16, width=32, layers=1), 64, clip_dir
+    )
     set_params(root, **{"model.base": str(tiny_models["vlm"]), "model.clip": f"local-dir:{clip_dir}"})
     proc = run_stage(root, "bootstrap.py")
     assert proc.returncode == 0, proc.stderr
@@ -108,7 +124,11 @@ def test_a_missing_base_model_fails_with_how_to_provide_it(tmp_path):
     proc = run_stage(root, "bootstrap.py")
     assert proc.returncode == 1
     line = proc.stderr.strip().splitlines()[-1]
-    assert "some-org/not-downloaded-model" in line and "not available offline" in line and "huggingface-cli download" in line
+    assert (
+        "some-org/not-downloaded-model" in line
+        and "not available offline" in line
+        and "huggingface-cli download" in line
+    )
 
 
 def test_tiny_models_need_the_world(tmp_path):

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import REPO, stage_env
+
 from finedefics.config import ConfigError, Params, load_params, parse_params
 
 
@@ -107,7 +107,11 @@ def test_stage_exits_2_with_one_line_before_any_work(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     for stage in (["stages/check_params.py"], ["stages/prepare.py", "toy-bird"]):
         proc = subprocess.run(
-            [sys.executable, str(REPO / stage[0]), *stage[1:]], cwd=tmp_path, capture_output=True, text=True, env=stage_env()
+            [sys.executable, str(REPO / stage[0]), *stage[1:]],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=stage_env(),
         )
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()

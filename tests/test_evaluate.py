@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import stage_env
 from PIL import Image
 
-from conftest import stage_env
 from finedefics.evaluate import analysis as an
 from finedefics.evaluate.foci import mc_question, parse_choice, query
 from finedefics.evaluate.mc import UNREADABLE, Item, evaluate, items, normalise, score
@@ -16,7 +16,9 @@ from finedefics.models.mllm import MLLM
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "finedefics.cli", *args], capture_output=True, text=True, env=stage_env())
+    return subprocess.run(
+        [sys.executable, "-m", "finedefics.cli", *args], capture_output=True, text=True, env=stage_env()
+    )
 
 
 def test_prompt_is_byte_equal_to_foci():
@@ -24,14 +26,28 @@ def test_prompt_is_byte_equal_to_foci():
         "Which of these birds is shown in the image?\nChoices:\nA. Black_footed_Albatross\nB. Laysan_Albatross\n"
         "C. Sooty_Albatross\nD. Crested_Auklet\nAnswer with the letter from the given choices directly."
     )
-    assert mc_question(query("birds"), ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross", "Crested_Auklet"]) == want
+    assert (
+        mc_question(query("birds"), ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross", "Crested_Auklet"])
+        == want
+    )
     assert query("aircrafts") == "Which of these aircrafts is shown in the image?"
 
 
-@pytest.mark.parametrize("output,want", [
-    ("A", "A"), ("b", "B"), ("  C. Sooty_Albatross", "C"), ("D)", "D"), ("d is right", "D"),
-    ("E", None), ("", None), ("Answer: C", "A"), ("The answer is B", None), ("1", None),  # the first letter, literally
-])
+@pytest.mark.parametrize(
+    "output,want",
+    [
+        ("A", "A"),
+        ("b", "B"),
+        ("  C. Sooty_Albatross", "C"),
+        ("D)", "D"),
+        ("d is right", "D"),
+        ("E", None),
+        ("", None),
+        ("Answer: C", "A"),
+        ("The answer is B", None),
+        ("1", None),  # the first letter, literally
+    ],
+)
 def test_parser_takes_the_first_letter_only(output, want):
     assert parse_choice(output) == want
 
@@ -54,9 +70,30 @@ def test_score_on_hand_made_predictions():
 
 def test_score_command_recomputes_a_foci_results_file(tmp_path):
     predictions = [
-        {"image": "a.jpg", "predicted": "cat", "predicted_raw": "A", "correct": True, "options": ["cat", "dog"], "groundtruth": "cat"},
-        {"image": "b.jpg", "predicted": "cat", "predicted_raw": "A", "correct": True, "options": ["cat", "dog"], "groundtruth": "dog"},  # flag wrong
-        {"image": "c.jpg", "predicted": None, "predicted_raw": "zzz", "correct": False, "options": ["cat", "dog"], "groundtruth": "dog"},
+        {
+            "image": "a.jpg",
+            "predicted": "cat",
+            "predicted_raw": "A",
+            "correct": True,
+            "options": ["cat", "dog"],
+            "groundtruth": "cat",
+        },
+        {
+            "image": "b.jpg",
+            "predicted": "cat",
+            "predicted_raw": "A",
+            "correct": True,
+            "options": ["cat", "dog"],
+            "groundtruth": "dog",
+        },  # flag wrong
+        {
+            "image": "c.jpg",
+            "predicted": None,
+            "predicted_raw": "zzz",
+            "correct": False,
+            "options": ["cat", "dog"],
+            "groundtruth": "dog",
+        },
     ]
     f = tmp_path / "results.json"
     f.write_text(json.dumps({"metrics": {}, "predictions": predictions, "config": {}}))
@@ -69,7 +106,10 @@ def test_score_command_recomputes_a_foci_results_file(tmp_path):
 
 
 def test_items_are_shuffled_by_seed_and_checked_against_the_classes():
-    options = {"b": [{"image": "i2", "options": ["b", "a", "c", "d"], "groundtruth": "b"}], "a": [{"image": "i1", "options": ["a", "b", "c", "d"], "groundtruth": "a"}]}
+    options = {
+        "b": [{"image": "i2", "options": ["b", "a", "c", "d"], "groundtruth": "b"}],
+        "a": [{"image": "i1", "options": ["a", "b", "c", "d"], "groundtruth": "a"}],
+    }
     one, again = items(options, {"i1": "p1"}, list("abcd"), seed=0), items(options, {"i1": "p1"}, list("abcd"), seed=0)
     assert one == again and [i.image for i in one] == ["i1", "i2"]
     assert all(sorted(i.options) == list("abcd") for i in one)
@@ -85,7 +125,10 @@ def test_unreadable_images_are_counted_as_failures_not_skipped(tiny_models, tmp_
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     mllm = MLLM.load(tiny_models["vlm"])
-    entries = [Item(f"img{i}", str(p), "a", ["a", "b", "c", "d"]) for i, p in enumerate([good, bad, tmp_path / "missing.png", good])]
+    entries = [
+        Item(f"img{i}", str(p), "a", ["a", "b", "c", "d"])
+        for i, p in enumerate([good, bad, tmp_path / "missing.png", good])
+    ]
     results = evaluate(mllm, "birds", entries, batch_size=2)
     assert [r["image"] for r in results] == ["img0", "img1", "img2", "img3"]
     assert [r["predicted_raw"] == UNREADABLE for r in results] == [False, True, True, False]
@@ -144,7 +187,18 @@ def test_plots_are_written(tmp_path):
 def test_predict_end_to_end(tiny_models, tmp_path):
     img = tmp_path / "bird.png"
     Image.new("RGB", (64, 64), "blue").save(img)
-    proc = cli("predict", "--model", str(tiny_models["vlm"]), str(img), str(img), "--choices", "red bird,blue bird,green bird", "--json", "--superclass", "bird")
+    proc = cli(
+        "predict",
+        "--model",
+        str(tiny_models["vlm"]),
+        str(img),
+        str(img),
+        "--choices",
+        "red bird,blue bird,green bird",
+        "--json",
+        "--superclass",
+        "bird",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["image"] for line in lines] == [str(img)] * 2
@@ -154,11 +208,14 @@ def test_predict_end_to_end(tiny_models, tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith(str(img))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--model", "{missing}", "{img}", "--choices", "a,b"], "no model folder"),
-    (["--model", "{vlm}", "{bad}", "--choices", "a,b"], "cannot read this image"),
-    (["--model", "{vlm}", "{img}", "--choices", "a"], "at least two --choices"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "{missing}", "{img}", "--choices", "a,b"], "no model folder"),
+        (["--model", "{vlm}", "{bad}", "--choices", "a,b"], "cannot read this image"),
+        (["--model", "{vlm}", "{img}", "--choices", "a"], "at least two --choices"),
+    ],
+)
 def test_predict_errors_are_one_line(tiny_models, tmp_path, args, message):
     img, bad = tmp_path / "x.png", tmp_path / "bad.png"
     Image.new("RGB", (64, 64)).save(img)

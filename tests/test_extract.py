@@ -7,16 +7,16 @@ import time
 
 import pandas as pd
 import pytest
+from conftest import REPO, make_world_workdir, run_stage, set_params, stage_env
+from openai_server import ModelServer
 from PIL import Image
 
-from conftest import REPO, make_world_workdir, run_stage, set_params, stage_env
 from finedefics.attributes.backends import HFVQA, BackendError, OpenAIChat, OpenAIVQA
 from finedefics.attributes.discover import load_keys
 from finedefics.attributes.extract import extract, questions, scene_sentence
 from finedefics.attributes.prompts import GENERAL_KEY
 from finedefics.config import ExtractConfig
 from finedefics.models.mllm import MLLM
-from openai_server import ModelServer
 
 
 def load(root, name="toy-bird"):
@@ -67,15 +67,26 @@ def test_oracle_refuses_a_dataset_without_ground_truth(workdir):
 def test_hf_vqa_answers_a_batch_of_keys_as_one_at_a_time(tiny_models):
     vqa = HFVQA(MLLM.load(tiny_models["vlm"]), max_new_tokens=6)
     image = Image.new("RGB", (50, 40), (200, 30, 30))
-    asked = questions([k for k in load_keys({"keys": [{"key": f"key {i}", "type": "color"} for i in range(8)]})], "bird")
+    asked = questions(
+        [k for k in load_keys({"keys": [{"key": f"key {i}", "type": "color"} for i in range(8)]})], "bird"
+    )
     batched = vqa.answer(image, asked)
     single = [vqa.mllm.generate([vqa.mllm.prompt(q)], [image], 6)[0] for q in asked]
     assert batched == single and len(batched) == 8
-    assert vqa.answer_text(asked[:2]) == [vqa.mllm.generate([vqa.mllm.prompt(q, image=False)], None, 6)[0] for q in asked[:2]]
+    assert vqa.answer_text(asked[:2]) == [
+        vqa.mllm.generate([vqa.mllm.prompt(q, image=False)], None, 6)[0] for q in asked[:2]
+    ]
 
 
 def test_extract_stage_with_the_hf_backend(workdir, tiny_models):
-    set_params(workdir, **{"attributes.extract.backend": "hf", "attributes.extract.model": str(tiny_models["vlm"]), "attributes.extract.max_new_tokens": 4})
+    set_params(
+        workdir,
+        **{
+            "attributes.extract.backend": "hf",
+            "attributes.extract.model": str(tiny_models["vlm"]),
+            "attributes.extract.max_new_tokens": 4,
+        },
+    )
     proc = run_stage(workdir, "extract.py", "toy-bird")
     assert proc.returncode == 0, proc.stderr
     values = pd.read_parquet(workdir / "data" / "attributes" / "toy-bird" / "values.parquet")
@@ -86,7 +97,14 @@ def test_extract_stage_with_the_hf_backend(workdir, tiny_models):
 
 
 def test_ground_truth_construction_uses_the_oracle_whatever_the_backend(workdir):
-    set_params(workdir, **{"attributes.construction": "ground-truth", "attributes.extract.backend": "hf", "attributes.extract.model": "/no/such/model"})
+    set_params(
+        workdir,
+        **{
+            "attributes.construction": "ground-truth",
+            "attributes.extract.backend": "hf",
+            "attributes.extract.model": "/no/such/model",
+        },
+    )
     proc = run_stage(workdir, "extract.py", "toy-bird")
     assert proc.returncode == 0, proc.stderr
 
@@ -144,8 +162,14 @@ def test_killed_extract_resumes_without_recomputing_and_equals_an_uninterrupted_
         openai_params(interrupted, server, shard_size=2)
         # let 5 images through (2 shards + 1 image), then hang and kill the stage with SIGKILL
         server.hold_from = 5 * keys_per_image
-        proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "extract.py"), "toy-bird"], cwd=interrupted, env=stage_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "stages" / "extract.py"), "toy-bird"],
+            cwd=interrupted,
+            env=stage_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.time() + 120
         while not server.holding.is_set() and time.time() < deadline:
             time.sleep(0.05)
@@ -187,7 +211,11 @@ def test_failures_are_recorded_below_the_threshold_and_fatal_above_it(tmp_path, 
         assert proc.returncode == 0, proc.stderr
         failures = pd.read_csv(root / "data" / "attributes" / "toy-bird" / "failures.csv")
         n_train = 12
-        assert len(failures) == n_train and set(failures.key) == {"beak shape"} and failures.error.str.contains("HTTP 500").all()
+        assert (
+            len(failures) == n_train
+            and set(failures.key) == {"beak shape"}
+            and failures.error.str.contains("HTTP 500").all()
+        )
         values = pd.read_parquet(root / "data" / "attributes" / "toy-bird" / "values.parquet")
         assert "beak shape" not in set(values.key) and len(values) == n_train * 7
 

@@ -62,7 +62,9 @@ def test_bounded_ccc_takes_the_name_itself_as_positive():
     b = toy_batch()
     got = contrastive_terms(b, torch.tensor(TAU, dtype=torch.float64), True, ccc="bounded")["ccc"].item()
     self_term = math.exp(1 / TAU)  # a name's cosine with itself is 1
-    want = sum(-math.log(self_term / (self_term + sum(e(b.c[i], w) for w in b.c_hn[i]))) for i in range(len(b.c))) / len(b.c)
+    want = sum(
+        -math.log(self_term / (self_term + sum(e(b.c[i], w) for w in b.c_hn[i]))) for i in range(len(b.c))
+    ) / len(b.c)
     assert got == pytest.approx(want, rel=1e-9) and got >= 0
     # as written (logsumexp) it is unbounded below: far-apart names drive it negative, the bounded form to 0
     apart = Batch(b.o, b.a, b.c, b.labels, b.a_hn, -b.c[:, None, :].repeat(1, 3, 1))
@@ -101,7 +103,9 @@ def test_object_category_terms():
 def test_total_is_eq_8():
     terms = {k: torch.tensor(v) for k, v in {"oa": 1.0, "ao": 2.0, "ac": 3.0, "ca": 4.0, "ccc": 5.0}.items()}
     assert stage1_total(terms, torch.tensor(0.5)).item() == pytest.approx(0.5 + ((1 + 2) / 2 + (3 + 4) / 2 + 5) / 2)
-    assert stage1_total({k: terms[k] for k in ("oa", "ao", "ac", "ca")}, None).item() == pytest.approx(((1 + 2) / 2 + (3 + 4) / 2) / 2)
+    assert stage1_total({k: terms[k] for k in ("oa", "ao", "ac", "ca")}, None).item() == pytest.approx(
+        ((1 + 2) / 2 + (3 + 4) / 2) / 2
+    )
     assert stage1_total({}, torch.tensor(0.5)).item() == 0.5  # objective none: generation only
 
 
@@ -129,7 +133,10 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     full = toy_batch(B=8, labels=(0, 1, 1, 2, 3, 3, 4, 0))
     share = slice(rank * 4, rank * 4 + 4)
-    local = [x[share].clone().requires_grad_(x.is_floating_point()) for x in (full.o, full.a, full.c, full.labels, full.a_hn, full.c_hn)]
+    local = [
+        x[share].clone().requires_grad_(x.is_floating_point())
+        for x in (full.o, full.a, full.c, full.labels, full.a_hn, full.c_hn)
+    ]
     terms = contrastive_terms(gather(Batch(*local)), torch.tensor(TAU, dtype=torch.float64), True)
     loss = stage1_total(terms, None)
     loss.backward()
@@ -143,7 +150,12 @@ def test_two_processes_see_the_negatives_of_both():
     average over processes then gives the global gradient)."""
     full = toy_batch(B=8, labels=(0, 1, 1, 2, 3, 3, 4, 0))
     o = full.o.clone().requires_grad_(True)
-    loss = stage1_total(contrastive_terms(Batch(o, full.a, full.c, full.labels, full.a_hn, full.c_hn), torch.tensor(TAU, dtype=torch.float64), True), None)
+    loss = stage1_total(
+        contrastive_terms(
+            Batch(o, full.a, full.c, full.labels, full.a_hn, full.c_hn), torch.tensor(TAU, dtype=torch.float64), True
+        ),
+        None,
+    )
     loss.backward()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -156,4 +168,6 @@ def test_two_processes_see_the_negatives_of_both():
         p.join(timeout=60)
     for rank, value, grad in results:
         assert value == pytest.approx(loss.item(), rel=1e-12)
-        torch.testing.assert_close(torch.tensor(grad, dtype=torch.float64), 2 * o.grad[rank * 4 : rank * 4 + 4], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            torch.tensor(grad, dtype=torch.float64), 2 * o.grad[rank * 4 : rank * 4 + 4], rtol=1e-10, atol=1e-12
+        )

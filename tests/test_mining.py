@@ -11,11 +11,17 @@ from finedefics.mining import Embeddings, check_options, eval_options, mine, ran
 def toy(n_classes=8, per_class=10, dim=16, seed=0):
     """Random embeddings and a manifest: train and test images of n_classes classes."""
     rng = np.random.default_rng(seed)
-    rows = [{"image_id": f"{s}/{c}_{i}", "label": c, "split": s, "foci_key": f"images/{s}/{c}_{i}.png"}
-            for s in ("train", "test") for c in range(n_classes) for i in range(per_class)]
+    rows = [
+        {"image_id": f"{s}/{c}_{i}", "label": c, "split": s, "foci_key": f"images/{s}/{c}_{i}.png"}
+        for s in ("train", "test")
+        for c in range(n_classes)
+        for i in range(per_class)
+    ]
     manifest = pd.DataFrame(rows)
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-    emb = Embeddings(list(manifest.image_id), unit(rng.normal(size=(len(manifest), dim))), unit(rng.normal(size=(n_classes, dim))))
+    emb = Embeddings(
+        list(manifest.image_id), unit(rng.normal(size=(len(manifest), dim))), unit(rng.normal(size=(n_classes, dim)))
+    )
     names = [f"class {c}" for c in range(n_classes)]
     descriptions = {i: f"description of {i}" for i in manifest.image_id}
     return manifest, names, descriptions, emb
@@ -105,4 +111,7 @@ def test_the_published_foci_sets_are_valid(tmp_path):
 
     for spec in REAL_DATASETS.values():
         options = json.loads(spec.foci_file.read_text())
-        check_options(options, list(options) + sorted({o for v in options.values() for e in v for o in e["options"]} - set(options)))
+        check_options(
+            options,
+            list(options) + sorted({o for v in options.values() for e in v for o in e["options"]} - set(options)),
+        )

@@ -8,12 +8,29 @@ import subprocess
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO, stage_env
 
-TINY_WORLD = {"categories": 5, "cluster_size": 2, "train_per_class": 3, "test_per_class": 2, "image_size": 32, "deviation_rate": 0.1}
+TINY_WORLD = {
+    "categories": 5,
+    "cluster_size": 2,
+    "train_per_class": 3,
+    "test_per_class": 2,
+    "image_size": 32,
+    "deviation_rate": 0.1,
+}
 TINY_BOOTSTRAP = {
-    "mllm": {"vocab_size": 400, "hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "vision_hidden": 32, "vision_layers": 1, "latents": 4, "epochs": 1, "batch_size": 16},
+    "mllm": {
+        "vocab_size": 400,
+        "hidden": 32,
+        "layers": 1,
+        "heads": 2,
+        "kv_heads": 1,
+        "vision_hidden": 32,
+        "vision_layers": 1,
+        "latents": 4,
+        "epochs": 1,
+        "batch_size": 16,
+    },
     "clip": {"embed_dim": 16, "width": 32, "layers": 1, "epochs": 1, "batch_size": 8},
 }
 TINY_TRAIN = {
@@ -77,14 +94,20 @@ def test_dvc_repro_prepares_the_default_datasets(clone):
         assert sum(len(v) for v in options.values()) == 10
     diagnosis = json.loads((clone / "metrics" / "bootstrap.json").read_text())
     assert {"caption_attribute_accuracy", "knowledge_attribute_accuracy", "zero_shot_mc_accuracy"} <= set(diagnosis)
-    assert (clone / "models" / "base" / "model.safetensors").is_file() and (clone / "models" / "clip" / "open_clip_model.safetensors").is_file()
+    assert (clone / "models" / "base" / "model.safetensors").is_file() and (
+        clone / "models" / "clip" / "open_clip_model.safetensors"
+    ).is_file()
     assert "Running stage 'prepare@toy-bird'" in proc.stdout
     s1, s2 = (json.loads((clone / "metrics" / f"train_stage{i}.json").read_text()) for i in (1, 2))
-    assert s1["trained"] == 1 and s1["steps"] == 30 // 8 and s2["steps"] == 60 // 8  # 30 triples; 30 open + 30 closed questions
+    assert (
+        s1["trained"] == 1 and s1["steps"] == 30 // 8 and s2["steps"] == 60 // 8
+    )  # 30 triples; 30 open + 30 closed questions
     for which, file in (("base", "eval_base.json"), ("finedefics", "eval.json")):
         metrics = json.loads((clone / "metrics" / file).read_text())
         assert set(metrics) == {"toy-bird", "toy-flower", "average"}
-        assert 0 <= metrics["average"]["accuracy"] <= 1 and {"failure_rate", "open_set_accuracy"} <= set(metrics["average"])
+        assert 0 <= metrics["average"]["accuracy"] <= 1 and {"failure_rate", "open_set_accuracy"} <= set(
+            metrics["average"]
+        )
         results = json.loads((clone / "results" / "predictions" / which / "toy-bird.json").read_text())
         assert len(results["predictions"]) == 10 and set(results) == {"metrics", "predictions", "config"}
     analysis = json.loads((clone / "metrics" / "analysis.json").read_text())
@@ -105,7 +128,9 @@ def test_changing_negatives_reruns_mining_and_nothing_upstream(clone):
     before = pd.read_parquet(clone / "data" / "negatives" / "toy-bird.parquet")
     proc = sh("dvc exp run -S negatives=simple", clone)
     downstream = {"build_instructions", "train_stage1", "train_stage2", "evaluate@finedefics", "analyze"}
-    assert ran(proc.stdout) == {"check_params", "mine@toy-bird", "mine@toy-flower"} | downstream  # base not re-evaluated
+    assert (
+        ran(proc.stdout) == {"check_params", "mine@toy-bird", "mine@toy-flower"} | downstream
+    )  # base not re-evaluated
     after = pd.read_parquet(clone / "data" / "negatives" / "toy-bird.parquet")
     assert not before.negatives.equals(after.negatives) and before.distractors.equals(after.distractors)
     diff = json.loads(sh("dvc metrics diff --all --json", clone).stdout)
@@ -116,7 +141,9 @@ def test_changing_negatives_reruns_mining_and_nothing_upstream(clone):
     report = (clone / "reports" / "results.md").read_text()
     simple = next(line for line in report.splitlines() if line.startswith("| Simple Neg."))
     assert f"| {average:.1f} | 74.26 |" in simple
-    assert next(line for line in report.splitlines() if line.startswith("| CL (obj.-cat.)")).endswith("| 72.72 | missing |")
+    assert next(line for line in report.splitlines() if line.startswith("| CL (obj.-cat.)")).endswith(
+        "| 72.72 | missing |"
+    )
     sh("git checkout params.yaml && dvc checkout -q", clone)
 
 

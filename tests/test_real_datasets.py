@@ -6,12 +6,12 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO, stage_env
+from real_fixtures import MAKERS, make_flat
+
 from finedefics.data.manifest import EmptyClassError, LeakageError
 from finedefics.data.prepare import prepare_real
 from finedefics.data.real import REAL_DATASETS, DatasetNotFound, load_real
-from real_fixtures import MAKERS, make_flat
 
 
 @pytest.mark.parametrize("name", list(MAKERS))
@@ -137,7 +137,9 @@ def test_an_image_listed_twice_in_a_split_is_kept_once(tmp_path):
     MAKERS["dog-120"](root)
     lists = sio.loadmat(root / "test_list.mat")
     files, labels = lists["file_list"], lists["labels"]
-    sio.savemat(root / "test_list.mat", {"file_list": np.vstack([files, files[:1]]), "labels": np.vstack([labels, labels[:1]])})
+    sio.savemat(
+        root / "test_list.mat", {"file_list": np.vstack([files, files[:1]]), "labels": np.vstack([labels, labels[:1]])}
+    )
     prepared = prepare_real("dog-120", root)
     assert prepared.manifest.image_id.is_unique
     assert list(prepared.rejected.reason) == ["listed more than once in the test split"]
@@ -166,7 +168,11 @@ def test_prepare_stage_on_real_data_writes_outputs_and_reports(tmp_path):
     params["datasets"] = {"flower-102": "data/raw/flower-102"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.run(
-        [sys.executable, str(REPO / "stages/prepare.py"), "flower-102"], cwd=tmp_path, capture_output=True, text=True, env=stage_env()
+        [sys.executable, str(REPO / "stages/prepare.py"), "flower-102"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=stage_env(),
     )
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "data" / "prepared" / "flower-102"
@@ -186,7 +192,11 @@ def test_prepare_stage_fails_on_missing_dataset_with_one_line(tmp_path):
     params["datasets"] = {"bird-200": "data/raw/bird-200"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.run(
-        [sys.executable, str(REPO / "stages/prepare.py"), "bird-200"], cwd=tmp_path, capture_output=True, text=True, env=stage_env()
+        [sys.executable, str(REPO / "stages/prepare.py"), "bird-200"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=stage_env(),
     )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]

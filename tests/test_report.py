@@ -5,9 +5,9 @@ import re
 import shlex
 
 import yaml
+from conftest import REPO
 from typer.testing import CliRunner
 
-from conftest import REPO
 from finedefics.cli import app
 from finedefics.report import EXTRA, TABLES, committed_params, experiments, find
 
@@ -23,26 +23,41 @@ def exp(name, overrides, accuracy, timestamp, state="success"):
             node = node[key]
         node[last] = value
     metrics = {
-        "metrics/eval.json": {"data": {"toy-bird": {"accuracy": accuracy}, "toy-flower": {"accuracy": accuracy}, "average": {"accuracy": accuracy}}},
+        "metrics/eval.json": {
+            "data": {
+                "toy-bird": {"accuracy": accuracy},
+                "toy-flower": {"accuracy": accuracy},
+                "average": {"accuracy": accuracy},
+            }
+        },
         "metrics/eval_base.json": {"data": {"average": {"accuracy": 0.25}}},
     }
     data = {"timestamp": timestamp, "params": {"params.yaml": {"data": params}}, "metrics": metrics}
-    return {"name": name, "executor": {"state": state}, "revs": [{"rev": name * 3, "name": name, "data": data, "error": None}]}
+    return {
+        "name": name,
+        "executor": {"state": state},
+        "revs": [{"rev": name * 3, "name": name, "data": data, "error": None}],
+    }
 
 
 def show(*exps):
-    return [{"rev": "workspace", "name": None, "experiments": None}, {"rev": "a" * 40, "name": "main", "experiments": list(exps)}]
+    return [
+        {"rev": "workspace", "name": None, "experiments": None},
+        {"rev": "a" * 40, "name": "main", "experiments": list(exps)},
+    ]
 
 
 def test_find_takes_the_newest_finished_experiment_with_exactly_those_switches():
     default = committed_params(REPO / "params.yaml")
-    runs = experiments(show(
-        exp("old", {"negatives": "simple"}, 0.5, "2026-01-01T00:00:00"),
-        exp("new", {"negatives": "simple"}, 0.6, "2026-01-02T00:00:00"),
-        exp("both", {"negatives": "simple", "align.objective": "obj-cat"}, 0.7, "2026-01-03T00:00:00"),
-        exp("running", {"negatives": "simple"}, 0.9, "2026-01-04T00:00:00", state="running"),
-        exp("types", {"attributes.types": ["shape", "texture", "size"]}, 0.4, "2026-01-01T00:00:00"),
-    ))
+    runs = experiments(
+        show(
+            exp("old", {"negatives": "simple"}, 0.5, "2026-01-01T00:00:00"),
+            exp("new", {"negatives": "simple"}, 0.6, "2026-01-02T00:00:00"),
+            exp("both", {"negatives": "simple", "align.objective": "obj-cat"}, 0.7, "2026-01-03T00:00:00"),
+            exp("running", {"negatives": "simple"}, 0.9, "2026-01-04T00:00:00", state="running"),
+            exp("types", {"attributes.types": ["shape", "texture", "size"]}, 0.4, "2026-01-01T00:00:00"),
+        )
+    )
     assert [e.name for e in runs] == ["both", "new", "old", "types"]  # running ones are left out
     assert find(runs, default, {"negatives": "simple"}).name == "new"
     assert find(runs, default, {"attributes.types": ["shape", "texture", "size"]}).name == "types"
@@ -54,9 +69,13 @@ def test_find_takes_the_newest_finished_experiment_with_exactly_those_switches()
 
 def test_report_fills_cells_and_marks_missing_ones(tmp_path):
     saved = tmp_path / "show.json"
-    saved.write_text(json.dumps(show(exp("default", {}, 0.5, "t1"), exp("simple", {"negatives": "simple"}, 0.375, "t2"))))
+    saved.write_text(
+        json.dumps(show(exp("default", {}, 0.5, "t1"), exp("simple", {"negatives": "simple"}, 0.375, "t2")))
+    )
     out = tmp_path / "results.md"
-    result = CliRunner().invoke(app, ["report", "--exp-show", str(saved), "--out", str(out), "--params", str(REPO / "params.yaml")])
+    result = CliRunner().invoke(
+        app, ["report", "--exp-show", str(saved), "--out", str(out), "--params", str(REPO / "params.yaml")]
+    )
     assert result.exit_code == 0, result.output
     lines = out.read_text().splitlines()
     row = lambda label: next(line for line in lines if line.startswith(f"| {label} |"))  # noqa: E731
@@ -69,7 +88,9 @@ def test_report_fills_cells_and_marks_missing_ones(tmp_path):
 def test_report_refuses_an_unreadable_exp_show(tmp_path):
     bad = tmp_path / "show.json"
     bad.write_text("not json")
-    result = CliRunner().invoke(app, ["report", "--exp-show", str(bad), "--out", str(tmp_path / "r.md"), "--params", str(REPO / "params.yaml")])
+    result = CliRunner().invoke(
+        app, ["report", "--exp-show", str(bad), "--out", str(tmp_path / "r.md"), "--params", str(REPO / "params.yaml")]
+    )
     assert result.exit_code == 2 and "error:" in result.output and not (tmp_path / "r.md").exists()
 
 

@@ -2,9 +2,11 @@ import json
 
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import make_world_workdir, run_stage, set_params
+from mlflow.tracking import MlflowClient
+from openai_server import ModelServer
+from tiny_models import teach
+
 from finedefics.attributes.backends import HFText, OpenAIChat, OpenAIText
 from finedefics.attributes.discover import discover_prompt, llm_keys, load_keys
 from finedefics.attributes.extract import extract
@@ -12,8 +14,6 @@ from finedefics.attributes.parsing import NoAttributeList
 from finedefics.attributes.prompts import GENERAL_KEY
 from finedefics.attributes.summarize import llm_prompt, name_pattern, scrub, summarize
 from finedefics.config import AttributesConfig, ExtractConfig
-from openai_server import ModelServer
-from tiny_models import teach
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +25,21 @@ def world(tmp_path_factory):
     keys = load_keys(json.loads((root / "data" / "attributes" / "toy-bird" / "keys.json").read_text()))
     per_sample = extract(manifest, classes, keys, "per-sample", ExtractConfig(), None, root / ".resume").values
     tag_based = extract(manifest, classes, keys, "tag-based", ExtractConfig(), None, root / ".resume").values
-    return {"root": root, "manifest": manifest, "classes": classes, "keys": keys, "values": per_sample, "tag": tag_based}
+    return {
+        "root": root,
+        "manifest": manifest,
+        "classes": classes,
+        "keys": keys,
+        "values": per_sample,
+        "tag": tag_based,
+    }
 
 
 def run(world, values=None, **changes):
     cfg = AttributesConfig(**changes)
-    return summarize(world["values"] if values is None else values, world["manifest"], world["classes"], world["keys"], cfg, 0, None)
+    return summarize(
+        world["values"] if values is None else values, world["manifest"], world["classes"], world["keys"], cfg, 0, None
+    )
 
 
 def described(world, result):
@@ -53,7 +62,7 @@ def test_long_descriptions_have_five_sentences_with_every_value(world):
 
 def test_short_level_is_one_sentence(world):
     texts, values = described(world, run(world, level="short"))
-    for image_id, text in texts.items():
+    for text in texts.values():
         assert text.startswith("A bird whose ") and text.count(".") == 1
 
 
@@ -104,7 +113,12 @@ def test_sibling_descriptions_differ_in_the_attributes_that_separate_them(world)
     manifest = world["manifest"].set_index("image_id")
     classes = world["classes"]["classes"]
     texts = dict(zip(result.descriptions.image_id, result.descriptions.description))
-    typical = {c["label"]: next(t for i, t in texts.items() if manifest.loc[i, "label"] == c["label"] and not manifest.loc[i, "deviation"]) for c in classes}
+    typical = {
+        c["label"]: next(
+            t for i, t in texts.items() if manifest.loc[i, "label"] == c["label"] and not manifest.loc[i, "deviation"]
+        )
+        for c in classes
+    }
     for a in classes:
         for b in classes:
             if a["label"] < b["label"] and a["cluster"] == b["cluster"]:
@@ -112,13 +126,17 @@ def test_sibling_descriptions_differ_in_the_attributes_that_separate_them(world)
                 assert 1 <= len(differing) <= 2
                 for k in differing:
                     fact_a = f"{k} is {a['profile'][k]}"
-                    assert (fact_a in typical[a["label"]] or f"{a['profile'][k]} {k}" in typical[a["label"]])
+                    assert fact_a in typical[a["label"]] or f"{a['profile'][k]} {k}" in typical[a["label"]]
                     assert fact_a not in typical[b["label"]] and f"{a['profile'][k]} {k}" not in typical[b["label"]]
 
 
 def test_category_names_are_scrubbed_in_every_spelling():
     pattern = name_pattern(["Black_footed_Albatross", "Lesgrail Quurdreth", "pink primrose"])
-    text, n = scrub("A black footed albatross next to a Black-Footed_Albatross, a LESGRAIL QUURDRETH and pink primroses.", pattern, "bird")
+    text, n = scrub(
+        "A black footed albatross next to a Black-Footed_Albatross, a LESGRAIL QUURDRETH and pink primroses.",
+        pattern,
+        "bird",
+    )
     assert n == 3 and "this bird next to a this bird" in text and "primroses" in text
 
 
@@ -130,7 +148,9 @@ def test_hf_summaries_from_a_taught_model_are_scrubbed(world, tiny_models, tmp_p
     general = values.loc[values.key == GENERAL_KEY, "value"].iloc[0]
     prompt = llm_prompt("bird", general, pairs, "long")
     taught = teach(tiny_models["lm"], tmp_path / "lm", [(prompt, f"The {name} is a small bird.")])
-    backend = HFText.from_config(AttributesConfig().summarize.model_copy(update={"model": str(taught), "max_new_tokens": 48}), "summarize")
+    backend = HFText.from_config(
+        AttributesConfig().summarize.model_copy(update={"model": str(taught), "max_new_tokens": 48}), "summarize"
+    )
     cfg = AttributesConfig(summarize={"backend": "hf", "model": str(taught)})
     result = summarize(values, world["manifest"], world["classes"], world["keys"], cfg, 0, backend)
     assert result.descriptions.description.tolist() == ["The this bird is a small bird."]
@@ -144,7 +164,12 @@ def test_discover_with_a_taught_model_over_hf_and_openai(tiny_models, tmp_path, 
     cfg = AttributesConfig().discover.model_copy(update={"model": str(taught), "max_new_tokens": 64})
     keys, raw = llm_keys(HFText.from_config(cfg, "discover"), classes, retries=0)
     assert raw == answer
-    assert [(k.key, k.type) for k in keys] == [("wing color", "color"), ("beak shape", "shape"), ("tail shape", "shape"), (GENERAL_KEY, "other")]
+    assert [(k.key, k.type) for k in keys] == [
+        ("wing color", "color"),
+        ("beak shape", "shape"),
+        ("tail shape", "shape"),
+        (GENERAL_KEY, "other"),
+    ]
     with ModelServer(lm=HFText.from_config(cfg, "discover")) as server:
         client = OpenAIChat(server.base_url, "tiny", "k", 10, 1, 64)
         keys_http, _ = llm_keys(OpenAIText(client), classes, retries=0)
@@ -164,8 +189,16 @@ def test_discover_stage_over_openai_never_logs_the_key(tiny_models, tmp_path, mo
     taught = teach(tiny_models["lm"], tmp_path / "lm", [(discover_prompt(classes), "['wing color', 'beak shape']")])
     cfg = AttributesConfig().discover.model_copy(update={"model": str(taught), "max_new_tokens": 64})
     with ModelServer(lm=HFText.from_config(cfg, "discover")) as server:
-        set_params(root, **{"attributes.discover.backend": "openai", "attributes.discover.model": "tiny", "attributes.discover.base_url": server.base_url,
-                            "attributes.discover.api_key_env": "TEST_SECRET_KEY", "tracking.experiment": "discover-key"})
+        set_params(
+            root,
+            **{
+                "attributes.discover.backend": "openai",
+                "attributes.discover.model": "tiny",
+                "attributes.discover.base_url": server.base_url,
+                "attributes.discover.api_key_env": "TEST_SECRET_KEY",
+                "tracking.experiment": "discover-key",
+            },
+        )
         monkeypatch.setenv("TEST_SECRET_KEY", "sk-very-secret")
         proc = run_stage(root, "discover.py", "toy-bird")
         assert proc.returncode == 0, proc.stderr
@@ -187,4 +220,6 @@ def test_summarize_stage_writes_descriptions_without_names(world, tmp_path):
     pattern = name_pattern([c["name"] for c in world["classes"]["classes"]])
     assert len(descriptions) == (world["manifest"].split == "train").sum()
     assert not descriptions.description.str.contains(pattern).any()
-    assert json.loads((root / "metrics" / "summarize" / "toy-bird.json").read_text())["descriptions"] == len(descriptions)
+    assert json.loads((root / "metrics" / "summarize" / "toy-bird.json").read_text())["descriptions"] == len(
+        descriptions
+    )

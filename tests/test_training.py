@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_world_workdir, run_stage, set_params
 from transformers import AutoModelForImageTextToText
 
-from conftest import make_world_workdir, run_stage, set_params
 from finedefics.align.finetune import load_processor, load_trainable, save_merged
 from finedefics.align.instructions import stage1_frame, stage2_frame
 from finedefics.align.losses import Temperature
@@ -64,7 +64,9 @@ def write_instructions(root: Path, name: str = "toy-bird", seed: int = 0) -> Non
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_models):
-    root = make_world_workdir(tmp_path_factory.mktemp("train"), categories=6, cluster_size=3, train_per_class=2, test_per_class=1)
+    root = make_world_workdir(
+        tmp_path_factory.mktemp("train"), categories=6, cluster_size=3, train_per_class=2, test_per_class=1
+    )
     write_instructions(root)
     set_params(root, **{"model.base": str(tiny_models["vlm"]), **TRAIN})
     return root
@@ -118,7 +120,9 @@ def test_qlora_trains_on_cpu_and_its_loss_falls(workdir, tiny_models):
         losses.append(values["loss"])
         return loss, values
 
-    cfg = FitConfig(epochs=12, lr=1e-2, warmup_steps=1, batch_size=4, per_device_batch_size=4, checkpoint_every=100, seed=0)
+    cfg = FitConfig(
+        epochs=12, lr=1e-2, warmup_steps=1, batch_size=4, per_device_batch_size=4, checkpoint_every=100, seed=0
+    )
     fit([mllm.model, stage.temperature], 4, step, cfg, None, "qlora")
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0]
 
@@ -127,7 +131,9 @@ def _tuned(tiny_models, workdir, finetune):
     mllm = trainable(tiny_models["vlm"], finetune)
     rows = rows_of(workdir)
     stage = stage1_for(mllm, rows)
-    cfg = FitConfig(epochs=3, lr=1e-2, warmup_steps=1, batch_size=4, per_device_batch_size=4, checkpoint_every=100, seed=0)
+    cfg = FitConfig(
+        epochs=3, lr=1e-2, warmup_steps=1, batch_size=4, per_device_batch_size=4, checkpoint_every=100, seed=0
+    )
     fit([mllm.model, stage.temperature], 4, lambda idx: stage.loss(rows), cfg, None, finetune)
     return mllm, rows
 
@@ -154,7 +160,9 @@ def test_resumed_training_equals_an_uninterrupted_run(workdir, tiny_models, tmp_
 
     def run(resume: Path | None, crash_at: int | None = None):
         torch.manual_seed(0)
-        model = load_trainable(str(tiny_models["vlm"]), ModelConfig(finetune="lora", lora=LoraConfig(r=4, alpha=8, dropout=0.1)), False)
+        model = load_trainable(
+            str(tiny_models["vlm"]), ModelConfig(finetune="lora", lora=LoraConfig(r=4, alpha=8, dropout=0.1)), False
+        )
         mllm = MLLM(model, load_processor(str(tiny_models["vlm"])))
         stage = stage1_for(mllm, frame)
         calls = []
@@ -165,9 +173,15 @@ def test_resumed_training_equals_an_uninterrupted_run(workdir, tiny_models, tmp_
             calls.append(list(idx))
             return stage.loss(frame.iloc[idx])
 
-        cfg = FitConfig(epochs=2, lr=5e-3, warmup_steps=1, batch_size=4, per_device_batch_size=2, checkpoint_every=2, seed=0)
+        cfg = FitConfig(
+            epochs=2, lr=5e-3, warmup_steps=1, batch_size=4, per_device_batch_size=2, checkpoint_every=2, seed=0
+        )
         fit([model, stage.temperature], len(frame), step, cfg, resume, "resume")
-        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, stage.temperature.value.item(), calls
+        return (
+            {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            stage.temperature.value.item(),
+            calls,
+        )
 
     whole, tau, calls = run(None)
     with pytest.raises(KeyboardInterrupt):
@@ -190,12 +204,15 @@ def test_one_padded_pass_equals_separate_passes(workdir, tiny_models):
         assert abs(v1[k] - v2[k]) < 1e-5, k
 
 
-@pytest.mark.parametrize("objective,negatives,terms", [
-    ("obj-att-cat", True, {"oa", "ao", "ac", "ca", "ccc", "generation"}),
-    ("obj-att-cat", False, {"oa", "ao", "ac", "ca", "generation"}),
-    ("obj-cat", True, {"oc", "co", "ccc"}),
-    ("none", True, {"generation"}),
-])
+@pytest.mark.parametrize(
+    "objective,negatives,terms",
+    [
+        ("obj-att-cat", True, {"oa", "ao", "ac", "ca", "ccc", "generation"}),
+        ("obj-att-cat", False, {"oa", "ao", "ac", "ca", "generation"}),
+        ("obj-cat", True, {"oc", "co", "ccc"}),
+        ("none", True, {"generation"}),
+    ],
+)
 def test_each_objective_has_its_terms(workdir, tiny_models, objective, negatives, terms):
     mllm = MLLM.load(tiny_models["vlm"])
     rows = rows_of(workdir)
@@ -257,9 +274,15 @@ def test_llava_trains_a_step(tiny_models, workdir, tmp_path):
     rows = rows_of(workdir)
     stage = stage1_for(mllm, rows)
     before = {n: p.detach().clone() for n, p in mllm.model.named_parameters() if p.requires_grad}
-    cfg = FitConfig(epochs=1, lr=1e-2, warmup_steps=1, batch_size=4, per_device_batch_size=4, checkpoint_every=100, seed=0)
+    cfg = FitConfig(
+        epochs=1, lr=1e-2, warmup_steps=1, batch_size=4, per_device_batch_size=4, checkpoint_every=100, seed=0
+    )
     fit([mllm.model, stage.temperature], 4, lambda idx: stage.loss(rows), cfg, None, "llava")
     changed = [n for n, p in mllm.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any("lora_B" in n for n in changed)
-    loss, _ = Stage2(mllm).loss(pd.DataFrame({"question": ["What is the name of the bird in the image?"], "answer": ["x"], "path": [rows.path.iloc[0]]}))
+    loss, _ = Stage2(mllm).loss(
+        pd.DataFrame(
+            {"question": ["What is the name of the bird in the image?"], "answer": ["x"], "path": [rows.path.iloc[0]]}
+        )
+    )
     assert torch.isfinite(loss)

@@ -3,19 +3,25 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from finedefics.config import WorldConfig
 from finedefics.data import world
 from finedefics.data.prepare import prepare_world
 
-SMALL = WorldConfig(categories=6, cluster_size=3, train_per_class=3, test_per_class=2, image_size=48, deviation_rate=0.2)
+SMALL = WorldConfig(
+    categories=6, cluster_size=3, train_per_class=3, test_per_class=2, image_size=48, deviation_rate=0.2
+)
 BIRD = REPO / "world" / "toy-bird.yaml"
 FLOWER = REPO / "world" / "toy-flower.yaml"
 
 
 def digest(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def world_final(name):
@@ -113,9 +119,19 @@ def test_wing_colour_shows_in_the_wing_region_only():
 
 def test_size_attribute_changes_object_area():
     spec = world.WorldSpec.load(FLOWER)
-    profile = {"petal color": "red", "center color": "yellow", "leaf color": "green", "petal pattern": "plain",
-               "petal shape": "round", "leaf shape": "round", "flower size": "small"}
-    areas = [world.render(spec, {**profile, "flower size": s}, 64, np.random.default_rng(3))[1]["object"].sum() for s in ("small", "medium", "large")]
+    profile = {
+        "petal color": "red",
+        "center color": "yellow",
+        "leaf color": "green",
+        "petal pattern": "plain",
+        "petal shape": "round",
+        "leaf shape": "round",
+        "flower size": "small",
+    }
+    areas = [
+        world.render(spec, {**profile, "flower size": s}, 64, np.random.default_rng(3))[1]["object"].sum()
+        for s in ("small", "medium", "large")
+    ]
     assert areas[0] < areas[1] < areas[2] and areas[2] > 1.8 * areas[0]
 
 

@@ -42,7 +42,9 @@ def teach(lm_dir: Path, out: Path, pairs: list[tuple[str, str]], steps: int = 15
     torch.manual_seed(0)
     batch = []
     for prompt, answer in pairs:
-        head = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        head = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         ids_head = tok(head, add_special_tokens=False)["input_ids"]
         ids_answer = tok(" " + answer + "<end_of_utterance>", add_special_tokens=False)["input_ids"]
         batch.append((ids_head + ids_answer, [-100] * len(ids_head) + ids_answer))

@@ -52,7 +52,9 @@ def score(results: Path = typer.Argument(..., help="a results file in FOCI's for
         data = json.loads(results.read_text())
         predictions = data["predictions"] if isinstance(data, dict) else data
         # recomputed from the prediction where the ground truth is stored, not from the stored flag
-        metrics = score_predictions([p | {"correct": p["predicted"] == p["groundtruth"]} if "groundtruth" in p else p for p in predictions])
+        metrics = score_predictions(
+            [p | {"correct": p["predicted"] == p["groundtruth"]} if "groundtruth" in p else p for p in predictions]
+        )
     except (OSError, ValueError, KeyError, TypeError) as err:
         _fail(f"{results}: not a FOCI results file ({err.__class__.__name__}: {err})")
     typer.echo(json.dumps(metrics, indent=2))
@@ -64,7 +66,9 @@ def predict(
     model: Path = typer.Option(..., "--model", help="a model folder (e.g. models/finedefics)"),
     choices: str = typer.Option(None, "--choices", help='comma-separated class names, e.g. "a,b,c,d"'),
     open_set: bool = typer.Option(False, "--open", help="name the category freely"),
-    superclass: str = typer.Option("object", "--superclass", help="what the images show, e.g. bird (the FOCI query asks for 'birds')"),
+    superclass: str = typer.Option(
+        "object", "--superclass", help="what the images show, e.g. bird (the FOCI query asks for 'birds')"
+    ),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per image"),
 ) -> None:
     """Predict the class of each image: multiple choice among --choices, or --open."""
@@ -88,9 +92,14 @@ def predict(
     mllm = MLLM.load(resolve(model))
     paths = [str(p) for p in images]
     if open_set:
-        answers = [(r["predicted_raw"], r["predicted_raw"]) for r in mc.open_set(mllm, superclass, paths, [""] * len(paths))]
+        answers = [
+            (r["predicted_raw"], r["predicted_raw"]) for r in mc.open_set(mllm, superclass, paths, [""] * len(paths))
+        ]
     else:
-        answers = [(r["predicted"], r["predicted_raw"]) for r in mc.evaluate(mllm, f"{superclass}s", [mc.Item(p, p, "", options) for p in paths], desc="predict")]
+        answers = [
+            (r["predicted"], r["predicted_raw"])
+            for r in mc.evaluate(mllm, f"{superclass}s", [mc.Item(p, p, "", options) for p in paths], desc="predict")
+        ]
     for path, (predicted, raw) in zip(images, answers):
         if as_json:
             typer.echo(json.dumps({"image": str(path), "predicted": predicted, "predicted_raw": raw}))

@@ -30,7 +30,7 @@ class Embeddings:
         np.savez(path, image_ids=np.asarray(self.image_ids), images=self.images, classes=self.classes)
 
     @classmethod
-    def load(cls, path) -> "Embeddings":
+    def load(cls, path) -> Embeddings:
         with np.load(path) as z:
             return cls(list(z["image_ids"]), z["images"], z["classes"])
 
@@ -110,7 +110,9 @@ def eval_options(test: pd.DataFrame, class_names: list[str], emb: Embeddings) ->
     options: dict[str, list[dict]] = {}
     for key, label, negs in zip(test.foci_key, labels, wrong):
         gt = class_names[label]
-        options.setdefault(gt, []).append({"image": key, "options": [gt, *(class_names[n] for n in negs)], "groundtruth": gt})
+        options.setdefault(gt, []).append(
+            {"image": key, "options": [gt, *(class_names[n] for n in negs)], "groundtruth": gt}
+        )
     return options
 
 

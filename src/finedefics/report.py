@@ -49,12 +49,28 @@ OURS = Row("**Finedefics (ours)**", 76.84)
 OBJ_CAT = {"align.objective": "obj-cat"}
 
 TABLES = (
-    Table("Table 3a: fine-tuning methods", (ORIGINAL, Row("Finetune (open-set QA only)", 0.03, {"align.paradigm": "stage2-only", "instructions.stage2": "open"}), OURS)),
-    Table("Table 3b: effectiveness of attributes", (ORIGINAL, Row("CL (obj.-cat.)", 72.72, OBJ_CAT), Row("**CL (obj.-att.-cat.)**", 76.84))),
-    Table("Table 3c: training paradigm", (ORIGINAL, Row("One stage", 25.42, {"align.paradigm": "one-stage"}), Row("**Two stages**", 76.84))),
+    Table(
+        "Table 3a: fine-tuning methods",
+        (
+            ORIGINAL,
+            Row("Finetune (open-set QA only)", 0.03, {"align.paradigm": "stage2-only", "instructions.stage2": "open"}),
+            OURS,
+        ),
+    ),
+    Table(
+        "Table 3b: effectiveness of attributes",
+        (ORIGINAL, Row("CL (obj.-cat.)", 72.72, OBJ_CAT), Row("**CL (obj.-att.-cat.)**", 76.84)),
+    ),
+    Table(
+        "Table 3c: training paradigm",
+        (ORIGINAL, Row("One stage", 25.42, {"align.paradigm": "one-stage"}), Row("**Two stages**", 76.84)),
+    ),
     Table(
         "Table 4: attribute augmented alignment on LLaVA-1.5",
-        (Row("LLaVA 1.5", 43.24, {"model.base": "tiny-llava"}, model="base"), Row("LLaVA 1.5 + A^3", 57.21, {"model.base": "tiny-llava"})),
+        (
+            Row("LLaVA 1.5", 43.24, {"model.base": "tiny-llava"}, model="base"),
+            Row("LLaVA 1.5 + A^3", 57.21, {"model.base": "tiny-llava"}),
+        ),
     ),
     Table(
         "Table 5: attribute types",
@@ -68,10 +84,39 @@ TABLES = (
         "The paper's copy we work from lost Table 5's check marks; its rows 1-4 are listed here in order "
         "as dropping color, shape, texture, size, which is an assumption.",
     ),
-    Table("Table 6a: negative types", (ORIGINAL, Row("Simple Neg.", 74.26, {"negatives": "simple"}), Row("No hard-negative terms", None, {"negatives": "none"}), Row("**Hard Neg. (ours)**", 76.84))),
-    Table("Table 6b: training stages", (Row("Pretrain only", 0.00, {"align.paradigm": "stage1-only"}), Row("I.T. only", 76.13, {"align.paradigm": "stage2-only"}), Row("**Pretrain + I.T.**", 76.84))),
-    Table("Table 6c: description quality", (Row("None (obj.-cat.)", 72.72, OBJ_CAT), Row("Noisy", 75.62, {"attributes.quality": "noisy"}), Row("**Complete (ours)**", 76.84))),
-    Table("Table 6d: levels of detailed descriptions", (Row("None (obj.-cat.)", 72.72, OBJ_CAT), Row("Short", 76.11, {"attributes.level": "short"}), Row("**Long (ours)**", 76.84))),
+    Table(
+        "Table 6a: negative types",
+        (
+            ORIGINAL,
+            Row("Simple Neg.", 74.26, {"negatives": "simple"}),
+            Row("No hard-negative terms", None, {"negatives": "none"}),
+            Row("**Hard Neg. (ours)**", 76.84),
+        ),
+    ),
+    Table(
+        "Table 6b: training stages",
+        (
+            Row("Pretrain only", 0.00, {"align.paradigm": "stage1-only"}),
+            Row("I.T. only", 76.13, {"align.paradigm": "stage2-only"}),
+            Row("**Pretrain + I.T.**", 76.84),
+        ),
+    ),
+    Table(
+        "Table 6c: description quality",
+        (
+            Row("None (obj.-cat.)", 72.72, OBJ_CAT),
+            Row("Noisy", 75.62, {"attributes.quality": "noisy"}),
+            Row("**Complete (ours)**", 76.84),
+        ),
+    ),
+    Table(
+        "Table 6d: levels of detailed descriptions",
+        (
+            Row("None (obj.-cat.)", 72.72, OBJ_CAT),
+            Row("Short", 76.11, {"attributes.level": "short"}),
+            Row("**Long (ours)**", 76.84),
+        ),
+    ),
     Table(
         "Table 6e: description construction",
         (
@@ -97,7 +142,11 @@ EXTRA = (
         (
             Row("18 epochs (default)", None),
             Row("6 epochs", None, {"train.stage2.epochs": 6}),
-            Row("6 epochs, eq. 7 as written (the earlier default)", None, {"train.stage2.epochs": 6, "align.ccc": "logsumexp"}),
+            Row(
+                "6 epochs, eq. 7 as written (the earlier default)",
+                None,
+                {"train.stage2.epochs": 6, "align.ccc": "logsumexp"},
+            ),
         ),
         "Not a table of the paper: how far more multiple-choice training lifts the world's tiny model.",
     ),
@@ -106,7 +155,10 @@ PAPER_TABLE2 = {
     "Idefics2": (57.96, 47.17, 56.23, 72.78, 81.28, 80.25, 65.95),
     "Finedefics": (72.86, 57.61, 63.82, 89.88, 92.18, 84.67, 76.84),
 }
-PAPER_TABLE8 = {"Idefics2": (0.14, 0.12, 0.12, 0.09, 0.15, 0.18, 0.13), "Finedefics": (0.28, 0.17, 0.30, 0.28, 0.28, 0.32, 0.27)}
+PAPER_TABLE8 = {
+    "Idefics2": (0.14, 0.12, 0.12, 0.09, 0.15, 0.18, 0.13),
+    "Finedefics": (0.28, 0.17, 0.30, 0.28, 0.28, 0.32, 0.27),
+}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -133,7 +185,16 @@ def experiments(show: list[dict]) -> list[Experiment]:
                 continue
             params = data.get("params", {}).get("params.yaml", {}).get("data", {})
             metrics = {path: m.get("data", {}) for path, m in data.get("metrics", {}).items()}
-            out.append(Experiment(exp.get("name") or rev["rev"][:7], rev["rev"], baseline["rev"], data.get("timestamp") or "", flatten(params), metrics))
+            out.append(
+                Experiment(
+                    exp.get("name") or rev["rev"][:7],
+                    rev["rev"],
+                    baseline["rev"],
+                    data.get("timestamp") or "",
+                    flatten(params),
+                    metrics,
+                )
+            )
     return sorted(out, key=lambda e: e.timestamp, reverse=True)
 
 

@@ -78,7 +78,9 @@ class Adapter:
         else:
             cfg = base.config
             out = base.get_image_features(
-                pixels["pixel_values"], vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=cfg.vision_feature_select_strategy
+                pixels["pixel_values"],
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
             )
         return torch.stack(list(out.pooler_output))
 
@@ -89,7 +91,9 @@ class Adapter:
     def object_states(self, pixels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(states, mask) of each image's visual tokens followed by an EOS embedding."""
         visual = self.visual_tokens(pixels)
-        eos = self.embed(torch.full((len(visual), 1), self.eos_id, dtype=torch.long, device=visual.device)).to(visual.dtype)
+        eos = self.embed(torch.full((len(visual), 1), self.eos_id, dtype=torch.long, device=visual.device)).to(
+            visual.dtype
+        )
         embeds = torch.cat([visual, eos], dim=1)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=visual.device)
         return self.states(embeds, mask), mask

@@ -25,7 +25,9 @@ def describe_question(superclass: str) -> str:
     return f"Describe this {superclass} in detail."
 
 
-def stage1_frame(dataset: str, manifest: pd.DataFrame, classes: dict, descriptions: pd.DataFrame, negatives: pd.DataFrame) -> pd.DataFrame:
+def stage1_frame(
+    dataset: str, manifest: pd.DataFrame, classes: dict, descriptions: pd.DataFrame, negatives: pd.DataFrame
+) -> pd.DataFrame:
     paths = dict(zip(manifest.image_id, manifest.path))
     text = dict(zip(descriptions.image_id, descriptions.description))
     rows = []
@@ -47,7 +49,9 @@ def stage1_frame(dataset: str, manifest: pd.DataFrame, classes: dict, descriptio
     return pd.DataFrame(rows)
 
 
-def stage2_frame(dataset: str, manifest: pd.DataFrame, classes: dict, negatives: pd.DataFrame, mode: str, seed: int) -> pd.DataFrame:
+def stage2_frame(
+    dataset: str, manifest: pd.DataFrame, classes: dict, negatives: pd.DataFrame, mode: str, seed: int
+) -> pd.DataFrame:
     paths = dict(zip(manifest.image_id, manifest.path))
     names = [c["name"] for c in classes["classes"]]
     superclass, question = classes["super_category"], query(classes["plural"])
@@ -58,5 +62,12 @@ def stage2_frame(dataset: str, manifest: pd.DataFrame, classes: dict, negatives:
         if mode == "open+closed":
             rng = np.random.default_rng([seed, zlib.crc32(f"{dataset}/{n.image_id}".encode())])
             options = shuffled([names[n.label], *n.distractor_classes], rng)
-            rows.append({**base, "kind": "closed", "question": mc_question(question, options), "answer": LETTERS[options.index(names[n.label])]})
+            rows.append(
+                {
+                    **base,
+                    "kind": "closed",
+                    "question": mc_question(question, options),
+                    "answer": LETTERS[options.index(names[n.label])],
+                }
+            )
     return pd.DataFrame(rows)

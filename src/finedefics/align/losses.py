@@ -61,7 +61,9 @@ class Batch:
     c_hn: torch.Tensor | None = None
 
 
-def _pairwise(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor, mask_same_class: bool) -> torch.Tensor:
+def _pairwise(
+    x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor, mask_same_class: bool
+) -> torch.Tensor:
     logits = similarity(x, y, tau)
     if mask_same_class:
         logits = logits.masked_fill(same_class_mask(labels), float("-inf"))
@@ -87,7 +89,9 @@ def category_category(c: torch.Tensor, c_hn: torch.Tensor, tau: torch.Tensor, fo
     return _nll(itself[:, 0], torch.cat([itself, hn], dim=1))
 
 
-def contrastive_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool = True, ccc: str = "logsumexp") -> dict[str, torch.Tensor]:
+def contrastive_terms(
+    b: Batch, tau: torch.Tensor, mask_same_class: bool = True, ccc: str = "logsumexp"
+) -> dict[str, torch.Tensor]:
     """The terms of eqs. 5-7: OA (with negatives), AO, AC (with negatives), CA (with negatives), CCC."""
     oa = _pairwise(b.o, b.a, b.labels, tau, mask_same_class)  # oa[i, j] = Sim(o_i, a_j)
     ac = _pairwise(b.a, b.c, b.labels, tau, mask_same_class)  # ac[i, j] = Sim(a_i, c_j)
@@ -103,7 +107,9 @@ def contrastive_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool = True,
     return terms
 
 
-def object_category_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool = True, ccc: str = "logsumexp") -> dict[str, torch.Tensor]:
+def object_category_terms(
+    b: Batch, tau: torch.Tensor, mask_same_class: bool = True, ccc: str = "logsumexp"
+) -> dict[str, torch.Tensor]:
     """Objects against categories directly, no attributes (Table 3b "CL (obj.-cat.)")."""
     oc = _pairwise(b.o, b.c, b.labels, tau, mask_same_class)
     positive = oc.diagonal()

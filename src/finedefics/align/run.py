@@ -29,7 +29,18 @@ def relaunch(params: Params) -> None:
     n = params.train.num_processes
     if n <= 1 or "LOCAL_RANK" in os.environ:
         return
-    cmd = ["accelerate", "launch", "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        str(n),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     if not torch.cuda.is_available():
         cmd.append("--cpu")
     os.execvp(cmd[0], cmd + [sys.argv[0], *sys.argv[1:]])
@@ -66,7 +77,9 @@ def test_images(datasets: list[str]) -> tuple[list[str], list[str]]:
 def fingerprint(*parts) -> str:
     digest = hashlib.sha1()
     for part in parts:
-        digest.update(part.read_bytes() if isinstance(part, Path) else json.dumps(part, sort_keys=True, default=str).encode())
+        digest.update(
+            part.read_bytes() if isinstance(part, Path) else json.dumps(part, sort_keys=True, default=str).encode()
+        )
     return digest.hexdigest()[:16]
 
 
@@ -91,8 +104,15 @@ def train(params: Params, which: str, source: str, out: Path, log) -> dict[str, 
     frames = {k: pd.read_parquet(INSTRUCTIONS / f"{k}.parquet") for k in ("stage1", "stage2")}
     s1, s2 = frames["stage1"], frames["stage2"]
     names = sorted(set(s1.category) | {c for cs in s1.negative_categories for c in cs})
-    stage1 = Stage1(mllm, temperature, params.align.objective, bool(s1.negative_categories.str.len().max()), params.align.mask_same_class,
-                    {n: i for i, n in enumerate(names)}, ccc=params.align.ccc)
+    stage1 = Stage1(
+        mllm,
+        temperature,
+        params.align.objective,
+        bool(s1.negative_categories.str.len().max()),
+        params.align.mask_same_class,
+        {n: i for i, n in enumerate(names)},
+        ccc=params.align.ccc,
+    )
     stage2 = Stage2(mllm)
     if which == "stage1":
         n, step, cfg = len(s1), lambda idx: stage1.loss(s1.iloc[idx]), params.train.stage1
@@ -105,14 +125,26 @@ def train(params: Params, which: str, source: str, out: Path, log) -> dict[str, 
             rows = s1.iloc[idx]
             l1, v1 = stage1.loss(rows)
             l2, v2 = stage2.loss(s2.iloc[[i for image in rows.image_id for i in by_image[image]]])
-            return l1 + l2, {**{k: v for k, v in v1.items() if k != "loss"}, "loss_classification": v2["loss"], "loss": (l1 + l2).item()}
+            return l1 + l2, {
+                **{k: v for k, v in v1.items() if k != "loss"},
+                "loss_classification": v2["loss"],
+                "loss": (l1 + l2).item(),
+            }
 
         n, cfg = len(s1), params.train.stage2
     metrics: dict[str, float] = {}
     paths, categories = test_images(list(params.datasets))
     if which != "stage2" and main:
         metrics.update({f"{k}_start": v for k, v in alignment(mllm, paths, categories).items()})
-    resume = Path(".resume") / f"train_{which}" / fingerprint(INSTRUCTIONS / f"{'stage2' if which == 'stage2' else 'stage1'}.parquet", resolve(source), params.model_dump(exclude={"tracking"}))
+    resume = (
+        Path(".resume")
+        / f"train_{which}"
+        / fingerprint(
+            INSTRUCTIONS / f"{'stage2' if which == 'stage2' else 'stage1'}.parquet",
+            resolve(source),
+            params.model_dump(exclude={"tracking"}),
+        )
+    )
     steps = fit([model, temperature], n, step, fit_config(params, cfg), resume, desc=f"train {which}", log=log)
     metrics["steps"] = steps
     if main:

@@ -64,7 +64,11 @@ class Stage1:
             c_hn = torch.stack([by_name[n] for n in neg_categories]).view(B, K, -1) if K else None
         else:
             encode = lambda texts: adapter.encode_texts(self._ids(texts)) if texts else None  # noqa: E731
-            a_all = torch.cat([x for x in (encode(descriptions), encode(neg_descriptions)) if x is not None]) if self.objective == "obj-att-cat" else None
+            a_all = (
+                torch.cat([x for x in (encode(descriptions), encode(neg_descriptions)) if x is not None])
+                if self.objective == "obj-att-cat"
+                else None
+            )
             c = encode(categories)
             c_hn = encode(neg_categories).view(B, K, -1) if K else None
         a = a_hn = None
@@ -76,7 +80,9 @@ class Stage1:
 
     def generation_loss(self, rows: pd.DataFrame) -> torch.Tensor:
         """L_G^att: the description as the answer to "Describe this {superclass} in detail."."""
-        return lm_loss(self.mllm, [ChatExample(describe_question(r.superclass), r.description, r.path) for r in rows.itertuples()])
+        return lm_loss(
+            self.mllm, [ChatExample(describe_question(r.superclass), r.description, r.path) for r in rows.itertuples()]
+        )
 
     def loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
         tau = self.temperature()

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -133,7 +133,13 @@ def fit(
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         sched.step()
-        logged.update({"lr": sched.get_last_lr()[0], "samples_per_s": cfg.batch_size / (time.perf_counter() - began), "peak_memory_mb": peak_memory_mb()})
+        logged.update(
+            {
+                "lr": sched.get_last_lr()[0],
+                "samples_per_s": cfg.batch_size / (time.perf_counter() - began),
+                "peak_memory_mb": peak_memory_mb(),
+            }
+        )
         if log is not None and rank == 0:
             log(logged, step + 1)
         bar.update(1)

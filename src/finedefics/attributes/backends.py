@@ -60,12 +60,24 @@ class OpenAIChat:
     backoff_s: float = 0.5
 
     @classmethod
-    def from_config(cls, cfg: BackendConfig, step: str) -> "OpenAIChat":
-        return cls(cfg.base_url.rstrip("/"), _require_model(cfg, step), os.environ.get(cfg.api_key_env), cfg.timeout_s, cfg.retries, cfg.max_new_tokens)
+    def from_config(cls, cfg: BackendConfig, step: str) -> OpenAIChat:
+        return cls(
+            cfg.base_url.rstrip("/"),
+            _require_model(cfg, step),
+            os.environ.get(cfg.api_key_env),
+            cfg.timeout_s,
+            cfg.retries,
+            cfg.max_new_tokens,
+        )
 
     def chat(self, content: str | list[dict], temperature: float = 0.0) -> str:
         body = json.dumps(
-            {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": temperature, "max_tokens": self.max_tokens}
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": content}],
+                "temperature": temperature,
+                "max_tokens": self.max_tokens,
+            }
         ).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -74,7 +86,9 @@ class OpenAIChat:
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, headers=headers, method="POST")
+            request = urllib.request.Request(
+                f"{self.base_url}/chat/completions", data=body, headers=headers, method="POST"
+            )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                     return json.loads(response.read())["choices"][0]["message"]["content"].strip()
@@ -90,7 +104,10 @@ class OpenAIChat:
 def image_part(image: Image.Image) -> dict:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")
-    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}
+    return {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()},
+    }
 
 
 @dataclass
@@ -136,7 +153,7 @@ class HFText:
     max_new_tokens: int
 
     @classmethod
-    def from_config(cls, cfg: BackendConfig, step: str) -> "HFText":
+    def from_config(cls, cfg: BackendConfig, step: str) -> HFText:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = _require_model(cfg, step)
@@ -149,12 +166,20 @@ class HFText:
         import torch
 
         self.tokenizer.padding_side = "left"
-        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+        texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
         inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **sampling)
-        return [t.strip() for t in self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+        return [
+            t.strip()
+            for t in self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
 
 
 @dataclass
@@ -165,7 +190,7 @@ class HFVQA:
     max_new_tokens: int
 
     @classmethod
-    def from_config(cls, cfg: BackendConfig) -> "HFVQA":
+    def from_config(cls, cfg: BackendConfig) -> HFVQA:
         from finedefics.models.mllm import MLLM
 
         return cls(MLLM.load(_require_model(cfg, "extract")), cfg.max_new_tokens)
@@ -180,7 +205,7 @@ class HFVQA:
 
 
 def text_backend(cfg: BackendConfig, step: str) -> TextBackend:
-    backend = getattr(cfg, "backend")
+    backend = cfg.backend
     if backend == "hf":
         return HFText.from_config(cfg, step)
     if backend == "openai":

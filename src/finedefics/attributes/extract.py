@@ -14,9 +14,9 @@ import hashlib
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 from PIL import Image
@@ -72,7 +72,9 @@ def _lookup(truth: dict[str, str], key: str) -> str | None:
     return lowered.get(key.lower())
 
 
-def oracle_answers(keys: list[AttributeKey], superclass: str, attributes: dict[str, str], scene: dict[str, str] | None) -> list[str | None]:
+def oracle_answers(
+    keys: list[AttributeKey], superclass: str, attributes: dict[str, str], scene: dict[str, str] | None
+) -> list[str | None]:
     """Ground truth per key; None where the source has none (an LLM-discovered key it lacks)."""
     out: list[str | None] = []
     for k in keys:
@@ -136,14 +138,18 @@ def plan_units(
     return units
 
 
-def fingerprint(manifest: pd.DataFrame, keys: list[AttributeKey], construction: str, cfg: ExtractConfig, oracle: bool) -> str:
+def fingerprint(
+    manifest: pd.DataFrame, keys: list[AttributeKey], construction: str, cfg: ExtractConfig, oracle: bool
+) -> str:
     """A hash of everything that decides the answers (not of how they are batched or sharded)."""
     train = manifest[manifest.split == "train"]
     decisive = {
         "images": list(zip(train.image_id, train.sha1)),
         "keys": [k.to_dict() for k in keys],
         "construction": construction,
-        "backend": "oracle" if oracle else cfg.model_dump(exclude={"shard_size", "concurrency", "max_failure_rate", "retries", "timeout_s"}),
+        "backend": "oracle"
+        if oracle
+        else cfg.model_dump(exclude={"shard_size", "concurrency", "max_failure_rate", "retries", "timeout_s"}),
         "prompts": [EXTRACT, EXTRACT_GENERAL, EXTRACT_TAG, EXTRACT_TAG_GENERAL],
     }
     return hashlib.sha1(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -158,7 +164,9 @@ def _load_shards(folder: Path) -> tuple[dict[str, dict[str, tuple[str, str]]], i
     return answers, len(shards)
 
 
-def run_units(units: list[Unit], keys: list[AttributeKey], folder: Path, cfg: ExtractConfig, desc: str) -> tuple[dict, dict]:
+def run_units(
+    units: list[Unit], keys: list[AttributeKey], folder: Path, cfg: ExtractConfig, desc: str
+) -> tuple[dict, dict]:
     """Answer every unit's questions, resuming from and appending to the shards in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     answers, next_shard = _load_shards(folder)
@@ -215,7 +223,12 @@ def run_units(units: list[Unit], keys: list[AttributeKey], folder: Path, cfg: Ex
     bar.close()
     elapsed = time.time() - started
     computed = total - resumed
-    stats = {"resumed_items": resumed, "computed_items": computed, "seconds": elapsed, "items_per_s": computed / elapsed if elapsed > 0 else 0.0}
+    stats = {
+        "resumed_items": resumed,
+        "computed_items": computed,
+        "seconds": elapsed,
+        "items_per_s": computed / elapsed if elapsed > 0 else 0.0,
+    }
     return answers, stats
 
 

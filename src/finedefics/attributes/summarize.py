@@ -35,7 +35,9 @@ def kept_keys(keys: list[AttributeKey], types: list[str]) -> list[AttributeKey]:
     return [k for k in keys if k.general or k.type == "other" or k.type in types]
 
 
-def add_noise(values: pd.DataFrame, labels: dict[str, int], keys: list[AttributeKey], rate: float, seed: int) -> tuple[pd.DataFrame, int]:
+def add_noise(
+    values: pd.DataFrame, labels: dict[str, int], keys: list[AttributeKey], rate: float, seed: int
+) -> tuple[pd.DataFrame, int]:
     """Replace a share `rate` of attribute values (not the general description) by a value that an
     image of another category has for the same key, and differs from the current one."""
     general = {k.key for k in keys if k.general}
@@ -62,7 +64,9 @@ def _article(phrase: str) -> str:
 _OPENERS = ["Its {k} is {v}", "The {k} is {v}", "This {s} has {a} {v} {k}", "It shows {a} {v} {k}"]
 
 
-def template_description(superclass: str, general: str | None, pairs: list[tuple[str, str]], level: str, salt: int) -> str:
+def template_description(
+    superclass: str, general: str | None, pairs: list[tuple[str, str]], level: str, salt: int
+) -> str:
     """Deterministic sentences from (key, value) pairs; `salt` picks the phrasing."""
     if level == "short":
         parts = [f"whose {k} is {v}" for k, v in pairs[:2]]
@@ -71,7 +75,9 @@ def template_description(superclass: str, general: str | None, pairs: list[tuple
     groups = [pairs[i::ATTRIBUTE_SENTENCES] for i in range(min(ATTRIBUTE_SENTENCES, len(pairs)))]
     for j, group in enumerate(groups):
         clauses = [
-            _OPENERS[(salt + j + n) % len(_OPENERS)].format(k=k, v=v, s=superclass, a=_article(v)) if n == 0 else f"its {k} is {v}"
+            _OPENERS[(salt + j + n) % len(_OPENERS)].format(k=k, v=v, s=superclass, a=_article(v))
+            if n == 0
+            else f"its {k} is {v}"
             for n, (k, v) in enumerate(group)
         ]
         sentences.append(", and ".join(clauses) + ".")
@@ -80,7 +86,9 @@ def template_description(superclass: str, general: str | None, pairs: list[tuple
 
 def llm_prompt(superclass: str, general: str | None, pairs: list[tuple[str, str]], level: str) -> str:
     attributes = "\n".join(f"- {k}: {v}" for k, v in pairs) or "- (none)"
-    return SUMMARIZE.format(general=general or "(none)", attributes=attributes, superclass=superclass, sentences=SENTENCES[level])
+    return SUMMARIZE.format(
+        general=general or "(none)", attributes=attributes, superclass=superclass, sentences=SENTENCES[level]
+    )
 
 
 def name_pattern(names: list[str]) -> re.Pattern:
@@ -122,7 +130,10 @@ def summarize(
         general = next((r.value for r in rows if r.key == general_key), None)
         inputs.append((general, [(r.key, r.value) for r in rows if r.key != general_key]))
     if backend is None:
-        texts = [template_description(superclass, g, p, cfg.level, zlib.crc32(i.encode()) + seed) for i, (g, p) in zip(image_ids, inputs)]
+        texts = [
+            template_description(superclass, g, p, cfg.level, zlib.crc32(i.encode()) + seed)
+            for i, (g, p) in zip(image_ids, inputs)
+        ]
     else:
         prompts = [llm_prompt(superclass, g, p, cfg.level) for g, p in inputs]
         size = cfg.summarize.batch_size

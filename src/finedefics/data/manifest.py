@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 from PIL import Image
@@ -87,7 +87,9 @@ def build_manifest(
             check = Inspection("", 0, 0, f"listed more than once in the {img.split} split")
         seen.add((img.split, img.image_id))
         if check.reason:
-            rejected.append({"image_id": img.image_id, "path": location(file), "split": img.split, "reason": check.reason})
+            rejected.append(
+                {"image_id": img.image_id, "path": location(file), "split": img.split, "reason": check.reason}
+            )
             continue
         rows.append(
             {

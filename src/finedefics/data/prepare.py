@@ -42,7 +42,9 @@ def prepare_world(name: str, spec_file: Path, cfg: WorldConfig, seed: int, out: 
         images.append(SourceImage(item.split, image_id, item.label, image_id, item.attributes))
         extra[image_id] = {"deviation": item.deviation, "scene": json.dumps(scene, sort_keys=True)}
     source = Source(out, [c.name for c in classes], images)
-    manifest, rejected = build_manifest(source, spec.super_category, extra, location=lambda f: str(final / f.relative_to(out)))
+    manifest, rejected = build_manifest(
+        source, spec.super_category, extra, location=lambda f: str(final / f.relative_to(out))
+    )
     meta = {
         "dataset": name,
         "source": "world",

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from scipy.io import loadmat
@@ -90,7 +90,14 @@ def load_cub(base: Path) -> Source:
 def _cub_attributes(base: Path) -> dict[str, dict[str, str]] | None:
     """CUB's per-image attribute annotations as {image_id: {"bill shape": "hooked", ...}}, if present."""
     labels_file = base / "attributes" / "image_attribute_labels.txt"
-    names_file = next((p for p in (base / "attributes" / "attributes.txt", base / "attributes.txt", base.parent / "attributes.txt") if p.is_file()), None)
+    names_file = next(
+        (
+            p
+            for p in (base / "attributes" / "attributes.txt", base / "attributes.txt", base.parent / "attributes.txt")
+            if p.is_file()
+        ),
+        None,
+    )
     if not labels_file.is_file() or names_file is None:
         return None
     names = {}
@@ -110,9 +117,14 @@ def _cub_attributes(base: Path) -> dict[str, dict[str, str]] | None:
 def load_cars(base: Path) -> Source:
     devkit = base / "devkit"
     classes = [str(c) for c in _mat_list(loadmat(devkit / "cars_meta.mat", squeeze_me=True)["class_names"])]
-    test_annos = next(p for p in (base / "cars_test_annos_withlabels.mat", devkit / "cars_test_annos_withlabels.mat") if p.is_file())
+    test_annos = next(
+        p for p in (base / "cars_test_annos_withlabels.mat", devkit / "cars_test_annos_withlabels.mat") if p.is_file()
+    )
     images = []
-    for split, annos, folder in (("train", devkit / "cars_train_annos.mat", "cars_train"), ("test", test_annos, "cars_test")):
+    for split, annos, folder in (
+        ("train", devkit / "cars_train_annos.mat", "cars_train"),
+        ("test", test_annos, "cars_test"),
+    ):
         for a in _mat_list(loadmat(annos, squeeze_me=True)["annotations"]):
             fname = _mat_str(a["fname"])
             images.append(SourceImage(split, f"{folder}/{fname}", int(a["class"]) - 1, f"images/{fname}"))
@@ -132,7 +144,11 @@ def load_dogs(base: Path) -> Source:
 
 
 # torchvision's Flowers102.classes, with the three names FOCI spells differently.
-_FOCI_FLOWER_NAMES = {"globe-flower": "globe flower", "pink-yellow dahlia?": "pink and yellow dahlia", "ball moss": "air plant"}
+_FOCI_FLOWER_NAMES = {
+    "globe-flower": "globe flower",
+    "pink-yellow dahlia?": "pink and yellow dahlia",
+    "ball moss": "air plant",
+}
 
 
 def flower_classes() -> list[str]:
@@ -188,7 +204,9 @@ def load_flat(base: Path, foci_file: Path) -> Source:
     classes += sorted({c for _, c in train} - set(classes))
     index = {c: i for i, c in enumerate(classes)}
     images = [SourceImage("train", rel, index[c], rel) for rel, c in train]
-    images += [SourceImage("test", e["image"], index[c], e["image"]) for c, entries in reference.items() for e in entries]
+    images += [
+        SourceImage("test", e["image"], index[c], e["image"]) for c, entries in reference.items() for e in entries
+    ]
     return Source(base, classes, images)
 
 
@@ -199,12 +217,60 @@ def _lines(path: Path) -> list[str]:
 REAL_DATASETS: dict[str, RealDataset] = {
     d.name: d
     for d in (
-        RealDataset("bird-200", "bird", "birds", "species", ("images", "images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"), "CUB_200_2011", load_cub),
-        RealDataset("car-196", "car", "cars", "models", ("cars_train", "cars_test", "devkit/cars_meta.mat", "devkit/cars_train_annos.mat"), "stanford_cars", load_cars),
-        RealDataset("dog-120", "dog", "dogs", "breeds", ("Images", "train_list.mat", "test_list.mat"), "stanford_dogs", load_dogs),
-        RealDataset("flower-102", "flower", "flowers", "species", ("jpg", "imagelabels.mat", "setid.mat"), "flowers-102", load_flowers),
-        RealDataset("pet-37", "pet", "pets", "breeds", ("images", "annotations/trainval.txt", "annotations/test.txt"), "oxford-iiit-pet", load_pets),
-        RealDataset("aircraft-102", "aircraft", "aircrafts", "models", ("data/images", "data/variants.txt", "data/images_variant_trainval.txt", "data/images_variant_test.txt"), "fgvc-aircraft-2013b", load_aircraft),
+        RealDataset(
+            "bird-200",
+            "bird",
+            "birds",
+            "species",
+            ("images", "images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"),
+            "CUB_200_2011",
+            load_cub,
+        ),
+        RealDataset(
+            "car-196",
+            "car",
+            "cars",
+            "models",
+            ("cars_train", "cars_test", "devkit/cars_meta.mat", "devkit/cars_train_annos.mat"),
+            "stanford_cars",
+            load_cars,
+        ),
+        RealDataset(
+            "dog-120",
+            "dog",
+            "dogs",
+            "breeds",
+            ("Images", "train_list.mat", "test_list.mat"),
+            "stanford_dogs",
+            load_dogs,
+        ),
+        RealDataset(
+            "flower-102",
+            "flower",
+            "flowers",
+            "species",
+            ("jpg", "imagelabels.mat", "setid.mat"),
+            "flowers-102",
+            load_flowers,
+        ),
+        RealDataset(
+            "pet-37",
+            "pet",
+            "pets",
+            "breeds",
+            ("images", "annotations/trainval.txt", "annotations/test.txt"),
+            "oxford-iiit-pet",
+            load_pets,
+        ),
+        RealDataset(
+            "aircraft-102",
+            "aircraft",
+            "aircrafts",
+            "models",
+            ("data/images", "data/variants.txt", "data/images_variant_trainval.txt", "data/images_variant_test.txt"),
+            "fgvc-aircraft-2013b",
+            load_aircraft,
+        ),
     )
 }
 FLAT_REQUIRED = ("images", "train.csv")
@@ -219,7 +285,9 @@ def load_real(name: str, root: Path) -> Source:
         )
     for base in (root, root / spec.subfolder):
         if all((base / r).exists() for r in spec.required):
-            if name == "car-196" and not any((p / "cars_test_annos_withlabels.mat").is_file() for p in (base, base / "devkit")):
+            if name == "car-196" and not any(
+                (p / "cars_test_annos_withlabels.mat").is_file() for p in (base, base / "devkit")
+            ):
                 continue
             return spec.load(base)
     if all((root / r).exists() for r in FLAT_REQUIRED):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import colorsys
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import yaml
@@ -63,7 +63,7 @@ class WorldSpec:
     attributes: dict[str, AttributeSpec]
 
     @classmethod
-    def load(cls, path: str | Path) -> "WorldSpec":
+    def load(cls, path: str | Path) -> WorldSpec:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"world spec {path} not found")
@@ -105,7 +105,30 @@ def dataset_rng(seed: int, name: str, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode()), *keys])
 
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kl", "qu", "st", "tr", "th"]
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kl",
+    "qu",
+    "st",
+    "tr",
+    "th",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ei"]
 _CODAS = ["", "", "n", "l", "r", "s", "m", "x", "th"]
 
@@ -168,7 +191,9 @@ def make_classes(spec: WorldSpec, cfg: WorldConfig, rng: np.random.Generator) ->
     return classes
 
 
-def image_profile(spec: WorldSpec, profile: dict[str, str], rate: float, rng: np.random.Generator) -> tuple[dict[str, str], str]:
+def image_profile(
+    spec: WorldSpec, profile: dict[str, str], rate: float, rng: np.random.Generator
+) -> tuple[dict[str, str], str]:
     """The attributes one image shows: its class profile, one key deviating with probability `rate`."""
     if rng.random() >= rate:
         return dict(profile), ""
@@ -202,7 +227,12 @@ class Canvas:
         for x, y in pts:
             x = -x if self.flip else x
             xr, yr = x * c - y * s, x * s + y * c
-            out.append((self.size * (0.5 + self.offset[0] + self.scale * xr), self.size * (0.5 + self.offset[1] + self.scale * yr)))
+            out.append(
+                (
+                    self.size * (0.5 + self.offset[0] + self.scale * xr),
+                    self.size * (0.5 + self.offset[1] + self.scale * yr),
+                )
+            )
         return out
 
     def px(self, length: float) -> float:
@@ -220,12 +250,22 @@ class Canvas:
         return mask
 
     def outline(self, pts: list[Point], color: tuple[int, int, int]) -> None:
-        ImageDraw.Draw(self.image).polygon(self.tf(pts), outline=_shade(color, 0.55), width=max(1, round(self.px(0.012))))
+        ImageDraw.Draw(self.image).polygon(
+            self.tf(pts), outline=_shade(color, 0.55), width=max(1, round(self.px(0.012)))
+        )
 
     def line(self, a: Point, b: Point, color: tuple[int, int, int], width: float) -> None:
         ImageDraw.Draw(self.image).line(self.tf([a, b]), fill=color, width=max(1, round(self.px(width))))
 
-    def texture(self, pattern: str, mask: Image.Image, color: tuple[int, int, int], centre: Point, extent: float, rng: np.random.Generator) -> None:
+    def texture(
+        self,
+        pattern: str,
+        mask: Image.Image,
+        color: tuple[int, int, int],
+        centre: Point,
+        extent: float,
+        rng: np.random.Generator,
+    ) -> None:
         """Stripes or spots in a contrasting shade, clipped to `mask`."""
         if pattern == "plain":
             return
@@ -265,7 +305,10 @@ def _ellipse(c: Point, rx: float, ry: float, rot: float = 0.0, n: int = 40) -> l
 
 def _rotate(pts: list[Point], about: Point, angle: float) -> list[Point]:
     c, s = math.cos(angle), math.sin(angle)
-    return [(about[0] + (x - about[0]) * c - (y - about[1]) * s, about[1] + (x - about[0]) * s + (y - about[1]) * c) for x, y in pts]
+    return [
+        (about[0] + (x - about[0]) * c - (y - about[1]) * s, about[1] + (x - about[0]) * s + (y - about[1]) * c)
+        for x, y in pts
+    ]
 
 
 def _shade(color: tuple[int, int, int], f: float) -> tuple[int, int, int]:
@@ -282,7 +325,9 @@ def _jitter(color: tuple[int, int, int], rng: np.random.Generator) -> tuple[int,
     return tuple(int(v) for v in np.clip(noisy, 0, 255))  # type: ignore[return-value]
 
 
-def _draw_bird(cv: Canvas, p: dict[str, str], colors: Callable[[str], tuple[int, int, int]], rng: np.random.Generator) -> None:
+def _draw_bird(
+    cv: Canvas, p: dict[str, str], colors: Callable[[str], tuple[int, int, int]], rng: np.random.Generator
+) -> None:
     body = colors(p["body color"])
     tails = {
         "fan": [(-0.26, -0.06), (-0.50, -0.20), (-0.55, 0.0), (-0.50, 0.20), (-0.26, 0.06)],
@@ -308,7 +353,9 @@ def _draw_bird(cv: Canvas, p: dict[str, str], colors: Callable[[str], tuple[int,
     cv.fill("eye", _ellipse((0.33, -0.17), 0.025, 0.025), (15, 15, 15), outline=False)
 
 
-def _draw_flower(cv: Canvas, p: dict[str, str], colors: Callable[[str], tuple[int, int, int]], rng: np.random.Generator) -> None:
+def _draw_flower(
+    cv: Canvas, p: dict[str, str], colors: Callable[[str], tuple[int, int, int]], rng: np.random.Generator
+) -> None:
     cv.line((0.0, -0.1), (0.0, 0.55), (70, 120, 50), 0.03)
     leaf = colors(p["leaf color"])
     leaves = {"round": (0.11, 0.07), "long": (0.20, 0.04), "pointed": None}
@@ -328,7 +375,8 @@ def _draw_flower(cv: Canvas, p: dict[str, str], colors: Callable[[str], tuple[in
         "narrow": lambda: _ellipse((0.0, -0.17), 0.035, 0.15),
     }
     petals = [
-        _rotate([(head * x, head * y + centre[1]) for x, y in shapes[p["petal shape"]]()], centre, k * math.pi / 3) for k in range(6)
+        _rotate([(head * x, head * y + centre[1]) for x, y in shapes[p["petal shape"]]()], centre, k * math.pi / 3)
+        for k in range(6)
     ]
     for pts in petals:
         cv.fill("petal", pts, petal, outline=False)
@@ -400,13 +448,23 @@ def _tint_name(rgb: tuple[int, ...]) -> str:
     hue, sat, _ = colorsys.rgb_to_hsv(r, g, b)
     if sat < 0.06:
         return "light grey"
-    for limit, name in ((0.05, "pink"), (0.18, "yellow"), (0.45, "green"), (0.55, "cyan"), (0.72, "blue"), (0.92, "purple"), (1.01, "pink")):
+    for limit, name in (
+        (0.05, "pink"),
+        (0.18, "yellow"),
+        (0.45, "green"),
+        (0.55, "cyan"),
+        (0.72, "blue"),
+        (0.92, "purple"),
+        (1.01, "pink"),
+    ):
         if hue < limit:
             return f"pale {name}"
     return "pale pink"
 
 
-def render(spec: WorldSpec, profile: dict[str, str], size: int, rng: np.random.Generator) -> tuple[Image.Image, dict[str, np.ndarray], dict[str, str]]:
+def render(
+    spec: WorldSpec, profile: dict[str, str], size: int, rng: np.random.Generator
+) -> tuple[Image.Image, dict[str, np.ndarray], dict[str, str]]:
     """Draw one image of `profile`; returns it, a boolean mask per part (plus "object") and the scene
     (facing, background, clutter), which is ground truth for the general description.
 
@@ -459,7 +517,9 @@ def image_plan(spec: WorldSpec, classes: list[WorldClass], cfg: WorldConfig, see
     return plan
 
 
-def draw_image(spec: WorldSpec, item: WorldImage, cfg: WorldConfig, seed: int, name: str) -> tuple[Image.Image, dict[str, str]]:
+def draw_image(
+    spec: WorldSpec, item: WorldImage, cfg: WorldConfig, seed: int, name: str
+) -> tuple[Image.Image, dict[str, str]]:
     """The image and its scene description."""
     rng = dataset_rng(seed, name, 2, item.label, item.split == "test", item.index)
     image, _, scene = render(spec, item.attributes, cfg.image_size, rng)

@@ -15,7 +15,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int = 0) -> float:
+def probe_accuracy(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int = 0
+) -> float:
     """Linear probing (Table 1): logistic regression on standardised features, test accuracy."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -47,7 +49,9 @@ def inter_class_distance(x: np.ndarray, labels: np.ndarray) -> float:
 def intra_class_variance(x: np.ndarray, labels: np.ndarray) -> float:
     """Table 10: mean squared distance of the normalised vectors to their class centroid."""
     u = _unit(x)
-    return float(np.mean([np.sum((u[labels == c] - u[labels == c].mean(0)) ** 2, axis=1).mean() for c in np.unique(labels)]))
+    return float(
+        np.mean([np.sum((u[labels == c] - u[labels == c].mean(0)) ** 2, axis=1).mean() for c in np.unique(labels)])
+    )
 
 
 def modality_gap(objects: np.ndarray, categories: np.ndarray) -> float:
@@ -80,7 +84,16 @@ def plot_tsne(groups: dict[str, tuple[np.ndarray, np.ndarray]], title: str, out:
     start = 0
     for (name, (v, labels)), marker in zip(groups.items(), "o*^s"):
         part = xy[start : start + len(v)]
-        ax.scatter(part[:, 0], part[:, 1], c=labels, cmap="tab20", marker=marker, s=60 if marker == "*" else 12, label=name, edgecolors="none")
+        ax.scatter(
+            part[:, 0],
+            part[:, 1],
+            c=labels,
+            cmap="tab20",
+            marker=marker,
+            s=60 if marker == "*" else 12,
+            label=name,
+            edgecolors="none",
+        )
         start += len(v)
     ax.set_title(title)
     ax.set_xticks([])

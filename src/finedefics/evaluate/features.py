@@ -27,7 +27,9 @@ def _collect(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Features:
 def objects(mllm: MLLM, paths: list[str], batch_size: int = 32) -> Features:
     """Each image's visual tokens and an EOS embedding, through the LLM."""
     adapter = Adapter(mllm.model, mllm.tokenizer.eos_token_id)
-    return _collect([adapter.object_states(pixels(mllm, paths[i : i + batch_size])) for i in range(0, len(paths), batch_size)])
+    return _collect(
+        [adapter.object_states(pixels(mllm, paths[i : i + batch_size])) for i in range(0, len(paths), batch_size)]
+    )
 
 
 @torch.no_grad()

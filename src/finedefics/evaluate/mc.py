@@ -36,7 +36,9 @@ def items(options: dict[str, list[dict]], paths: dict[str, str], classes: list[s
         for e in options[cls]:
             unknown = [o for o in e["options"] if o not in known]
             if unknown:
-                raise ValueError(f"option file: {e['image']} offers {unknown[0]!r}, which is not a class of this dataset")
+                raise ValueError(
+                    f"option file: {e['image']} offers {unknown[0]!r}, which is not a class of this dataset"
+                )
             rng = np.random.default_rng([seed, zlib.crc32(e["image"].encode())])
             shown = [e["options"][i] for i in rng.permutation(len(e["options"]))]
             out.append(Item(e["image"], paths.get(e["image"], ""), e["groundtruth"], shown))
@@ -51,7 +53,9 @@ def open_image(path: str) -> Image.Image | None:
         return None
 
 
-def _answers(mllm: MLLM, questions: list[str], paths: list[str], batch_size: int, max_new_tokens: int, desc: str) -> list[str | None]:
+def _answers(
+    mllm: MLLM, questions: list[str], paths: list[str], batch_size: int, max_new_tokens: int, desc: str
+) -> list[str | None]:
     """Greedy answers, batched with left padding; None where the image cannot be read."""
     out: list[str | None] = []
     for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
@@ -66,10 +70,19 @@ def _answers(mllm: MLLM, questions: list[str], paths: list[str], batch_size: int
     return out
 
 
-def evaluate(mllm: MLLM, plural: str, entries: list[Item], batch_size: int = 32, max_new_tokens: int = 5, desc: str = "evaluate") -> list[dict]:
+def evaluate(
+    mllm: MLLM, plural: str, entries: list[Item], batch_size: int = 32, max_new_tokens: int = 5, desc: str = "evaluate"
+) -> list[dict]:
     """One prediction per entry in FOCI's results format; unreadable images count as failures."""
     question = query(plural)
-    raw = _answers(mllm, [mc_question(question, e.options) for e in entries], [e.path for e in entries], batch_size, max_new_tokens, desc)
+    raw = _answers(
+        mllm,
+        [mc_question(question, e.options) for e in entries],
+        [e.path for e in entries],
+        batch_size,
+        max_new_tokens,
+        desc,
+    )
     results = []
     for e, text in zip(entries, raw):
         letter = parse_choice(text, len(e.options)) if text is not None else None
@@ -92,11 +105,17 @@ def normalise(name: str) -> str:
     return " ".join(re.sub(r"[^0-9a-z]+", " ", name.lower()).split())
 
 
-def open_set(mllm: MLLM, superclass: str, paths: list[str], truths: list[str], batch_size: int = 32, max_new_tokens: int = 12) -> list[dict]:
+def open_set(
+    mllm: MLLM, superclass: str, paths: list[str], truths: list[str], batch_size: int = 32, max_new_tokens: int = 12
+) -> list[dict]:
     """Open-set recognition: the generated name against the class name, normalised."""
     raw = _answers(mllm, [open_question(superclass)] * len(paths), paths, batch_size, max_new_tokens, "open-set")
     return [
-        {"predicted_raw": UNREADABLE if t is None else t, "groundtruth": g, "correct": t is not None and normalise(t) == normalise(g)}
+        {
+            "predicted_raw": UNREADABLE if t is None else t,
+            "groundtruth": g,
+            "correct": t is not None and normalise(t) == normalise(g),
+        }
         for t, g in zip(raw, truths)
     ]
 

@@ -60,7 +60,9 @@ def pretraining_examples(datasets: list[WorldDataset], seed: int, knowledge_repe
         attrs = ds.classes["attributes"]
         for row in ds.split("train").itertuples():
             values = json.loads(row.attributes)
-            examples.append(ChatExample(wt.caption_question(ds.superclass), wt.caption(ds.superclass, ds.keys, values), row.path))
+            examples.append(
+                ChatExample(wt.caption_question(ds.superclass), wt.caption(ds.superclass, ds.keys, values), row.path)
+            )
             key = str(rng.choice(ds.keys))
             wrong = [v for v in attrs[key]["values"] if v != values[key]]
             options = shuffled([values[key], *rng.choice(wrong, size=min(3, len(wrong)), replace=False)], rng)
@@ -70,7 +72,9 @@ def pretraining_examples(datasets: list[WorldDataset], seed: int, knowledge_repe
         for c in classes:
             text = wt.knowledge(c["name"], ds.superclass, ds.keys, c["profile"])
             examples += [ChatExample(wt.knowledge_question(c["name"]), text)] * knowledge_repeats
-            examples.append(ChatExample("Tell me about a category.", wt.knowledge_statement(c["name"], ds.keys, c["profile"])))
+            examples.append(
+                ChatExample("Tell me about a category.", wt.knowledge_statement(c["name"], ds.keys, c["profile"]))
+            )
             for _ in range(2):
                 key = str(rng.choice(ds.keys))
                 others = [o["name"] for o in classes if o["profile"][key] != c["profile"][key]]
@@ -78,7 +82,10 @@ def pretraining_examples(datasets: list[WorldDataset], seed: int, knowledge_repe
                     continue
                 options = shuffled([c["name"], *rng.choice(others, size=3, replace=False)], rng)
                 value = c["profile"][key]
-                question = mc_question(f"Which of these {ds.classes['plural']} has {'an' if value[0] in 'aeiou' else 'a'} {value} {key}?", options)
+                question = mc_question(
+                    f"Which of these {ds.classes['plural']} has {'an' if value[0] in 'aeiou' else 'a'} {value} {key}?",
+                    options,
+                )
                 examples.append(ChatExample(question, "ABCD"[options.index(c["name"])]))
     return examples
 
@@ -95,7 +102,10 @@ def tokenizer_corpus(datasets: list[WorldDataset], examples: list[ChatExample]) 
         turns.append((mc_question(query(ds.classes["plural"]), names[:4]), "A"))
         turns += [(open_question(ds.superclass), n) for n in names]
         turns += [(describe_question(ds.superclass), s) for s in ds.manifest.scene if s]
-    return [template.render(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in turns]
+    return [
+        template.render(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        for q, a in turns
+    ]
 
 
 def build_base(
@@ -111,7 +121,9 @@ def build_base(
 
 
 @torch.no_grad()
-def answer_all(mllm: MLLM, questions: list[str], images: list[str] | None, max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def answer_all(
+    mllm: MLLM, questions: list[str], images: list[str] | None, max_new_tokens: int, batch_size: int = 32
+) -> list[str]:
     out: list[str] = []
     index = list(range(len(questions)))
     for chunk in tqdm(list(iterate(index, batch_size)), desc="generate", unit="batch", leave=False):
@@ -137,7 +149,9 @@ def diagnose(mllm: MLLM, datasets: list[WorldDataset], seed: int) -> tuple[dict[
         names = [c["name"] for c in ds.classes["classes"]]
         known = answer_all(mllm, [wt.knowledge_question(n) for n in names], None, 96)
         knowledge_right = [
-            wt.read_values(text, ds.keys).get(k) == v for text, c in zip(known, ds.classes["classes"]) for k, v in c["profile"].items()
+            wt.read_values(text, ds.keys).get(k) == v
+            for text, c in zip(known, ds.classes["classes"])
+            for k, v in c["profile"].items()
         ]
         rng = np.random.default_rng([seed, 3])
         questions, truth = [], []
@@ -157,6 +171,11 @@ def diagnose(mllm: MLLM, datasets: list[WorldDataset], seed: int) -> tuple[dict[
             }
         )
         samples[ds.name] = [captions[0], known[0], answers[0]]
-    for metric in ("caption_attribute_accuracy", "knowledge_attribute_accuracy", "zero_shot_mc_accuracy", "zero_shot_mc_failure_rate"):
+    for metric in (
+        "caption_attribute_accuracy",
+        "knowledge_attribute_accuracy",
+        "zero_shot_mc_accuracy",
+        "zero_shot_mc_failure_rate",
+    ):
         metrics[metric] = float(np.mean([metrics[f"{ds.name}/{metric}"] for ds in datasets]))
     return metrics, samples

@@ -35,8 +35,20 @@ def class_prompt(name: str) -> str:
 def tiny_model_config(cfg: TinyCLIPConfig, image_size: int) -> dict:
     return {
         "embed_dim": cfg.embed_dim,
-        "vision_cfg": {"image_size": image_size, "layers": cfg.layers, "width": cfg.width, "patch_size": cfg.patch, "head_width": 32},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": cfg.width, "heads": cfg.width // 32, "layers": cfg.layers},
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": cfg.layers,
+            "width": cfg.width,
+            "patch_size": cfg.patch,
+            "head_width": 32,
+        },
+        "text_cfg": {
+            "context_length": 32,
+            "vocab_size": 49408,
+            "width": cfg.width,
+            "heads": cfg.width // 32,
+            "layers": cfg.layers,
+        },
     }
 
 
@@ -54,7 +66,7 @@ class Clip:
     tokenizer: object
 
     @classmethod
-    def load(cls, spec: str, tiny_dir: Path = TINY_DIR) -> "Clip":
+    def load(cls, spec: str, tiny_dir: Path = TINY_DIR) -> Clip:
         if spec == "tiny":
             spec = f"local-dir:{tiny_dir}"
         if spec.startswith(("local-dir:", "hf-hub:")):

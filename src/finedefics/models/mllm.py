@@ -23,7 +23,7 @@ class MLLM:
     processor: object
 
     @classmethod
-    def load(cls, path: str | Path, dtype: torch.dtype | None = None) -> "MLLM":
+    def load(cls, path: str | Path, dtype: torch.dtype | None = None) -> MLLM:
         processor = AutoProcessor.from_pretrained(str(path))
         model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
         model.eval()
@@ -95,6 +95,9 @@ class MLLM:
         shared = features.to(embeds.dtype).repeat(len(prompts), 1)
         embeds = embeds.masked_scatter(mask, shared)
         out = self.model.generate(
-            inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False
+            inputs_embeds=embeds,
+            attention_mask=inputs["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
         )
         return self._decode(out)

@@ -73,7 +73,9 @@ def check_clip(spec: str, key: str = "model.clip") -> dict:
             raise ModelNotAvailable(f"{key} {spec!r}: expected open_clip_config.json and weights in {folder}")
         return {"model": spec, "files": {p.name: sha256(p) for p in weights}}
     if ":" not in spec:
-        raise ValueError(f"{key} {spec!r}: expected tiny, <architecture>:<pretrained tag or file> or local-dir:<folder>")
+        raise ValueError(
+            f"{key} {spec!r}: expected tiny, <architecture>:<pretrained tag or file> or local-dir:<folder>"
+        )
     name, pretrained = spec.split(":", 1)
     if name not in open_clip.list_models():
         raise ValueError(f"{key} {spec!r}: unknown open_clip architecture {name!r}")

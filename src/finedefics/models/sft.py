@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -55,7 +55,9 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = batch["labels"]
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
     targets = labels[:, 1:]
-    per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none")
+    per_token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    )
     per_token = per_token.view(targets.shape)
     counts = (targets != -100).sum(1).clamp(min=1)
     return (per_token.sum(1) / counts).mean()

@@ -60,10 +60,14 @@ def _text_config(tok: PreTrainedTokenizerFast, s: TinySizes) -> MistralConfig:
 
 def _generation_config(tok: PreTrainedTokenizerFast) -> GenerationConfig:
     stop = [tok.eos_token_id, tok.convert_tokens_to_ids(END_OF_UTTERANCE)]
-    return GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=stop, pad_token_id=tok.pad_token_id, do_sample=False)
+    return GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=stop, pad_token_id=tok.pad_token_id, do_sample=False
+    )
 
 
-def build_idefics2(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0) -> tuple[Idefics2ForConditionalGeneration, Idefics2Processor]:
+def build_idefics2(
+    tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0
+) -> tuple[Idefics2ForConditionalGeneration, Idefics2Processor]:
     """A randomly initialised tiny Idefics2 and its processor (no image splitting)."""
     text = _text_config(tok, sizes)
     config = Idefics2Config(
@@ -104,7 +108,9 @@ def build_idefics2(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0
     image_processor = Idefics2ImageProcessor(
         do_image_splitting=False, size={"longest_edge": sizes.image_size, "shortest_edge": sizes.image_size}
     )
-    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=sizes.latents, chat_template=CHAT_TEMPLATE)
+    processor = Idefics2Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=sizes.latents, chat_template=CHAT_TEMPLATE
+    )
     return model, processor
 
 
@@ -118,7 +124,13 @@ def build_causal_lm(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 
 
 def build_llava(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0):
     """A randomly initialised tiny LLaVA-1.5 (CLIP-style vision tower, MLP projector, Mistral LM)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     vision = CLIPVisionConfig(
         hidden_size=sizes.vision_hidden,
