@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from finedefics.align.finetune import resolve
 from finedefics.data.prepared import PREPARED, load_prepared
 from finedefics.evaluate.mc import evaluate, items
 from finedefics.models.mllm import MLLM
+from finedefics.models.paths import resolve
 
 
 def main() -> None:
@@ -31,19 +31,17 @@ def main() -> None:
     prepared = PREPARED / args.dataset
     if not (prepared / "images.parquet").is_file():
         raise SystemExit(f"{prepared}: not prepared; run `dvc repro` first")
-    manifest, classes = load_prepared(args.dataset)
-    test = manifest[manifest.split == "test"]
+    dataset = load_prepared(args.dataset)
+    test = dataset.test
     options = json.loads((Path("data/eval_options") / f"{args.dataset}.json").read_text())
-    entries = items(options, dict(zip(test.foci_key, test.path)), [c["name"] for c in classes["classes"]], 0)[
-        : args.images
-    ]
+    entries = items(options, dict(zip(test.foci_key, test.path)), dataset.names, 0)[: args.images]
     mllm = MLLM.load(resolve(args.model))
-    evaluate(mllm, classes["plural"], entries[: args.batch], batch_size=args.batch, desc="warm-up")
+    evaluate(mllm, dataset.plural, entries[: args.batch], batch_size=args.batch, desc="warm-up")
     start = time.perf_counter()
-    batched = evaluate(mllm, classes["plural"], entries, batch_size=args.batch, desc="batched")
+    batched = evaluate(mllm, dataset.plural, entries, batch_size=args.batch, desc="batched")
     t_batched = time.perf_counter() - start
     start = time.perf_counter()
-    single = evaluate(mllm, classes["plural"], entries, batch_size=1, desc="one at a time")
+    single = evaluate(mllm, dataset.plural, entries, batch_size=1, desc="one at a time")
     t_single = time.perf_counter() - start
     same = sum(a["predicted"] == b["predicted"] for a, b in zip(batched, single)) / len(entries)
     print(f"{len(entries)} test images of {args.dataset}, model {resolve(args.model)}, torch threads 2")

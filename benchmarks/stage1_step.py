@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from finedefics.align.adapter import Adapter
 from finedefics.align.instructions import stage1_frame
 from finedefics.align.losses import Temperature
 from finedefics.align.steps import Stage1
@@ -30,34 +29,33 @@ from finedefics.config import TinyMLLMConfig, WorldConfig
 from finedefics.data.prepare import prepare_world
 from finedefics.models import world_text as wt
 from finedefics.models.mllm import MLLM
+from finedefics.models.representations import Representations
 from finedefics.models.tiny import TinySizes, build_idefics2
 from finedefics.models.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class PerTextAdapter(Adapter):
+class PerTextReader(Representations):
     """The baseline of a loop over examples: one LLM pass per text."""
 
     def encode_texts(self, ids):
-        return torch.cat([super(PerTextAdapter, self).encode_texts([t]) for t in ids])
+        return torch.cat([super(PerTextReader, self).encode_texts([t]) for t in ids])
 
 
 class PerTextStage1(Stage1):
     @property
-    def adapter(self):
-        return PerTextAdapter(self.mllm.model, self.mllm.tokenizer.eos_token_id)
+    def reader(self):
+        return PerTextReader(self.mllm.model, self.mllm.tokenizer.eos_token_id)
 
 
 def world_rows(root: Path, batch: int) -> tuple[pd.DataFrame, list[str]]:
     cfg = WorldConfig(categories=12, cluster_size=3, train_per_class=4, test_per_class=1, image_size=64)
     out = root / "toy-bird"
     prepared = prepare_world("toy-bird", REPO / "world" / "toy-bird.yaml", cfg, 0, out, out)
-    manifest, classes = prepared.manifest, prepared.classes
-    keys = list(classes["attributes"])
-    train = manifest[manifest.split == "train"]
+    dataset = prepared.dataset
+    keys, train, names = dataset.keys, dataset.train, dataset.names
     text = {r.image_id: wt.caption("bird", keys, json.loads(r.attributes)) for r in train.itertuples()}
-    names = [c["name"] for c in classes["classes"]]
     first = train.groupby("label").image_id.first()
     rng = np.random.default_rng(0)
     negatives = []
@@ -67,14 +65,12 @@ def world_rows(root: Path, batch: int) -> tuple[pd.DataFrame, list[str]]:
             {
                 "image_id": r.image_id,
                 "label": r.label,
-                "negative_classes": [names[i] for i in wrong],
+                "negative_categories": [names[i] for i in wrong],
                 "negative_descriptions": [text[first[i]] for i in wrong],
             }
         )
     frame = stage1_frame(
-        "toy-bird",
-        manifest,
-        classes,
+        dataset,
         pd.DataFrame({"image_id": list(text), "description": list(text.values())}),
         pd.DataFrame(negatives),
     )
@@ -97,7 +93,7 @@ def main() -> None:
         index = {n: i for i, n in enumerate(names)}
 
         def timed(kind, one_pass=True):
-            stage = kind(mllm, Temperature(), "obj-att-cat", True, True, index, one_pass)
+            stage = kind(mllm, Temperature(0.07), "obj-att-cat", True, True, index, "bounded", one_pass)
             times, loss = [], None
             for step in range(args.steps + 1):  # the first step warms up
                 start = time.perf_counter()

@@ -42,7 +42,9 @@ def qlora_steps(model_dir: Path, rows: pd.DataFrame, batch: int, steps: int) -> 
     model = load_trainable(str(model_dir), ModelConfig(finetune="qlora", lora=LoraConfig(r=8, alpha=8)), True, "cuda")
     mllm = MLLM(model, load_processor(str(model_dir)))
     names = sorted(set(rows.category) | {c for cs in rows.negative_categories for c in cs})
-    stage = Stage1(mllm, Temperature().cuda(), "obj-att-cat", True, True, {n: i for i, n in enumerate(names)})
+    stage = Stage1(
+        mllm, Temperature(0.07).cuda(), "obj-att-cat", True, True, {n: i for i, n in enumerate(names)}, "logsumexp"
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + [stage.temperature.value], lr=2e-4)
     torch.cuda.reset_peak_memory_stats()
     times = []

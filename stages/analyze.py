@@ -11,10 +11,10 @@ Numbers to metrics/analysis.json, images to plots/analysis/<model>/<dataset>/.
 from pathlib import Path
 
 from finedefics.config import load_or_exit
+from finedefics.io import run_main
 
 DESCRIBE = "Give a brief description of distinguishing features of {name}"
 PER_CLASS = 12  # sampled descriptions per category: half to train the probe, half to test it
-MODELS = ("base", "finedefics")
 
 
 def main() -> None:
@@ -23,25 +23,25 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from finedefics.align.run import model_path
     from finedefics.data.prepared import load_prepared
     from finedefics.evaluate import analysis as an
     from finedefics.evaluate import features
     from finedefics.io import read_json, write_json
     from finedefics.models.mllm import MLLM
+    from finedefics.models.paths import Role, model_path
     from finedefics.tracking import stage_run
 
     plots = Path("plots/analysis")
     results: dict = {}
     with stage_run("analyze", params) as run:
-        for which in MODELS:
+        for role in Role:
+            which = role.value
             torch.manual_seed(params.seed)
-            mllm = MLLM.load(model_path(params, which))
+            mllm = MLLM.load(model_path(params.model, role))
             results[which] = {}
             for name in params.datasets:
-                manifest, classes = load_prepared(name)
-                names = [c["name"] for c in classes["classes"]]
-                train, test = manifest[manifest.split == "train"], manifest[manifest.split == "test"]
+                dataset = load_prepared(name)
+                names, train, test = dataset.names, dataset.train, dataset.test
                 o_train, o_test = features.objects(mllm, list(train.path)), features.objects(mllm, list(test.path))
                 y_train, y_test = train.label.to_numpy(), test.label.to_numpy()
                 cats = features.texts(mllm, names)
@@ -128,4 +128,4 @@ def describe(mllm, names: list[str], seed: int) -> list[list[str]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from finedefics.config import TINY_BASES, load_or_exit
+from finedefics.config import load_or_exit
+from finedefics.io import run_main
 
 BASE, CLIP, METRICS = Path("models/base"), Path("models/clip"), Path("metrics/bootstrap.json")
 
@@ -25,6 +26,7 @@ def main() -> None:
     from finedefics.data.prepare import is_world
     from finedefics.data.prepared import load_prepared
     from finedefics.io import atomic_path, write_json
+    from finedefics.models.families import TINY_BASES
     from finedefics.models.resolve import ModelNotAvailable, check_clip, check_mllm
     from finedefics.tracking import stage_run
 
@@ -48,11 +50,11 @@ def main() -> None:
         with stage_run("bootstrap", params) as run:
             if params.model.base in TINY_BASES:
                 from finedefics.models import sft
-                from finedefics.models.bootstrap import WorldDataset, build_base, diagnose
+                from finedefics.models.bootstrap import build_base, diagnose
 
-                datasets = [WorldDataset(n, *load_prepared(n)) for n in world]
+                datasets = [load_prepared(n) for n in world]
                 cfg = params.bootstrap.mllm
-                family = TINY_BASES[params.model.base]
+                family = TINY_BASES[params.model.base].name
                 mllm, examples = build_base(datasets, cfg, params.world.image_size, params.seed, family)
                 n_params = sum(p.numel() for p in mllm.model.parameters())
                 print(
@@ -66,7 +68,7 @@ def main() -> None:
                     cfg.lr,
                     params.seed,
                     "pre-train base",
-                    log=lambda m, step: run.log_metrics({f"base_{k}": v for k, v in m.items()}, step),
+                    log=run.every(10, prefix="base_"),
                 )
                 with atomic_path(BASE) as tmp:
                     mllm.model.save_pretrained(tmp)
@@ -92,11 +94,9 @@ def main() -> None:
 
                 images, texts = [], []
                 data = {n: load_prepared(n) for n in world}
-                for manifest, classes in data.values():
-                    train = manifest[manifest.split == "train"]
-                    names = [c["name"] for c in classes["classes"]]
-                    images += list(train.path)
-                    texts += [train_prompt(names[label], classes["super_category"]) for label in train.label]
+                for ds in data.values():
+                    images += list(ds.train.path)
+                    texts += [train_prompt(ds.names[label], ds.super_category) for label in ds.train.label]
                 with atomic_path(CLIP) as tmp:
                     clip = train_tiny(
                         params.bootstrap.clip,
@@ -105,13 +105,10 @@ def main() -> None:
                         texts,
                         params.seed,
                         tmp,
-                        log=lambda m, step: run.log_metrics(m, step),
+                        log=run.every(10, prefix="clip_"),
                     )
-                for name, (manifest, classes) in data.items():
-                    test = manifest[manifest.split == "test"]
-                    acc = zero_shot_accuracy(
-                        clip, list(test.path), list(test.label), [c["name"] for c in classes["classes"]]
-                    )
+                for name, ds in data.items():
+                    acc = zero_shot_accuracy(clip, list(ds.test.path), list(ds.test.label), ds.names)
                     metrics[f"{name}/clip_zero_shot_accuracy"] = acc
             else:
                 record = check_clip(params.model.clip)
@@ -129,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,6 +8,7 @@ descriptions and categories) and stage2.parquet (open-set QA and, unless instruc
 from pathlib import Path
 
 from finedefics.config import load_or_exit
+from finedefics.io import run_main
 
 
 def main() -> None:
@@ -16,21 +17,21 @@ def main() -> None:
     import pandas as pd
 
     from finedefics.align.instructions import stage1_frame, stage2_frame
+    from finedefics.artefacts import DESCRIPTIONS, NEGATIVES, STAGE1, STAGE2
     from finedefics.data.prepared import load_prepared
-    from finedefics.io import write_parquet
     from finedefics.tracking import stage_run
 
     stage1, stage2 = [], []
     for name in params.datasets:
-        manifest, classes = load_prepared(name)
-        descriptions = pd.read_parquet(Path("data/descriptions") / f"{name}.parquet")
-        negatives = pd.read_parquet(Path("data/negatives") / f"{name}.parquet")
-        stage1.append(stage1_frame(name, manifest, classes, descriptions, negatives))
-        stage2.append(stage2_frame(name, manifest, classes, negatives, params.instructions.stage2, params.seed))
+        dataset = load_prepared(name)
+        descriptions = DESCRIPTIONS.read(Path("data/descriptions") / f"{name}.parquet")
+        negatives = NEGATIVES.read(Path("data/negatives") / f"{name}.parquet")
+        stage1.append(stage1_frame(dataset, descriptions, negatives))
+        stage2.append(stage2_frame(dataset, negatives, params.instructions.stage2, params.seed))
     with stage_run("build_instructions", params) as run:
         s1, s2 = pd.concat(stage1, ignore_index=True), pd.concat(stage2, ignore_index=True)
-        write_parquet(Path("data/instructions/stage1.parquet"), s1)
-        write_parquet(Path("data/instructions/stage2.parquet"), s2)
+        STAGE1.write(Path("data/instructions/stage1.parquet"), s1)
+        STAGE2.write(Path("data/instructions/stage2.parquet"), s2)
         stats = {
             "stage1_triples": len(s1),
             "stage2_open": int((s2.kind == "open").sum()),
@@ -43,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

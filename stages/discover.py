@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from finedefics.config import load_or_exit
+from finedefics.io import run_main
 
 
 def main() -> None:
@@ -21,22 +22,23 @@ def main() -> None:
     from finedefics.attributes.backends import BackendError, text_backend
     from finedefics.attributes.discover import llm_keys, static_keys
     from finedefics.attributes.parsing import NoAttributeList
-    from finedefics.io import read_json, write_json
+    from finedefics.data.prepared import load_prepared
+    from finedefics.io import write_json
     from finedefics.tracking import stage_run
 
-    classes = read_json(Path("data/prepared") / name / "classes.json")
+    dataset = load_prepared(name, images=False)
     try:
         with stage_run("discover", params, run_name=f"discover@{name}") as run:
             if cfg.backend == "static":
-                keys, raw = static_keys(classes, cfg.file)
+                keys, raw = static_keys(dataset, cfg.file)
             else:
-                keys, raw = llm_keys(text_backend(cfg, "discover"), classes, cfg.retries)
+                keys, raw = llm_keys(text_backend(cfg, "discover"), dataset, cfg.retries)
             types = {t: sum(k.type == t for k in keys) for t in ("color", "shape", "texture", "size", "other")}
             write_json(
                 Path("data/attributes") / name / "keys.json",
                 {
                     "dataset": name,
-                    "super_category": classes["super_category"],
+                    "super_category": dataset.super_category,
                     "backend": cfg.backend,
                     "keys": [k.to_dict() for k in keys],
                     "raw": raw,
@@ -50,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from finedefics.config import load_or_exit
+from finedefics.io import run_main
 
 
 def main() -> None:
@@ -22,17 +23,17 @@ def main() -> None:
     from finedefics.models.clip import Clip, class_prompt
     from finedefics.tracking import stage_run
 
-    manifest, classes = load_prepared(name)
+    dataset = load_prepared(name)
     with stage_run("embed", params, run_name=f"embed@{name}") as run:
         clip = Clip.load(params.model.clip)
-        images = clip.embed_images(list(manifest.path), desc=f"embed {name}")
-        texts = clip.embed_texts([class_prompt(c["name"]) for c in classes["classes"]])
+        images = clip.embed_images(list(dataset.images.path), desc=f"embed {name}")
+        texts = clip.embed_texts([class_prompt(n) for n in dataset.names])
         with atomic_path(Path("data/embeddings") / f"{name}.npz") as tmp:
             with open(tmp, "wb") as f:
-                Embeddings(list(manifest.image_id), images, texts).save(f)
+                Embeddings(list(dataset.images.image_id), images, texts).save(f)
         run.log_metrics({"images": len(images), "classes": len(texts), "dim": images.shape[1]})
     print(f"{name}: {len(images)} image and {len(texts)} class embeddings of size {images.shape[1]}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

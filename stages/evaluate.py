@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from finedefics.config import load_or_exit
+from finedefics.io import run_main
 
 METRICS = {"finedefics": Path("metrics/eval.json"), "base": Path("metrics/eval_base.json")}
 
@@ -24,33 +25,33 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from finedefics.align.run import model_path
     from finedefics.data.prepared import load_prepared
     from finedefics.evaluate.mc import UNREADABLE, evaluate, items, open_set, score
     from finedefics.io import atomic_path, read_json, write_json
     from finedefics.models.mllm import MLLM
+    from finedefics.models.paths import Role, model_path
     from finedefics.tracking import stage_run
 
     torch.manual_seed(params.seed)
-    source = model_path(params, which)
+    source = model_path(params.model, Role(which))
     mllm = MLLM.load(source)
     metrics: dict[str, dict[str, float]] = {}
     out_dir = Path("results/predictions") / which
     with stage_run("evaluate", params, run_name=f"evaluate@{which}") as run, atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         for name in params.datasets:
-            manifest, classes = load_prepared(name)
-            test = manifest[manifest.split == "test"]
+            dataset = load_prepared(name)
+            test = dataset.test
             try:
                 entries = items(
                     read_json(Path("data/eval_options") / f"{name}.json"),
                     dict(zip(test.foci_key, test.path)),
-                    [c["name"] for c in classes["classes"]],
+                    dataset.names,
                     params.seed,
                 )
             except ValueError as err:
                 sys.exit(f"evaluate: {name}: {err}")
-            predictions = evaluate(mllm, classes["plural"], entries, desc=f"{which} on {name}")
+            predictions = evaluate(mllm, dataset.plural, entries, desc=f"{which} on {name}")
             scores = score(predictions)
             unreadable = sum(p["predicted_raw"] == UNREADABLE for p in predictions)
             if unreadable:
@@ -58,7 +59,7 @@ def main() -> None:
                     f"warning: {name}: {unreadable} test image(s) could not be read; counted as generation failures",
                     file=sys.stderr,
                 )
-            opened = open_set(mllm, classes["super_category"], list(test.path), list(test.class_name))
+            opened = open_set(mllm, dataset.super_category, list(test.path), list(test.category))
             metrics[name] = {
                 "accuracy": scores["accuracy"],
                 "failure_rate": scores["failure_rate"],
@@ -78,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

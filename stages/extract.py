@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from finedefics.config import load_or_exit
+from finedefics.io import run_main
 
 
 def main() -> None:
@@ -20,22 +21,23 @@ def main() -> None:
     cfg = params.attributes.extract
     construction = params.attributes.construction
 
+    from finedefics.artefacts import VALUES
     from finedefics.attributes.backends import vqa_backend
     from finedefics.attributes.discover import load_keys
     from finedefics.attributes.extract import TooManyFailures, extract
     from finedefics.data.prepared import load_prepared
-    from finedefics.io import atomic_path, read_json, write_json, write_parquet
+    from finedefics.io import atomic_path, read_json, write_json
     from finedefics.tracking import stage_run
 
     out = Path("data/attributes") / name
-    manifest, classes = load_prepared(name)
+    dataset = load_prepared(name)
     keys = load_keys(read_json(out / "keys.json"))
     oracle = cfg.backend == "oracle" or construction == "ground-truth"
     try:
         with stage_run("extract", params, run_name=f"extract@{name}") as run:
             backend = None if oracle else vqa_backend(cfg)
-            result = extract(manifest, classes, keys, construction, cfg, backend, Path(".resume/extract") / name)
-            write_parquet(out / "values.parquet", result.values)
+            result = extract(dataset, keys, construction, cfg, backend, Path(".resume/extract") / name)
+            VALUES.write(out / "values.parquet", result.values)
             with atomic_path(out / "failures.csv") as tmp:
                 result.failures.to_csv(tmp, index=False)
             write_json(Path("metrics/extract") / f"{name}.json", result.stats)
@@ -45,9 +47,9 @@ def main() -> None:
         raise SystemExit(1) from None
     s = result.stats
     print(
-        f"{name}: {int(s['values'])} values for {int(s['units'])} units x {int(s['keys'])} keys; {int(s['failed_items'])} failed"
+        f"{name}: {int(s['n_values'])} values for {int(s['units'])} units x {int(s['n_keys'])} keys; {int(s['failed_items'])} failed"
     )
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

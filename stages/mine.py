@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from finedefics.config import load_or_exit
+from finedefics.io import run_main
 
 
 def main() -> None:
@@ -21,20 +22,20 @@ def main() -> None:
     params = load_or_exit("params.yaml")
 
     import numpy as np
-    import pandas as pd
 
+    from finedefics.artefacts import DESCRIPTIONS, NEGATIVES
     from finedefics.data.prepare import is_world
     from finedefics.data.prepared import load_prepared
     from finedefics.data.real import REAL_DATASETS
-    from finedefics.io import atomic_path, read_json, write_json, write_parquet
+    from finedefics.io import atomic_path, read_json, write_json
     from finedefics.mining import Embeddings, check_options, eval_options, mine
     from finedefics.tracking import stage_run
 
-    manifest, classes = load_prepared(name)
-    names = [c["name"] for c in classes["classes"]]
-    descriptions = pd.read_parquet(Path("data/descriptions") / f"{name}.parquet")
+    dataset = load_prepared(name)
+    names = dataset.names
+    descriptions = DESCRIPTIONS.read(Path("data/descriptions") / f"{name}.parquet")
     emb = Embeddings.load(Path("data/embeddings") / f"{name}.npz")
-    train, test = manifest[manifest.split == "train"], manifest[manifest.split == "test"]
+    train, test = dataset.train, dataset.test
     options_path = Path("data/eval_options") / f"{name}.json"
     try:
         with stage_run("mine", params, run_name=f"mine@{name}") as run:
@@ -46,7 +47,7 @@ def main() -> None:
                 params.negatives,
                 params.seed,
             )
-            write_parquet(Path("data/negatives") / f"{name}.parquet", negatives)
+            NEGATIVES.write(Path("data/negatives") / f"{name}.parquet", negatives)
             if is_world(params.datasets[name]):
                 options = eval_options(test, names, emb)
                 check_options(options, names)
@@ -57,8 +58,8 @@ def main() -> None:
                 with atomic_path(options_path) as tmp:
                     shutil.copyfile(reference, tmp)
             stats = {"train_images": len(negatives), "negatives_per_image": float(negatives.negatives.str.len().mean())}
-            if "cluster" in classes["classes"][0]:
-                cluster = np.array([c["cluster"] for c in classes["classes"]])
+            if dataset.categories[0].cluster is not None:
+                cluster = np.array([c.cluster for c in dataset.categories])
                 pairs = [(a, n) for a, ns in zip(negatives.label, negatives.negatives) for n in ns]
                 same = [cluster[a] == cluster[n] for a, n in pairs]
                 stats["negatives_in_same_cluster"] = float(np.mean(same)) if same else 0.0
@@ -76,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from finedefics.config import load_or_exit
+from finedefics.io import run_main
 
 
 def main() -> None:
@@ -22,11 +23,12 @@ def main() -> None:
         print(f"error: dataset {name!r} is not in params.yaml datasets ({', '.join(params.datasets)})", file=sys.stderr)
         raise SystemExit(2)
 
+    from finedefics.artefacts import IMAGES
     from finedefics.data.contact_sheet import contact_sheet
     from finedefics.data.manifest import EmptyClassError, LeakageError
     from finedefics.data.prepare import is_world, prepare_real, prepare_world, statistics
     from finedefics.data.real import DatasetNotFound
-    from finedefics.io import atomic_path, write_json, write_parquet
+    from finedefics.io import atomic_path, write_json
     from finedefics.tracking import stage_run
 
     source = params.datasets[name]
@@ -40,14 +42,13 @@ def main() -> None:
                     prepared = prepare_world(name, Path(source), params.world, params.seed, tmp, out)
                 else:
                     prepared = prepare_real(name, Path(source))
-                write_parquet(tmp / "images.parquet", prepared.manifest)
-                write_json(tmp / "classes.json", prepared.classes)
+                IMAGES.write(tmp / "images.parquet", prepared.dataset.images)
+                write_json(tmp / "classes.json", prepared.dataset.to_json())
                 prepared.rejected.to_csv(tmp / "rejected.csv", index=False)
                 if prepared.unmapped is not None:
                     prepared.unmapped.to_csv(tmp / "foci_unmapped.csv", index=False)
-            classes = [c["name"] for c in prepared.classes["classes"]]
             with atomic_path(sheet_path) as tmp_sheet:
-                contact_sheet(prepared.manifest, classes).save(tmp_sheet, format="PNG")
+                contact_sheet(prepared.dataset.train, prepared.dataset.names).save(tmp_sheet, format="PNG")
             stats = statistics(prepared)
             write_json(Path("metrics/prepare") / f"{name}.json", stats)
             run.log_metrics(stats)
@@ -68,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from finedefics.config import load_or_exit
+from finedefics.io import run_main
 
 
 def main() -> None:
@@ -18,24 +19,23 @@ def main() -> None:
     params = load_or_exit("params.yaml")
     cfg = params.attributes
 
-    import pandas as pd
-
+    from finedefics.artefacts import DESCRIPTIONS, VALUES
     from finedefics.attributes.backends import BackendError, text_backend
     from finedefics.attributes.discover import load_keys
     from finedefics.attributes.summarize import summarize
     from finedefics.data.prepared import load_prepared
-    from finedefics.io import read_json, write_json, write_parquet
+    from finedefics.io import read_json, write_json
     from finedefics.tracking import stage_run
 
     attributes = Path("data/attributes") / name
-    manifest, classes = load_prepared(name)
+    dataset = load_prepared(name)
     keys = load_keys(read_json(attributes / "keys.json"))
-    values = pd.read_parquet(attributes / "values.parquet")
+    values = VALUES.read(attributes / "values.parquet")
     try:
         with stage_run("summarize", params, run_name=f"summarize@{name}") as run:
             backend = None if cfg.summarize.backend == "template" else text_backend(cfg.summarize, "summarize")
-            result = summarize(values, manifest, classes, keys, cfg, params.seed, backend)
-            write_parquet(Path("data/descriptions") / f"{name}.parquet", result.descriptions)
+            result = summarize(values, dataset, keys, cfg, params.seed, backend)
+            DESCRIPTIONS.write(Path("data/descriptions") / f"{name}.parquet", result.descriptions)
             write_json(Path("metrics/summarize") / f"{name}.json", result.stats)
             run.log_metrics(result.stats)
     except (BackendError, ValueError, OSError) as err:
@@ -47,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

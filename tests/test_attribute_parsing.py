@@ -5,6 +5,7 @@ import pytest
 from finedefics.attributes.discover import FINER_DIR, static_keys
 from finedefics.attributes.parsing import NoAttributeList, attribute_type, parse_attribute_list
 from finedefics.attributes.prompts import GENERAL_KEY
+from finedefics.data.prepared import Attribute, PreparedDataset
 
 
 @pytest.mark.parametrize(
@@ -66,12 +67,13 @@ def test_attribute_types(key, kind):
     assert attribute_type(key) == kind
 
 
+def real(name: str, super_category: str) -> PreparedDataset:
+    return PreparedDataset(name, "real", super_category, f"{super_category}s", "types", [])
+
+
 def test_static_keys_of_the_world_finer_and_a_file(tmp_path):
-    world = {
-        "dataset": "toy-bird",
-        "super_category": "bird",
-        "attributes": {"wing color": {"type": "color"}, "beak shape": {"type": "shape"}},
-    }
+    attributes = {"wing color": Attribute("color", ["red"]), "beak shape": Attribute("shape", ["hooked"])}
+    world = PreparedDataset("toy-bird", "world", "bird", "birds", "species", [], attributes)
     keys, source = static_keys(world, None)
     assert [(k.key, k.type, k.general) for k in keys] == [
         ("wing color", "color", False),
@@ -79,15 +81,15 @@ def test_static_keys_of_the_world_finer_and_a_file(tmp_path):
         (GENERAL_KEY, "other", True),
     ]
     assert source == "world spec"
-    pets, source = static_keys({"dataset": "pet-37", "super_category": "pet", "attributes": {}}, None)
+    pets, source = static_keys(real("pet-37", "pet"), None)
     names = [k.key for k in pets]
     assert "coat color" in names and "ear shape" in names and len(names) == len(set(names)) and names[-1] == GENERAL_KEY
     assert "pet_cat_attributes.txt" in source and "pet_dog_attributes.txt" in source
     with pytest.raises(ValueError, match="FineR has no attribute list for 'aircraft'"):
-        static_keys({"dataset": "aircraft-102", "super_category": "aircraft", "attributes": {}}, None)
+        static_keys(real("aircraft-102", "aircraft"), None)
     listing = tmp_path / "aircraft.txt"
     listing.write_text("1. wing shape\n2. engine number\n3. tail color\n")
-    keys, _ = static_keys({"dataset": "aircraft-102", "super_category": "aircraft", "attributes": {}}, str(listing))
+    keys, _ = static_keys(real("aircraft-102", "aircraft"), str(listing))
     assert [(k.key, k.type) for k in keys[:3]] == [
         ("wing shape", "shape"),
         ("engine number", "size"),

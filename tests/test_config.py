@@ -145,3 +145,22 @@ def test_cli_check_and_use_config(tmp_path):
     assert result.exit_code == 2 and target.read_text() == "seed: 0\n"  # refused, nothing lost
     result = runner.invoke(app, ["use-config", str(REPO / "configs" / "paper.yaml"), "--params", str(target)])
     assert result.exit_code == 0 and load_params(target).model.finetune == "qlora"
+
+
+def test_schema_defaults_are_the_committed_params():
+    """One set of defaults: the schema's are the embedded default's, field for field."""
+    assert Params() == load_params(REPO / "params.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_validates(path):
+    assert isinstance(load_params(path), Params)
+
+
+def test_python_m_cli_has_every_command():
+    """`python -m finedefics.cli` is the installed `finedefics`: the app starts after its last command."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "finedefics.cli", "--help"], capture_output=True, text=True, env=stage_env()
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert all(command in proc.stdout for command in ("check", "use-config", "score", "predict", "report"))

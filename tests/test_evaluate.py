@@ -10,9 +10,9 @@ from conftest import stage_env
 from PIL import Image
 
 from finedefics.evaluate import analysis as an
-from finedefics.evaluate.foci import mc_question, parse_choice, query
 from finedefics.evaluate.mc import UNREADABLE, Item, evaluate, items, normalise, score
 from finedefics.models.mllm import MLLM
+from finedefics.protocol import mc_question, parse_choice, query
 
 
 def cli(*args):
@@ -196,7 +196,7 @@ def test_predict_end_to_end(tiny_models, tmp_path):
         "--choices",
         "red bird,blue bird,green bird",
         "--json",
-        "--superclass",
+        "--super-category",
         "bird",
     )
     assert proc.returncode == 0, proc.stderr

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -16,14 +17,14 @@ from finedefics.attributes.discover import load_keys
 from finedefics.attributes.extract import extract, questions, scene_sentence
 from finedefics.attributes.prompts import GENERAL_KEY
 from finedefics.config import ExtractConfig
+from finedefics.data.prepared import load_prepared
 from finedefics.models.mllm import MLLM
 
 
 def load(root, name="toy-bird"):
-    manifest = pd.read_parquet(root / "data" / "prepared" / name / "images.parquet")
-    classes = json.loads((root / "data" / "prepared" / name / "classes.json").read_text())
+    dataset = load_prepared(name, root / "data" / "prepared")
     keys = load_keys(json.loads((root / "data" / "attributes" / name / "keys.json").read_text()))
-    return manifest, classes, keys
+    return dataset, keys
 
 
 @pytest.fixture
@@ -33,9 +34,9 @@ def workdir(tmp_path):
 
 def test_oracle_answers_are_the_ground_truth_of_each_image(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
-    manifest, classes, keys = load(workdir)
-    result = extract(manifest, classes, keys, "per-sample", ExtractConfig(), None, workdir / ".resume")
-    train = manifest[manifest.split == "train"].set_index("image_id")
+    dataset, keys = load(workdir)
+    result = extract(dataset, keys, "per-sample", ExtractConfig(), None, workdir / ".resume")
+    train = dataset.train.set_index("image_id")
     assert len(result.values) == len(train) * len(keys) and result.stats["failed_items"] == 0
     for row in result.values.itertuples():
         if row.key == GENERAL_KEY:
@@ -46,22 +47,22 @@ def test_oracle_answers_are_the_ground_truth_of_each_image(workdir, monkeypatch)
 
 def test_tag_based_gives_each_image_its_class_profile(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
-    manifest, classes, keys = load(workdir, "toy-bird")
-    manifest = manifest.copy()
-    result = extract(manifest, classes, keys, "tag-based", ExtractConfig(), None, workdir / ".resume")
-    profiles = {c["label"]: c["profile"] for c in classes["classes"]}
+    dataset, keys = load(workdir, "toy-bird")
+    manifest = dataset.images
+    result = extract(dataset, keys, "tag-based", ExtractConfig(), None, workdir / ".resume")
+    profiles = {c.label: c.profile for c in dataset.categories}
     labels = dict(zip(manifest.image_id, manifest.label))
-    assert result.stats["units"] == len(classes["classes"])
+    assert result.stats["units"] == len(dataset.categories)
     assert GENERAL_KEY not in set(result.values.key)  # no class-level scene
     for row in result.values.itertuples():
         assert row.value == profiles[labels[row.image_id]][row.key]
 
 
 def test_oracle_refuses_a_dataset_without_ground_truth(workdir):
-    manifest, classes, keys = load(workdir)
-    manifest = manifest.assign(attributes="")
+    dataset, keys = load(workdir)
+    dataset = replace(dataset, images=dataset.images.assign(attributes=""))
     with pytest.raises(ValueError, match="no ground-truth attributes"):
-        extract(manifest, classes, keys, "ground-truth", ExtractConfig(), None, workdir / ".resume")
+        extract(dataset, keys, "ground-truth", ExtractConfig(), None, workdir / ".resume")
 
 
 def test_hf_vqa_answers_a_batch_of_keys_as_one_at_a_time(tiny_models):
@@ -90,8 +91,8 @@ def test_extract_stage_with_the_hf_backend(workdir, tiny_models):
     proc = run_stage(workdir, "extract.py", "toy-bird")
     assert proc.returncode == 0, proc.stderr
     values = pd.read_parquet(workdir / "data" / "attributes" / "toy-bird" / "values.parquet")
-    manifest, _, keys = load(workdir)
-    assert len(values) == (manifest.split == "train").sum() * len(keys)
+    dataset, keys = load(workdir)
+    assert len(values) == len(dataset.train) * len(keys)
     stats = json.loads((workdir / "metrics" / "extract" / "toy-bird.json").read_text())
     assert stats["computed_items"] == len(values) and stats["failed_items"] == 0
 
@@ -184,11 +185,11 @@ def test_killed_extract_resumes_without_recomputing_and_equals_an_uninterrupted_
         first_run = len(server.requests)
         resumed = run_stage(interrupted, "extract.py", "toy-bird")
         assert resumed.returncode == 0, resumed.stderr
-        manifest, _, _ = load(interrupted)
-        sha_of = dict(zip(manifest.image_id, manifest.sha1))
+        dataset, _ = load(interrupted)
+        sha_of = dict(zip(dataset.images.image_id, dataset.images.sha1))
         asked_again = {r["image_sha1"] for r in server.requests[first_run:]}
         assert not asked_again & {sha_of[i] for i in done}  # nothing written is recomputed
-        assert len(server.requests) - first_run == ((manifest.split == "train").sum() - 4) * keys_per_image
+        assert len(server.requests) - first_run == (len(dataset.train) - 4) * keys_per_image
 
         fresh = make_world_workdir(tmp_path / "b")
         openai_params(fresh, server, shard_size=2)

@@ -51,7 +51,7 @@ def toy_batch(seed=0, B=6, K=3, d=8, labels=(0, 1, 1, 2, 3, 3)) -> Batch:
 @pytest.mark.parametrize("mask", [True, False])
 def test_each_term_matches_the_paper(mask):
     b = toy_batch()
-    got = contrastive_terms(b, torch.tensor(TAU, dtype=torch.float64), mask)
+    got = contrastive_terms(b, torch.tensor(TAU, dtype=torch.float64), mask, ccc="logsumexp")  # eq. 7 as written
     want = ref_terms(b, mask)
     assert set(got) == set(want)
     for k in want:
@@ -69,21 +69,21 @@ def test_bounded_ccc_takes_the_name_itself_as_positive():
     # as written (logsumexp) it is unbounded below: far-apart names drive it negative, the bounded form to 0
     apart = Batch(b.o, b.a, b.c, b.labels, b.a_hn, -b.c[:, None, :].repeat(1, 3, 1))
     tau = torch.tensor(TAU, dtype=torch.float64)
-    assert contrastive_terms(apart, tau)["ccc"].item() == pytest.approx(-1 / TAU + math.log(3))
-    assert contrastive_terms(apart, tau, ccc="bounded")["ccc"].item() == pytest.approx(0, abs=1e-8)
+    assert contrastive_terms(apart, tau, True, ccc="logsumexp")["ccc"].item() == pytest.approx(-1 / TAU + math.log(3))
+    assert contrastive_terms(apart, tau, True, ccc="bounded")["ccc"].item() == pytest.approx(0, abs=1e-8)
 
 
 def test_masking_only_matters_with_repeated_classes():
     b = toy_batch(labels=(0, 1, 2, 3, 4, 5))
     tau = torch.tensor(TAU, dtype=torch.float64)
-    on, off = contrastive_terms(b, tau, True), contrastive_terms(b, tau, False)
+    on, off = contrastive_terms(b, tau, True, "bounded"), contrastive_terms(b, tau, False, "bounded")
     assert all(torch.equal(on[k], off[k]) for k in on)
 
 
 def test_without_negatives_the_hard_negative_terms_drop():
     b = toy_batch()
     plain = Batch(b.o, b.a, b.c, b.labels)
-    got = contrastive_terms(plain, torch.tensor(TAU, dtype=torch.float64), True)
+    got = contrastive_terms(plain, torch.tensor(TAU, dtype=torch.float64), True, "bounded")
     assert set(got) == {"oa", "ao", "ac", "ca"}
     none = Batch(b.o, b.a, b.c, b.labels, b.a_hn[:, :0], b.c_hn[:, :0])
     ref = ref_terms(none, True)
@@ -93,7 +93,7 @@ def test_without_negatives_the_hard_negative_terms_drop():
 
 def test_object_category_terms():
     b = toy_batch()
-    got = object_category_terms(b, torch.tensor(TAU, dtype=torch.float64), True)
+    got = object_category_terms(b, torch.tensor(TAU, dtype=torch.float64), True, ccc="logsumexp")
     as_oa = ref_terms(Batch(b.o, b.c, b.c, b.labels, b.c_hn, b.c_hn), True)  # o against c, c's negatives
     assert got["oc"].item() == pytest.approx(as_oa["oa"], rel=1e-9)
     assert got["co"].item() == pytest.approx(as_oa["ao"], rel=1e-9)
@@ -110,7 +110,7 @@ def test_total_is_eq_8():
 
 
 def test_temperature_is_learnable_and_clamped():
-    t = Temperature()
+    t = Temperature(0.07)
     assert t().item() == pytest.approx(0.07)
     with torch.no_grad():
         t.value.fill_(2.0)
@@ -122,8 +122,18 @@ def test_temperature_is_learnable_and_clamped():
         t.value.fill_(0.07)
     b = toy_batch()
     b = Batch(*(x.float() if x.is_floating_point() else x for x in (b.o, b.a, b.c, b.labels, b.a_hn, b.c_hn)))
-    stage1_total(contrastive_terms(b, t()), None).backward()
+    stage1_total(contrastive_terms(b, t(), True, "bounded"), None).backward()
     assert t.value.grad is not None and t.value.grad != 0
+
+
+def _free_port() -> int:
+    """A port the OS reports free now; a port derived from the pid could collide with another
+    test run's (or anything else listening) and fail the rendezvous."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, queue) -> None:
@@ -137,7 +147,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         x[share].clone().requires_grad_(x.is_floating_point())
         for x in (full.o, full.a, full.c, full.labels, full.a_hn, full.c_hn)
     ]
-    terms = contrastive_terms(gather(Batch(*local)), torch.tensor(TAU, dtype=torch.float64), True)
+    terms = contrastive_terms(gather(Batch(*local)), torch.tensor(TAU, dtype=torch.float64), True, "logsumexp")
     loss = stage1_total(terms, None)
     loss.backward()
     queue.put((rank, loss.item(), local[0].grad.tolist()))  # plain data: the process exits next
@@ -152,14 +162,17 @@ def test_two_processes_see_the_negatives_of_both():
     o = full.o.clone().requires_grad_(True)
     loss = stage1_total(
         contrastive_terms(
-            Batch(o, full.a, full.c, full.labels, full.a_hn, full.c_hn), torch.tensor(TAU, dtype=torch.float64), True
+            Batch(o, full.a, full.c, full.labels, full.a_hn, full.c_hn),
+            torch.tensor(TAU, dtype=torch.float64),
+            True,
+            "logsumexp",
         ),
         None,
     )
     loss.backward()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = 29500 + os.getpid() % 1000
+    port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

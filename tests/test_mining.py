@@ -38,7 +38,7 @@ def test_negatives_are_never_the_positive_and_carry_their_image(strategy):
         assert row.label not in row.distractors and len(set(row.distractors)) == 3
         assert [labels[i] for i in row.negative_image_ids] == list(row.negatives)
         assert row.negative_descriptions == [descriptions[i] for i in row.negative_image_ids]
-        assert row.negative_classes == [names[n] for n in row.negatives]
+        assert row.negative_categories == [names[n] for n in row.negatives]
         anchor = emb.rows([row.image_id])[0]
         for neg, pick in zip(row.negatives, row.negative_image_ids):  # the most similar image of the class
             pool = train[train.label == neg].image_id

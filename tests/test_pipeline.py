@@ -1,9 +1,14 @@
-"""`dvc repro` end to end in a temporary copy of this working tree, on a tiny world."""
+"""`dvc repro` end to end in a temporary copy of this working tree, on a tiny world.
+
+`dvc repro` runs once per module (`reproduced`); every test gets its own copy of that repository
+(`fresh`), so a test that runs experiments or changes params cannot change what another one sees,
+whatever their order."""
 
 import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -71,10 +76,31 @@ def clone(tmp_path_factory):
     return dest
 
 
+@pytest.fixture(scope="module")
+def reproduced(clone) -> tuple[Path, str]:
+    """The clone after one `dvc repro`, and what that repro printed. Tests read it through `fresh`."""
+    return clone, sh("dvc repro", clone).stdout
+
+
+@pytest.fixture
+def fresh(reproduced, tmp_path) -> Path:
+    """A private copy of the reproduced clone (its git repo, DVC cache and outputs) for one test."""
+    dest = tmp_path / "repo"
+    shutil.copytree(reproduced[0], dest, symlinks=True)
+    return dest
+
+
+DATASETS = ("toy-bird", "toy-flower")
+METRICS = {
+    f"metrics/{stage}/{name}.json" for stage in ("prepare", "extract", "summarize", "mine") for name in DATASETS
+} | {f"metrics/{name}.json" for name in ("bootstrap", "train_stage1", "train_stage2", "eval_base", "eval", "analysis")}
+
+
 @pytest.mark.slow
-def test_dvc_repro_prepares_the_default_datasets(clone):
-    proc = sh("dvc repro", clone)
-    for name in ("toy-bird", "toy-flower"):
+def test_dvc_repro_prepares_the_default_datasets(reproduced, fresh):
+    clone = fresh
+    assert "Running stage 'prepare@toy-bird'" in reproduced[1]
+    for name in DATASETS:
         out = clone / "data" / "prepared" / name
         manifest = pd.read_parquet(out / "images.parquet")
         assert len(manifest) == 5 * (3 + 2)
@@ -86,6 +112,8 @@ def test_dvc_repro_prepares_the_default_datasets(clone):
         keys = json.loads((clone / "data" / "attributes" / name / "keys.json").read_text())["keys"]
         values = pd.read_parquet(clone / "data" / "attributes" / name / "values.parquet")
         assert len(values) == 15 * len(keys)
+        extracted = json.loads((clone / "metrics" / "extract" / f"{name}.json").read_text())
+        assert extracted["n_values"] == len(values) and extracted["n_keys"] == len(keys)
         descriptions = pd.read_parquet(clone / "data" / "descriptions" / f"{name}.parquet")
         assert len(descriptions) == 15 and descriptions.description.str.len().min() > 50
         negatives = pd.read_parquet(clone / "data" / "negatives" / f"{name}.parquet")
@@ -97,7 +125,6 @@ def test_dvc_repro_prepares_the_default_datasets(clone):
     assert (clone / "models" / "base" / "model.safetensors").is_file() and (
         clone / "models" / "clip" / "open_clip_model.safetensors"
     ).is_file()
-    assert "Running stage 'prepare@toy-bird'" in proc.stdout
     s1, s2 = (json.loads((clone / "metrics" / f"train_stage{i}.json").read_text()) for i in (1, 2))
     assert (
         s1["trained"] == 1 and s1["steps"] == 30 // 8 and s2["steps"] == 60 // 8
@@ -115,16 +142,51 @@ def test_dvc_repro_prepares_the_default_datasets(clone):
     assert (clone / "plots" / "analysis" / "finedefics" / "toy-bird" / "confusion.png").is_file()
     shown = sh("dvc plots show --json", clone).stdout
     assert "tsne_joint.png" in shown
-    # generated outputs are ignored by git; nothing but dvc.lock is new
+    # generated outputs are ignored by git; new are dvc.lock and the metrics, which are not cached (git keeps them)
     status = sh("git status --porcelain --untracked-files=all", clone).stdout.split("\n")
-    assert {line[3:] for line in status if line and not line[3:].endswith(".gitignore")} == {"dvc.lock"}
+    new = {line[3:] for line in status if line and not line[3:].endswith(".gitignore")}
+    assert new == {"dvc.lock"} | METRICS
+    assert not any(line[3:].startswith("metrics/") for line in status if line.endswith(".gitignore"))
     again = sh("dvc repro", clone)
     assert "Running stage" not in again.stdout and "up to date" in again.stdout
 
 
+REPORTS = [
+    "dvc metrics show",
+    "dvc metrics show --md",
+    "dvc metrics show --json",
+    "dvc metrics show -R metrics",
+    "dvc exp show",
+    "dvc exp show --md",
+    "dvc exp show --json",
+    "dvc plots show",
+    "dvc plots show --json",
+    "dvc params diff",
+    "dvc params diff --md",
+    "dvc params diff --json",
+]
+
+
 @pytest.mark.slow
-def test_changing_negatives_reruns_mining_and_nothing_upstream(clone):
-    sh("dvc repro", clone)
+def test_dvc_reports_work_after_repro(fresh):
+    """A user's first `dvc metrics show` and friends exit 0 on the default pipeline: no metric key
+    collides with DVC's table (`keys`, `values`), and no .gitignore is taken for a metrics file."""
+    failed = []
+    for cmd in REPORTS:
+        proc = sh(cmd, fresh, check=False)
+        if proc.returncode:
+            failed.append(f"{cmd} -> {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-500:]}")
+        elif cmd.startswith("dvc metrics show") and ".gitignore" in proc.stdout:
+            failed.append(f"{cmd} lists a .gitignore as a metrics file:\n{proc.stdout}")
+    assert not failed, "\n".join(failed)
+    shown = json.loads(sh("dvc metrics show --json", fresh).stdout)[""]["data"]
+    assert set(shown) == METRICS and all("error" not in v for v in shown.values())
+    assert {"n_keys", "n_values"} <= set(shown["metrics/extract/toy-bird.json"]["data"])
+
+
+@pytest.mark.slow
+def test_changing_negatives_reruns_mining_and_nothing_upstream(fresh):
+    clone = fresh
     before = pd.read_parquet(clone / "data" / "negatives" / "toy-bird.parquet")
     proc = sh("dvc exp run -S negatives=simple", clone)
     downstream = {"build_instructions", "train_stage1", "train_stage2", "evaluate@finedefics", "analyze"}
@@ -144,15 +206,12 @@ def test_changing_negatives_reruns_mining_and_nothing_upstream(clone):
     assert next(line for line in report.splitlines() if line.startswith("| CL (obj.-cat.)")).endswith(
         "| 72.72 | missing |"
     )
-    sh("git checkout params.yaml && dvc checkout -q", clone)
 
 
 @pytest.mark.slow
-def test_bad_param_in_an_experiment_fails_fast_with_a_clear_message(clone):
-    sh("dvc repro", clone)
-    proc = sh("dvc exp run -S negatives=bogus", clone, check=False)
+def test_bad_param_in_an_experiment_fails_fast_with_a_clear_message(fresh):
+    proc = sh("dvc exp run -S negatives=bogus", fresh, check=False)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "negatives = 'bogus' is not allowed; allowed values: 'hard', 'simple' or 'none'" in out
     assert "Running stage 'prepare" not in out
-    sh("git checkout params.yaml", clone)

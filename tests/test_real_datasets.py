@@ -20,12 +20,12 @@ def test_loader_reads_published_layout_with_foci_names_and_keys(tmp_path, name):
     root.mkdir()
     fx = MAKERS[name](root)
     prepared = prepare_real(name, root)
-    m = prepared.manifest
-    assert [c["name"] for c in prepared.classes["classes"]] == fx.classes
-    test = m[m.split == "test"]
-    assert dict(zip(test.foci_key, test.class_name)) == fx.test_keys
-    assert (m.split == "train").sum() == fx.train_count
-    assert m.image_id.is_unique and (m.class_name == [fx.classes[i] for i in m.label]).all()
+    m = prepared.dataset.images
+    assert prepared.dataset.names == fx.classes
+    test = prepared.dataset.test
+    assert dict(zip(test.foci_key, test.category)) == fx.test_keys
+    assert len(prepared.dataset.train) == fx.train_count
+    assert m.image_id.is_unique and (m.category == [fx.classes[i] for i in m.label]).all()
     assert all((REPO / p).exists() or (tmp_path / p).exists() or __import__("os").path.exists(p) for p in m.path)
     # every FOCI entry of the fixture's images maps; all other reference entries are reported
     reference = json.loads(REAL_DATASETS[name].foci_file.read_text())
@@ -33,7 +33,7 @@ def test_loader_reads_published_layout_with_foci_names_and_keys(tmp_path, name):
     assert len(prepared.unmapped) == sum(key not in fx.test_keys for key in entries)
     assert not set(prepared.unmapped.image) & set(fx.test_keys)
     assert set(prepared.unmapped.reason) == {"no prepared test image"}
-    assert prepared.classes["super_category"] == REAL_DATASETS[name].super_category
+    assert prepared.dataset.super_category == REAL_DATASETS[name].super_category
 
 
 def test_archive_subfolder_layout_is_found(tmp_path):
@@ -45,15 +45,15 @@ def test_archive_subfolder_layout_is_found(tmp_path):
 def test_flat_layout_of_the_authors_release(tmp_path):
     fx = make_flat(tmp_path / "pet-37", "pet-37")
     prepared = prepare_real("pet-37", tmp_path / "pet-37")
-    test = prepared.manifest[prepared.manifest.split == "test"]
-    assert dict(zip(test.foci_key, test.class_name)) == fx.test_keys
-    assert (prepared.manifest.split == "train").sum() == fx.train_count
+    test = prepared.dataset.test
+    assert dict(zip(test.foci_key, test.category)) == fx.test_keys
+    assert len(prepared.dataset.train) == fx.train_count
     assert len(prepared.unmapped) == 0 and len(prepared.rejected) == 0
 
 
 def test_cub_per_image_attributes_are_kept(tmp_path):
     MAKERS["bird-200"](tmp_path / "bird-200")
-    m = prepare_real("bird-200", tmp_path / "bird-200").manifest
+    m = prepare_real("bird-200", tmp_path / "bird-200").dataset.images
     attrs = [json.loads(a) for a in m.attributes]
     assert all(a["wing color"] in ("blue and white", "blue") for a in attrs)
     assert {a["bill shape"] for a in attrs if "bill shape" in a} <= {"curved (up or down)", "dagger"}
@@ -102,7 +102,7 @@ def test_same_name_other_bytes_is_fine_same_bytes_is_leakage(tmp_path):
         if a["fname"].item() == train_name:
             a["fname"] = test_name
     sio.savemat(root / "devkit" / "cars_train_annos.mat", {"annotations": annos})
-    m = prepare_real("car-196", root).manifest
+    m = prepare_real("car-196", root).dataset.images
     assert set(m[m.foci_key == f"images/{test_name}"].split) == {"train", "test"}
     # the same bytes in both splits stop the stage with both file names
     shutil.copy(root / "cars_test" / test_name, root / "cars_train" / test_name)
@@ -124,8 +124,8 @@ def test_corrupt_and_missing_images_are_rejected_and_listed(tmp_path):
     assert rejected.loc[rel(files[0]), "reason"].startswith("unreadable image")
     assert rejected.loc[rel(files[1]), "reason"].startswith("unreadable image")
     assert rejected.loc[rel(files[2]), "reason"] == "missing file"
-    assert len(prepared.manifest) + len(rejected) == 3 * 4
-    assert not set(rejected.index) & set(prepared.manifest.image_id)
+    assert len(prepared.dataset.images) + len(rejected) == 3 * 4
+    assert not set(rejected.index) & set(prepared.dataset.images.image_id)
 
 
 def test_an_image_listed_twice_in_a_split_is_kept_once(tmp_path):
@@ -141,7 +141,7 @@ def test_an_image_listed_twice_in_a_split_is_kept_once(tmp_path):
         root / "test_list.mat", {"file_list": np.vstack([files, files[:1]]), "labels": np.vstack([labels, labels[:1]])}
     )
     prepared = prepare_real("dog-120", root)
-    assert prepared.manifest.image_id.is_unique
+    assert prepared.dataset.images.image_id.is_unique
     assert list(prepared.rejected.reason) == ["listed more than once in the test split"]
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from finedefics.artefacts import IMAGES
 from finedefics.config import WorldConfig
 from finedefics.data import world
 from finedefics.data.prepare import prepare_world
@@ -34,7 +35,7 @@ def run(tmp, name="toy-bird", spec=BIRD, cfg=SMALL, seed=0):
     out = tmp / name
     out.mkdir(parents=True)
     prepared = prepare_world(name, spec, cfg, seed, out, world_final(name))
-    prepared.manifest.to_parquet(out / "images.parquet")
+    IMAGES.write(out / "images.parquet", prepared.dataset.images)
     return prepared, out
 
 
@@ -42,23 +43,23 @@ def test_same_params_same_bytes(tmp_path):
     a, out_a = run(tmp_path / "a")
     b, out_b = run(tmp_path / "b")
     assert digest(out_a) == digest(out_b) and len(digest(out_a)) == 6 * 5 + 1
-    assert a.classes == b.classes
+    assert a.dataset.to_json() == b.dataset.to_json()
     c, out_c = run(tmp_path / "c", seed=1)
-    assert digest(out_c) != digest(out_a) and c.classes["classes"] != a.classes["classes"]
+    assert digest(out_c) != digest(out_a) and c.dataset.categories != a.dataset.categories
 
 
 def test_manifest_has_ground_truth_and_splits(tmp_path):
     prepared, _ = run(tmp_path, "toy-flower", FLOWER)
-    m = prepared.manifest
-    assert (m.split == "train").sum() == 18 and (m.split == "test").sum() == 12
+    m = prepared.dataset.images
+    assert len(prepared.dataset.train) == 18 and len(prepared.dataset.test) == 12
     spec = world.WorldSpec.load(FLOWER)
-    profiles = {c["label"]: c["profile"] for c in prepared.classes["classes"]}
+    profiles = {c.label: c.profile for c in prepared.dataset.categories}
     for row in m.itertuples():
         attrs = json.loads(row.attributes)
         assert set(attrs) == set(spec.attributes)
         differing = [k for k in attrs if attrs[k] != profiles[row.label][k]]
         assert differing == ([row.deviation] if row.deviation else [])
-    assert prepared.classes["super_category"] == "flower"
+    assert prepared.dataset.super_category == "flower"
 
 
 def test_clusters_are_confusable_and_names_opaque():

@@ -34,7 +34,14 @@ def build(root: Path) -> dict[str, Path]:
 
 
 def teach(lm_dir: Path, out: Path, pairs: list[tuple[str, str]], steps: int = 150) -> Path:
-    """Fine-tune the tiny LM until it answers each chat prompt with its answer (memorisation)."""
+    """Fine-tune the tiny LM until it answers each chat prompt with its answer (memorisation).
+
+    Tests compare the greedy answer with the text exactly, which is safe only if every answer token
+    wins by a wide margin. Measured for the three uses in test_summarize.py, with tiny LMs built
+    under seeds 0-4 and 1 and 2 threads: after 150 steps, teacher-forced answer loss is 0.007-0.008,
+    and each answer token's logit exceeds the runner-up's by 5.8-6.9 at every position. All 30
+    greedy answers were exact, and 1 and 2 threads gave bit-identical margins. Float noise between
+    machines is around 1e-5, so it cannot flip a token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(lm_dir)

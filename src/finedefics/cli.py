@@ -66,15 +66,15 @@ def predict(
     model: Path = typer.Option(..., "--model", help="a model folder (e.g. models/finedefics)"),
     choices: str = typer.Option(None, "--choices", help='comma-separated class names, e.g. "a,b,c,d"'),
     open_set: bool = typer.Option(False, "--open", help="name the category freely"),
-    superclass: str = typer.Option(
-        "object", "--superclass", help="what the images show, e.g. bird (the FOCI query asks for 'birds')"
+    super_category: str = typer.Option(
+        "object", "--super-category", help="what the images show, e.g. bird (the FOCI query asks for 'birds')"
     ),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per image"),
 ) -> None:
     """Predict the class of each image: multiple choice among --choices, or --open."""
     import json
 
-    from finedefics.align.finetune import resolve
+    from finedefics.models.paths import resolve
 
     if not Path(resolve(model)).joinpath("config.json").is_file():
         _fail(f"{model}: no model folder (expected config.json); run `dvc repro` or pass --model")
@@ -93,22 +93,21 @@ def predict(
     paths = [str(p) for p in images]
     if open_set:
         answers = [
-            (r["predicted_raw"], r["predicted_raw"]) for r in mc.open_set(mllm, superclass, paths, [""] * len(paths))
+            (r["predicted_raw"], r["predicted_raw"])
+            for r in mc.open_set(mllm, super_category, paths, [""] * len(paths))
         ]
     else:
         answers = [
             (r["predicted"], r["predicted_raw"])
-            for r in mc.evaluate(mllm, f"{superclass}s", [mc.Item(p, p, "", options) for p in paths], desc="predict")
+            for r in mc.evaluate(
+                mllm, f"{super_category}s", [mc.Item(p, p, "", options) for p in paths], desc="predict"
+            )
         ]
     for path, (predicted, raw) in zip(images, answers):
         if as_json:
             typer.echo(json.dumps({"image": str(path), "predicted": predicted, "predicted_raw": raw}))
         else:
             typer.echo(f"{path}\t{predicted if predicted is not None else '(no choice: ' + repr(raw) + ')'}")
-
-
-if __name__ == "__main__":
-    app()
 
 
 @app.command()
@@ -135,3 +134,7 @@ def report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(rep.render(exps, default, datasets, header))
     typer.echo(f"{out}: {len(exps)} finished experiment(s)")
+
+
+if __name__ == "__main__":  # `python -m finedefics.cli`; after every command is defined
+    app()

@@ -3,6 +3,11 @@
 Every stage calls `load_params()` (or `load_or_exit()` from its entry file); no other
 module reads `params.yaml`. Unknown keys, wrong types and unknown choices are errors that
 name the key, the bad value and what is allowed, in one line.
+
+The defaults here are the values of the committed `params.yaml` (the embedded default, a test
+checks `Params() == load_params("params.yaml")`); configs/paper.yaml states every value where
+paper scale differs from them. Library functions take these values from the caller and carry no
+competing default of their own.
 """
 
 from __future__ import annotations
@@ -120,32 +125,29 @@ class LoraConfig(Schema):
     modules: list[Literal["text_model", "connector", "vision_model"]] = ["text_model", "connector"]
 
 
-TINY_BASES = {"tiny": "idefics2", "tiny-llava": "llava"}  # model.base values `bootstrap` builds, and their family
-
-
 class ModelConfig(Schema):
     """Base MLLM, CLIP for mining, and how they are fine-tuned (Table 4)."""
 
     base: str = "tiny"  # "tiny" / "tiny-llava" (built by `bootstrap`, Idefics2 / LLaVA-1.5), a hub id or a local path
     clip: str = "tiny"  # "tiny" (built by `bootstrap`) or "<open_clip name>:<pretrained tag>"
-    finetune: Literal["qlora", "lora", "full"] = "lora"
+    finetune: Literal["qlora", "lora", "full"] = "full"  # the world's from-scratch tiny LM needs every weight
     lora: LoraConfig = LoraConfig()
 
 
 class StageTrainConfig(Schema):
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    warmup_steps: int = Field(60, ge=0)
-    batch_size: int = Field(64, ge=1)  # global: per-device batch x processes x accumulation
+    epochs: float = Field(10.0, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    batch_size: int = Field(32, ge=1)  # global: per-device batch x processes x accumulation
 
 
 class TrainConfig(Schema):
-    stage1: StageTrainConfig = StageTrainConfig(batch_size=64)
-    stage2: StageTrainConfig = StageTrainConfig(batch_size=128)
+    stage1: StageTrainConfig = StageTrainConfig(epochs=10)
+    stage2: StageTrainConfig = StageTrainConfig(epochs=18)
     num_processes: int = Field(1, ge=1)  # > 1: the training stages re-launch through `accelerate launch`
-    per_device_batch_size: int = Field(8, ge=1)
+    per_device_batch_size: int = Field(16, ge=1)
     gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
+    checkpoint_every: int = Field(20, ge=1)  # optimizer steps between resumable checkpoints
 
 
 class TinyMLLMConfig(Schema):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from finedefics.artefacts import NEGATIVES
+
 K = 3
 
 
@@ -58,22 +60,22 @@ def random_wrong(labels: np.ndarray, n_classes: int, rng: np.random.Generator, k
 
 def mine(
     train: pd.DataFrame,
-    class_names: list[str],
+    names: list[str],
     descriptions: dict[str, str],
     emb: Embeddings,
     strategy: str,
     seed: int,
 ) -> pd.DataFrame:
     """Negatives per train image, as the `negatives` strategy says, plus the MC distractors."""
-    if len(class_names) <= K:
-        raise ValueError(f"mining needs more than {K} classes, got {len(class_names)}")
+    if len(names) <= K:
+        raise ValueError(f"mining needs more than {K} classes, got {len(names)}")
     labels = train.label.to_numpy()
     images = emb.rows(train.image_id)
     distractors = top_wrong(images @ emb.classes.T, labels)
     if strategy == "hard":
         negatives = distractors
     elif strategy == "simple":
-        negatives = random_wrong(labels, len(class_names), np.random.default_rng([seed, 5]))
+        negatives = random_wrong(labels, len(names), np.random.default_rng([seed, 5]))
     elif strategy == "none":
         negatives = np.zeros((len(labels), 0), dtype=np.int64)
     else:
@@ -93,32 +95,30 @@ def mine(
                 "image_id": ids[a],
                 "label": int(labels[a]),
                 "negatives": [int(n) for n in negatives[a]],
-                "negative_classes": [class_names[n] for n in negatives[a]],
+                "negative_categories": [names[n] for n in negatives[a]],
                 "negative_image_ids": picks,
                 "negative_descriptions": [descriptions.get(p, "") for p in picks],
                 "distractors": [int(d) for d in distractors[a]],
-                "distractor_classes": [class_names[d] for d in distractors[a]],
+                "distractor_categories": [names[d] for d in distractors[a]],
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(NEGATIVES.columns))
 
 
-def eval_options(test: pd.DataFrame, class_names: list[str], emb: Embeddings) -> dict[str, list[dict]]:
+def eval_options(test: pd.DataFrame, names: list[str], emb: Embeddings) -> dict[str, list[dict]]:
     """FOCI-format option sets: {class: [{image, options: [gt, n1, n2, n3], groundtruth}]}."""
     labels = test.label.to_numpy()
     wrong = top_wrong(emb.rows(test.image_id) @ emb.classes.T, labels)
     options: dict[str, list[dict]] = {}
     for key, label, negs in zip(test.foci_key, labels, wrong):
-        gt = class_names[label]
-        options.setdefault(gt, []).append(
-            {"image": key, "options": [gt, *(class_names[n] for n in negs)], "groundtruth": gt}
-        )
+        gt = names[label]
+        options.setdefault(gt, []).append({"image": key, "options": [gt, *(names[n] for n in negs)], "groundtruth": gt})
     return options
 
 
-def check_options(options: dict[str, list[dict]], class_names: list[str]) -> None:
+def check_options(options: dict[str, list[dict]], names: list[str]) -> None:
     """Every entry has 4 distinct known options, ground truth first and equal to its key."""
-    known = set(class_names)
+    known = set(names)
     for cls, entries in options.items():
         for e in entries:
             opts = e["options"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +58,15 @@ class StageRun:
         import mlflow
 
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def every(self, steps: int, prefix: str = "") -> Callable[[dict[str, float], int], None]:
+        """A training loop's `log`: the values of every `steps`-th step, keys prefixed."""
+
+        def log(metrics: dict[str, float], step: int) -> None:
+            if step % steps == 0:
+                self.log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, step)
+
+        return log
 
     def log_params(self, params: dict[str, Any]) -> None:
         import mlflow

@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
-from finedefics.align.adapter import family_of, unwrap
 from finedefics.config import ModelConfig
-
-POINTER = "same_as.json"  # a stage that passes its input through writes only this file
-
-
-def resolve(path: str | Path) -> str:
-    """A model folder, following pass-through pointers (see `pass_through`)."""
-    path = Path(path)
-    while (path / POINTER).is_file():
-        path = Path(json.loads((path / POINTER).read_text())["model"])
-    return str(path)
-
-
-def pass_through(source: str, out: Path) -> None:
-    """Record that this stage's model is `source`, without copying its weights."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / POINTER).write_text(json.dumps({"model": resolve(source)}) + "\n")
+from finedefics.models.families import family_of
+from finedefics.models.paths import resolve
+from finedefics.models.representations import unwrap
 
 
 def load_trainable(path: str, cfg: ModelConfig, gradient_checkpointing: bool, device: str = "cpu"):

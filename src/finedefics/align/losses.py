@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TEMPERATURE_INIT, TEMPERATURE_MIN, TEMPERATURE_MAX = 0.07, 0.001, 0.5
+TEMPERATURE_MIN, TEMPERATURE_MAX = 0.001, 0.5
 
 
 class Temperature(torch.nn.Module):
-    """A learnable temperature, clamped to [0.001, 0.5] as in the authors' code."""
+    """A learnable temperature, clamped to [0.001, 0.5] as in the authors' code; `value` is the
+    initial one (align.temperature)."""
 
-    def __init__(self, value: float = TEMPERATURE_INIT):
+    def __init__(self, value: float):
         super().__init__()
         self.value = torch.nn.Parameter(torch.tensor(float(value)))
 
@@ -77,9 +78,10 @@ def _hn(x: torch.Tensor, hn: torch.Tensor | None, tau: torch.Tensor) -> torch.Te
     return torch.einsum("bd,bkd->bk", F.normalize(x, dim=-1), F.normalize(hn, dim=-1)) / tau
 
 
-def category_category(c: torch.Tensor, c_hn: torch.Tensor, tau: torch.Tensor, form: str = "logsumexp") -> torch.Tensor:
-    """Eq. 7. `logsumexp`, as written: log sum_k exp Sim(c_i, c_k) over the K negative categories,
-    unbounded below (it rewards pushing names ever further apart). `bounded`: the same negatives
+def category_category(c: torch.Tensor, c_hn: torch.Tensor, tau: torch.Tensor, form: str) -> torch.Tensor:
+    """Eq. 7 in the form `form` (align.ccc). `logsumexp`, as written: log sum_k exp Sim(c_i, c_k)
+    over the K negative categories, unbounded below (it rewards pushing names ever further apart).
+    `bounded`: the same negatives
     against the name itself as the positive, -log exp Sim(c_i, c_i) / (exp Sim(c_i, c_i) +
     sum_k exp Sim(c_i, c_k)), which is 0 at best."""
     hn = _hn(c, c_hn, tau)
@@ -89,9 +91,7 @@ def category_category(c: torch.Tensor, c_hn: torch.Tensor, tau: torch.Tensor, fo
     return _nll(itself[:, 0], torch.cat([itself, hn], dim=1))
 
 
-def contrastive_terms(
-    b: Batch, tau: torch.Tensor, mask_same_class: bool = True, ccc: str = "logsumexp"
-) -> dict[str, torch.Tensor]:
+def contrastive_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool, ccc: str) -> dict[str, torch.Tensor]:
     """The terms of eqs. 5-7: OA (with negatives), AO, AC (with negatives), CA (with negatives), CCC."""
     oa = _pairwise(b.o, b.a, b.labels, tau, mask_same_class)  # oa[i, j] = Sim(o_i, a_j)
     ac = _pairwise(b.a, b.c, b.labels, tau, mask_same_class)  # ac[i, j] = Sim(a_i, c_j)
@@ -107,9 +107,7 @@ def contrastive_terms(
     return terms
 
 
-def object_category_terms(
-    b: Batch, tau: torch.Tensor, mask_same_class: bool = True, ccc: str = "logsumexp"
-) -> dict[str, torch.Tensor]:
+def object_category_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool, ccc: str) -> dict[str, torch.Tensor]:
     """Objects against categories directly, no attributes (Table 3b "CL (obj.-cat.)")."""
     oc = _pairwise(b.o, b.c, b.labels, tau, mask_same_class)
     positive = oc.diagonal()

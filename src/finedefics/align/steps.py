@@ -8,18 +8,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from finedefics.align.adapter import Adapter, pixels
-from finedefics.align.instructions import describe_question
 from finedefics.align.losses import Batch, Temperature, contrastive_terms, gather, object_category_terms, stage1_total
-from finedefics.config import AlignConfig
 from finedefics.models.mllm import MLLM
-from finedefics.models.sft import ChatExample, encode
+from finedefics.models.representations import Representations, pixels
+from finedefics.models.sft import ChatExample, answer_loss, encode
+from finedefics.protocol import describe_question
 
 
 def lm_loss(mllm: MLLM, examples: list[ChatExample]) -> torch.Tensor:
-    """The model's cross-entropy on the answers of a batch of chat examples."""
-    device = next(mllm.model.parameters()).device
-    return mllm.model(**{k: v.to(device) for k, v in encode(mllm, examples).items()}).loss
+    """The token-mean cross-entropy of the answers of a batch of chat examples (as the release)."""
+    return answer_loss(mllm.model, encode(mllm, examples), per_example=False)
 
 
 @dataclass
@@ -33,21 +31,21 @@ class Stage1:
     negatives: bool
     mask_same_class: bool
     class_index: dict[str, int]  # category name -> id, for same-class masking
+    ccc: str  # the form of eq. 7 (align.ccc)
     one_pass: bool = True  # all texts of a step in one padded pass (False: one pass per kind, for checks)
-    ccc: str = AlignConfig().ccc  # the form of eq. 7 (align.ccc), its params default
 
     @property
-    def adapter(self) -> Adapter:
-        return Adapter(self.mllm.model, self.mllm.tokenizer.eos_token_id)
+    def reader(self) -> Representations:
+        return Representations(self.mllm.model, self.mllm.tokenizer.eos_token_id)
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         return self.mllm.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def representations(self, rows: pd.DataFrame) -> Batch:
         """ô, â, ĉ (and the negatives' â, ĉ) of a micro-batch."""
-        adapter, B = self.adapter, len(rows)
+        reader, B = self.reader, len(rows)
         device = next(self.mllm.model.parameters()).device
-        o = adapter.encode_objects(pixels(self.mllm, list(rows.path)))
+        o = reader.encode_objects(pixels(self.mllm, list(rows.path)))
         descriptions = list(rows.description)
         neg_descriptions = [d for ds in rows.negative_descriptions for d in ds] if self.negatives else []
         categories = list(rows.category)
@@ -56,14 +54,14 @@ class Stage1:
         if self.one_pass:  # categories deduplicated within the step
             names = list(dict.fromkeys(categories + neg_categories))
             texts = (descriptions + neg_descriptions if self.objective == "obj-att-cat" else []) + names
-            reps = adapter.encode_texts(self._ids(texts))
+            reps = reader.encode_texts(self._ids(texts))
             n_desc = len(texts) - len(names)
             by_name = dict(zip(names, reps[n_desc:]))
             a_all = reps[:n_desc]
             c = torch.stack([by_name[n] for n in categories])
             c_hn = torch.stack([by_name[n] for n in neg_categories]).view(B, K, -1) if K else None
         else:
-            encode = lambda texts: adapter.encode_texts(self._ids(texts)) if texts else None  # noqa: E731
+            encode = lambda texts: reader.encode_texts(self._ids(texts)) if texts else None  # noqa: E731
             a_all = (
                 torch.cat([x for x in (encode(descriptions), encode(neg_descriptions)) if x is not None])
                 if self.objective == "obj-att-cat"
@@ -79,9 +77,10 @@ class Stage1:
         return Batch(o, a, c, labels, a_hn, c_hn)
 
     def generation_loss(self, rows: pd.DataFrame) -> torch.Tensor:
-        """L_G^att: the description as the answer to "Describe this {superclass} in detail."."""
+        """L_G^att: the description as the answer to "Describe this {super_category} in detail."."""
         return lm_loss(
-            self.mllm, [ChatExample(describe_question(r.superclass), r.description, r.path) for r in rows.itertuples()]
+            self.mllm,
+            [ChatExample(describe_question(r.super_category), r.description, r.path) for r in rows.itertuples()],
         )
 
     def loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
@@ -120,14 +119,14 @@ def alignment(mllm: MLLM, images: list[str], categories: list[str], batch_size: 
     `alignment_margin` that cosine minus the mean cosine with the other category names (immune
     to a common offset of all representations, which the raw cosine rewards);
     `alignment_top1` how often the own name is the most similar one."""
-    adapter = Adapter(mllm.model, mllm.tokenizer.eos_token_id)
+    reader = Representations(mllm.model, mllm.tokenizer.eos_token_id)
     device = next(mllm.model.parameters()).device
     names = sorted(set(categories))
-    c = F.normalize(adapter.encode_texts(mllm.tokenizer(names, add_special_tokens=False)["input_ids"]).float(), dim=-1)
+    c = F.normalize(reader.encode_texts(mllm.tokenizer(names, add_special_tokens=False)["input_ids"]).float(), dim=-1)
     own = torch.tensor([names.index(n) for n in categories], device=device)
     sims = []
     for start in range(0, len(images), batch_size):
-        o = adapter.encode_objects(pixels(mllm, images[start : start + batch_size])).float()
+        o = reader.encode_objects(pixels(mllm, images[start : start + batch_size])).float()
         sims.append(F.normalize(o, dim=-1) @ c.T)
     sims = torch.cat(sims)
     positive = sims[torch.arange(len(own)), own]

@@ -8,6 +8,7 @@ from pathlib import Path
 from finedefics.attributes.backends import TextBackend
 from finedefics.attributes.parsing import NoAttributeList, attribute_type, parse_attribute_list
 from finedefics.attributes.prompts import DISCOVER, GENERAL_KEY
+from finedefics.data.prepared import PreparedDataset
 
 FINER_DIR = Path(__file__).resolve().parents[1] / "reference" / "finer_attributes"
 FINER_FILES = {
@@ -39,17 +40,17 @@ def typed(names: list[str]) -> list[AttributeKey]:
     return with_general([AttributeKey(n, attribute_type(n)) for n in names])
 
 
-def static_keys(classes: dict, file: str | None) -> tuple[list[AttributeKey], str]:
+def static_keys(dataset: PreparedDataset, file: str | None) -> tuple[list[AttributeKey], str]:
     """Keys from `file`, else the world spec's own keys, else FineR's list; with the source."""
     if file:
         return typed(parse_attribute_list(Path(file).read_text())), file
-    if classes.get("attributes"):
-        keys = [AttributeKey(k, a["type"]) for k, a in classes["attributes"].items()]
+    if dataset.attributes:
+        keys = [AttributeKey(k, a.type) for k, a in dataset.attributes.items()]
         return with_general(keys), "world spec"
-    files = FINER_FILES.get(classes["super_category"])
+    files = FINER_FILES.get(dataset.super_category)
     if not files:
         raise ValueError(
-            f"{classes['dataset']}: FineR has no attribute list for {classes['super_category']!r}; "
+            f"{dataset.name}: FineR has no attribute list for {dataset.super_category!r}; "
             "set attributes.discover.file or use the hf / openai backend"
         )
     names: list[str] = []
@@ -58,13 +59,13 @@ def static_keys(classes: dict, file: str | None) -> tuple[list[AttributeKey], st
     return typed(names), "FineR: " + ", ".join(files)
 
 
-def discover_prompt(classes: dict) -> str:
-    return DISCOVER.format(superclass=classes["super_category"], class_unit=classes["class_unit"])
+def discover_prompt(dataset: PreparedDataset) -> str:
+    return DISCOVER.format(super_category=dataset.super_category, class_unit=dataset.unit)
 
 
-def llm_keys(backend: TextBackend, classes: dict, retries: int) -> tuple[list[AttributeKey], str]:
+def llm_keys(backend: TextBackend, dataset: PreparedDataset, retries: int) -> tuple[list[AttributeKey], str]:
     """Ask the LLM (greedy first, then sampled retries); fail with the raw answers if none parses."""
-    prompt = discover_prompt(classes)
+    prompt = discover_prompt(dataset)
     answers = []
     for attempt in range(retries + 1):
         answer = backend.complete([prompt], temperature=0.0 if attempt == 0 else 0.7)[0]
@@ -74,7 +75,7 @@ def llm_keys(backend: TextBackend, classes: dict, retries: int) -> tuple[list[At
         except NoAttributeList:
             continue
     shown = " | ".join(repr(a[:300]) for a in answers)
-    raise NoAttributeList(f"{classes['dataset']}: no attribute list in {len(answers)} answer(s): {shown}")
+    raise NoAttributeList(f"{dataset.name}: no attribute list in {len(answers)} answer(s): {shown}")
 
 
 def load_keys(data: dict) -> list[AttributeKey]:

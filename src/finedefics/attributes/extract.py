@@ -22,10 +22,12 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from finedefics.artefacts import VALUES
 from finedefics.attributes.backends import BackendError, VQABackend
 from finedefics.attributes.discover import AttributeKey
 from finedefics.attributes.prompts import EXTRACT, EXTRACT_GENERAL, EXTRACT_TAG, EXTRACT_TAG_GENERAL
 from finedefics.config import ExtractConfig
+from finedefics.data.prepared import PreparedDataset
 from finedefics.io import atomic_path
 
 SHARD_COLUMNS = ["unit", "key", "value", "error"]
@@ -51,20 +53,23 @@ class Extraction:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def questions(keys: list[AttributeKey], superclass: str, class_name: str | None = None) -> list[str]:
+def questions(keys: list[AttributeKey], super_category: str, category: str | None = None) -> list[str]:
     """The VQA prompt per key (tag-based prompts name the class and carry no image)."""
-    if class_name is None:
-        return [EXTRACT_GENERAL if k.general else EXTRACT.format(attribute=k.key, superclass=superclass) for k in keys]
+    if category is None:
+        return [
+            EXTRACT_GENERAL if k.general else EXTRACT.format(attribute=k.key, super_category=super_category)
+            for k in keys
+        ]
     return [
-        EXTRACT_TAG_GENERAL.format(superclass=superclass, class_name=class_name)
+        EXTRACT_TAG_GENERAL.format(super_category=super_category, category=category)
         if k.general
-        else EXTRACT_TAG.format(attribute=k.key, superclass=superclass, class_name=class_name)
+        else EXTRACT_TAG.format(attribute=k.key, super_category=super_category, category=category)
         for k in keys
     ]
 
 
-def scene_sentence(superclass: str, scene: dict[str, str]) -> str:
-    return f"A {superclass} facing {scene['facing']} on a {scene['background']} background with {scene['clutter']}."
+def scene_sentence(super_category: str, scene: dict[str, str]) -> str:
+    return f"A {super_category} facing {scene['facing']} on a {scene['background']} background with {scene['clutter']}."
 
 
 def _lookup(truth: dict[str, str], key: str) -> str | None:
@@ -73,25 +78,25 @@ def _lookup(truth: dict[str, str], key: str) -> str | None:
 
 
 def oracle_answers(
-    keys: list[AttributeKey], superclass: str, attributes: dict[str, str], scene: dict[str, str] | None
+    keys: list[AttributeKey], super_category: str, attributes: dict[str, str], scene: dict[str, str] | None
 ) -> list[str | None]:
     """Ground truth per key; None where the source has none (an LLM-discovered key it lacks)."""
     out: list[str | None] = []
     for k in keys:
         if k.general:
-            out.append(scene_sentence(superclass, scene) if scene else None)
+            out.append(scene_sentence(super_category, scene) if scene else None)
         else:
             out.append(_lookup(attributes, k.key))
     return out
 
 
-def class_truth(manifest: pd.DataFrame, classes: dict) -> dict[int, dict[str, str]]:
+def class_truth(dataset: PreparedDataset) -> dict[int, dict[str, str]]:
     """Class-level ground truth: the world's profiles, else each key's most common train value."""
-    profiles = {c["label"]: c["profile"] for c in classes["classes"] if "profile" in c}
+    profiles = {c.label: c.profile for c in dataset.categories if c.profile is not None}
     if profiles:
         return profiles
     truth: dict[int, dict[str, str]] = {}
-    for label, rows in manifest.groupby("label"):
+    for label, rows in dataset.train.groupby("label"):
         counts: dict[str, Counter] = {}
         for attrs in rows.attributes:
             for k, v in (json.loads(attrs) if attrs else {}).items():
@@ -105,33 +110,28 @@ def has_ground_truth(manifest: pd.DataFrame) -> bool:
 
 
 def plan_units(
-    manifest: pd.DataFrame,
-    classes: dict,
-    keys: list[AttributeKey],
-    construction: str,
-    backend: VQABackend | None,
+    dataset: PreparedDataset, keys: list[AttributeKey], construction: str, backend: VQABackend | None
 ) -> list[Unit]:
     """The units of work for a construction mode; `backend` None means the oracle."""
-    superclass = classes["super_category"]
-    train = manifest[manifest.split == "train"]
+    super_category, train = dataset.super_category, dataset.train
     if construction == "tag-based":
-        truth = class_truth(train, classes) if backend is None else {}
+        truth = class_truth(dataset) if backend is None else {}
         units = []
-        for c in classes["classes"]:
-            images = list(train.loc[train.label == c["label"], "image_id"])
+        for c in dataset.categories:
+            images = list(train.loc[train.label == c.label, "image_id"])
             if backend is None:
-                ask = lambda t=truth.get(c["label"], {}): oracle_answers(keys, superclass, t, None)  # noqa: E731
+                ask = lambda t=truth.get(c.label, {}): oracle_answers(keys, super_category, t, None)  # noqa: E731
             else:
-                ask = lambda qs=questions(keys, superclass, c["name"]): backend.answer_text(qs)  # noqa: E731
-            units.append(Unit(f"class:{c['label']}", images, ask))
+                ask = lambda qs=questions(keys, super_category, c.name): backend.answer_text(qs)  # noqa: E731
+            units.append(Unit(f"class:{c.label}", images, ask))
         return units
-    asked = questions(keys, superclass)
+    asked = questions(keys, super_category)
     units = []
     for row in train.itertuples():
         if backend is None:
             attrs = json.loads(row.attributes) if row.attributes else {}
             scene = json.loads(row.scene) if row.scene else None
-            ask = lambda a=attrs, s=scene: oracle_answers(keys, superclass, a, s)  # noqa: E731
+            ask = lambda a=attrs, s=scene: oracle_answers(keys, super_category, a, s)  # noqa: E731
         else:
             ask = lambda path=row.path: backend.answer(Image.open(path).convert("RGB"), asked)  # noqa: E731
         units.append(Unit(row.image_id, [row.image_id], ask))
@@ -139,10 +139,9 @@ def plan_units(
 
 
 def fingerprint(
-    manifest: pd.DataFrame, keys: list[AttributeKey], construction: str, cfg: ExtractConfig, oracle: bool
+    train: pd.DataFrame, keys: list[AttributeKey], construction: str, cfg: ExtractConfig, oracle: bool
 ) -> str:
     """A hash of everything that decides the answers (not of how they are batched or sharded)."""
-    train = manifest[manifest.split == "train"]
     decisive = {
         "images": list(zip(train.image_id, train.sha1)),
         "keys": [k.to_dict() for k in keys],
@@ -233,8 +232,7 @@ def run_units(
 
 
 def extract(
-    manifest: pd.DataFrame,
-    classes: dict,
+    dataset: PreparedDataset,
     keys: list[AttributeKey],
     construction: str,
     cfg: ExtractConfig,
@@ -242,15 +240,15 @@ def extract(
     resume_root: Path,
 ) -> Extraction:
     """Values per train image and key; `backend` None answers with the ground truth."""
-    if backend is None and not has_ground_truth(manifest):
+    if backend is None and not has_ground_truth(dataset.images):
         raise ValueError(
-            f"{classes['dataset']}: no ground-truth attributes for the oracle "
+            f"{dataset.name}: no ground-truth attributes for the oracle "
             f"({'construction ground-truth' if construction == 'ground-truth' else 'backend oracle'}); "
             "only the world and bird-200 (CUB) have them"
         )
-    units = plan_units(manifest, classes, keys, construction, backend)
-    folder = resume_root / fingerprint(manifest, keys, construction, cfg, backend is None)
-    answers, stats = run_units(units, keys, folder, cfg, desc=f"extract {classes['dataset']}")
+    units = plan_units(dataset, keys, construction, backend)
+    folder = resume_root / fingerprint(dataset.train, keys, construction, cfg, backend is None)
+    answers, stats = run_units(units, keys, folder, cfg, desc=f"extract {dataset.name}")
     rows, failures, missing = [], [], 0
     for unit in units:
         for key in (k.key for k in keys):
@@ -265,12 +263,12 @@ def extract(
     stats.update(
         {
             "units": len(units),
-            "keys": len(keys),
-            "values": len(rows),
+            "n_keys": len(keys),  # not `keys` / `values`: DVC's metrics table has attributes of those names
+            "n_values": len(rows),
             "failed_items": len(failures),
             "failure_rate": len(failures) / n_items if n_items else 0.0,
             "items_without_ground_truth": missing,
         }
     )
-    values = pd.DataFrame(rows, columns=["image_id", "key", "value"])
+    values = pd.DataFrame(rows, columns=list(VALUES.columns))
     return Extraction(values, pd.DataFrame(failures, columns=["unit", "key", "error"]), stats)

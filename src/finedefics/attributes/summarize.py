@@ -16,10 +16,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from finedefics.artefacts import DESCRIPTIONS
 from finedefics.attributes.backends import TextBackend
 from finedefics.attributes.discover import AttributeKey
 from finedefics.attributes.prompts import SENTENCES, SUMMARIZE
 from finedefics.config import AttributesConfig
+from finedefics.data.prepared import PreparedDataset
 
 ATTRIBUTE_SENTENCES = 4  # plus the general description: five sentences, as the paper asks for
 
@@ -65,17 +67,17 @@ _OPENERS = ["Its {k} is {v}", "The {k} is {v}", "This {s} has {a} {v} {k}", "It 
 
 
 def template_description(
-    superclass: str, general: str | None, pairs: list[tuple[str, str]], level: str, salt: int
+    super_category: str, general: str | None, pairs: list[tuple[str, str]], level: str, salt: int
 ) -> str:
     """Deterministic sentences from (key, value) pairs; `salt` picks the phrasing."""
     if level == "short":
         parts = [f"whose {k} is {v}" for k, v in pairs[:2]]
-        return f"A {superclass}" + (" " + " and ".join(parts) if parts else "") + "."
+        return f"A {super_category}" + (" " + " and ".join(parts) if parts else "") + "."
     sentences = [general.rstrip(".") + "."] if general else []
     groups = [pairs[i::ATTRIBUTE_SENTENCES] for i in range(min(ATTRIBUTE_SENTENCES, len(pairs)))]
     for j, group in enumerate(groups):
         clauses = [
-            _OPENERS[(salt + j + n) % len(_OPENERS)].format(k=k, v=v, s=superclass, a=_article(v))
+            _OPENERS[(salt + j + n) % len(_OPENERS)].format(k=k, v=v, s=super_category, a=_article(v))
             if n == 0
             else f"its {k} is {v}"
             for n, (k, v) in enumerate(group)
@@ -84,10 +86,10 @@ def template_description(
     return " ".join(s[0].upper() + s[1:] for s in sentences)
 
 
-def llm_prompt(superclass: str, general: str | None, pairs: list[tuple[str, str]], level: str) -> str:
+def llm_prompt(super_category: str, general: str | None, pairs: list[tuple[str, str]], level: str) -> str:
     attributes = "\n".join(f"- {k}: {v}" for k, v in pairs) or "- (none)"
     return SUMMARIZE.format(
-        general=general or "(none)", attributes=attributes, superclass=superclass, sentences=SENTENCES[level]
+        general=general or "(none)", attributes=attributes, super_category=super_category, sentences=SENTENCES[level]
     )
 
 
@@ -98,25 +100,24 @@ def name_pattern(names: list[str]) -> re.Pattern:
     return re.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", re.IGNORECASE)
 
 
-def scrub(text: str, pattern: re.Pattern, superclass: str) -> tuple[str, int]:
-    return pattern.subn(f"this {superclass}", text)
+def scrub(text: str, pattern: re.Pattern, super_category: str) -> tuple[str, int]:
+    return pattern.subn(f"this {super_category}", text)
 
 
 def summarize(
     values: pd.DataFrame,
-    manifest: pd.DataFrame,
-    classes: dict,
+    dataset: PreparedDataset,
     keys: list[AttributeKey],
     cfg: AttributesConfig,
     seed: int,
     backend: TextBackend | None,
 ) -> Summary:
     """A description per train image with values; `backend` None uses the template."""
-    superclass = classes["super_category"]
+    super_category = dataset.super_category
     kept = kept_keys(keys, cfg.types)
     order = {k.key: i for i, k in enumerate(kept)}
     general_key = next((k.key for k in kept if k.general), None)
-    train = manifest[manifest.split == "train"]
+    train = dataset.train
     labels = dict(zip(train.image_id, train.label))
     values = values[values.key.isin(order) & values.image_id.isin(labels)]
     replaced = 0
@@ -131,22 +132,22 @@ def summarize(
         inputs.append((general, [(r.key, r.value) for r in rows if r.key != general_key]))
     if backend is None:
         texts = [
-            template_description(superclass, g, p, cfg.level, zlib.crc32(i.encode()) + seed)
+            template_description(super_category, g, p, cfg.level, zlib.crc32(i.encode()) + seed)
             for i, (g, p) in zip(image_ids, inputs)
         ]
     else:
-        prompts = [llm_prompt(superclass, g, p, cfg.level) for g, p in inputs]
+        prompts = [llm_prompt(super_category, g, p, cfg.level) for g, p in inputs]
         size = cfg.summarize.batch_size
         texts = []
-        for start in tqdm(range(0, len(prompts), size), desc=f"summarize {classes['dataset']}", unit="batch"):
+        for start in tqdm(range(0, len(prompts), size), desc=f"summarize {dataset.name}", unit="batch"):
             texts += backend.complete(prompts[start : start + size])
-    pattern = name_pattern([c["name"] for c in classes["classes"]])
+    pattern = name_pattern(dataset.names)
     scrubbed, descriptions = 0, []
     for text in texts:
-        clean, n = scrub(text, pattern, superclass)
+        clean, n = scrub(text, pattern, super_category)
         scrubbed += n
         descriptions.append(clean)
-    frame = pd.DataFrame({"image_id": image_ids, "description": descriptions})
+    frame = pd.DataFrame({"image_id": image_ids, "description": descriptions}, columns=list(DESCRIPTIONS.columns))
     words = frame.description.str.split().str.len()
     stats = {
         "descriptions": len(frame),

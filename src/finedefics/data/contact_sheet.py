@@ -9,8 +9,8 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 
-def contact_sheet(manifest: pd.DataFrame, classes: list[str], per_class: int = 6, thumb: int = 64) -> Image.Image:
-    """Tiles of `per_class` thumbnails per class, laid out in up to four columns of tiles."""
+def contact_sheet(train: pd.DataFrame, classes: list[str], per_class: int = 6, thumb: int = 64) -> Image.Image:
+    """Tiles of `per_class` thumbnails of train images per class, in up to four columns of tiles."""
     font = ImageFont.load_default()
     label_h = 14
     tile_w, tile_h = per_class * (thumb + 2) + 8, thumb + label_h + 8
@@ -18,7 +18,7 @@ def contact_sheet(manifest: pd.DataFrame, classes: list[str], per_class: int = 6
     rows = math.ceil(len(classes) / columns)
     sheet = Image.new("RGB", (columns * tile_w, rows * tile_h), "white")
     draw = ImageDraw.Draw(sheet)
-    train = manifest[manifest.split == "train"].sort_values("image_id")
+    train = train.sort_values("image_id")
     for label, name in enumerate(classes):
         x0, y0 = (label // rows) * tile_w + 4, (label % rows) * tile_h + 4
         draw.text((x0, y0), f"{label}: {name}", fill="black", font=font)

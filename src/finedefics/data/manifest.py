@@ -14,23 +14,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from finedefics.artefacts import IMAGES
 from finedefics.data.real import Source
-
-MANIFEST_COLUMNS = [
-    "image_id",  # path of the image within its dataset folder; unique per dataset
-    "path",  # where the file is, relative to the repository root (or absolute)
-    "split",  # train | test
-    "label",  # index into classes.json's classes
-    "class_name",  # exactly as the FOCI benchmark spells it
-    "super_category",
-    "foci_key",  # the image's path in FOCI's images/... form
-    "sha1",  # of the file's bytes
-    "width",
-    "height",
-    "attributes",  # JSON object of ground-truth attribute values, or "" when the source has none
-    "deviation",  # world only: the attribute that deviates from the class profile, or ""
-    "scene",  # world only: JSON of pose and background (ground truth of the general description)
-]
 
 
 class LeakageError(ValueError):
@@ -97,7 +82,7 @@ def build_manifest(
                 "path": location(file),
                 "split": img.split,
                 "label": img.label,
-                "class_name": source.classes[img.label],
+                "category": source.classes[img.label],
                 "super_category": super_category,
                 "foci_key": img.foci_key,
                 "sha1": check.sha1,
@@ -109,7 +94,7 @@ def build_manifest(
                 **(extra or {}).get(img.image_id, {}),
             }
         )
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest = pd.DataFrame(rows, columns=list(IMAGES.columns))
     return manifest, pd.DataFrame(rejected, columns=["image_id", "path", "split", "reason"])
 
 
@@ -142,7 +127,7 @@ def check_classes(manifest: pd.DataFrame, classes: list[str]) -> None:
 def foci_unmapped(manifest: pd.DataFrame, reference: dict[str, list[dict]]) -> pd.DataFrame:
     """FOCI test entries that do not map to exactly one prepared test image of their class."""
     test = manifest[manifest.split == "test"]
-    by_key = test.groupby("foci_key")["class_name"].apply(list).to_dict()
+    by_key = test.groupby("foci_key")["category"].apply(list).to_dict()
     missing = []
     for class_name, entries in reference.items():
         for entry in entries:

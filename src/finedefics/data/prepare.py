@@ -12,14 +12,14 @@ from tqdm import tqdm
 from finedefics.config import WorldConfig
 from finedefics.data import world
 from finedefics.data.manifest import build_manifest, check_classes, check_leakage, foci_unmapped
-from finedefics.data.real import REAL_DATASETS, Source, SourceImage, load_real
+from finedefics.data.prepared import Attribute, Category, PreparedDataset
+from finedefics.data.real import REAL_DATASETS, RealDataset, Source, SourceImage, load_real
 
 
 @dataclass
 class Prepared:
-    manifest: pd.DataFrame
+    dataset: PreparedDataset  # images.parquet and classes.json
     rejected: pd.DataFrame
-    classes: dict  # the content of classes.json
     unmapped: pd.DataFrame | None  # FOCI entries without exactly one prepared test image (real data)
 
 
@@ -45,49 +45,47 @@ def prepare_world(name: str, spec_file: Path, cfg: WorldConfig, seed: int, out: 
     manifest, rejected = build_manifest(
         source, spec.super_category, extra, location=lambda f: str(final / f.relative_to(out))
     )
-    meta = {
-        "dataset": name,
-        "source": "world",
-        "super_category": spec.super_category,
-        "plural": spec.plural,
-        "class_unit": spec.class_unit,
-        "attributes": {k: {"type": a.type, "values": list(a.values)} for k, a in spec.attributes.items()},
-        "classes": [{"label": c.label, "name": c.name, "cluster": c.cluster, "profile": c.profile} for c in classes],
-    }
-    return _checked(manifest, rejected, meta, None)
+    categories = [Category(c.label, c.name, c.cluster, dict(c.profile)) for c in classes]
+    attributes = {k: Attribute(a.type, list(a.values)) for k, a in spec.attributes.items()}
+    return _checked(name, "world", spec, categories, attributes, manifest, rejected, None)
 
 
 def prepare_real(name: str, root: Path) -> Prepared:
     source = load_real(name, root)  # refuses unknown names and incomplete folders
     spec = REAL_DATASETS[name]
     manifest, rejected = build_manifest(source, spec.super_category)
-    meta = {
-        "dataset": name,
-        "source": "real",
-        "super_category": spec.super_category,
-        "plural": spec.plural,
-        "class_unit": spec.class_unit,
-        "attributes": {},
-        "classes": [{"label": i, "name": c} for i, c in enumerate(source.classes)],
-    }
-    reference = json.loads(spec.foci_file.read_text())
-    return _checked(manifest, rejected, meta, foci_unmapped(manifest, reference))
+    categories = [Category(i, c) for i, c in enumerate(source.classes)]
+    unmapped = foci_unmapped(manifest, json.loads(spec.foci_file.read_text()))
+    return _checked(name, "real", spec, categories, {}, manifest, rejected, unmapped)
 
 
-def _checked(manifest: pd.DataFrame, rejected: pd.DataFrame, meta: dict, unmapped: pd.DataFrame | None) -> Prepared:
-    check_leakage(manifest)
-    check_classes(manifest, [c["name"] for c in meta["classes"]])
-    return Prepared(manifest, rejected, meta, unmapped)
+def _checked(
+    name: str,
+    source: str,
+    spec: world.WorldSpec | RealDataset,
+    categories: list[Category],
+    attributes: dict[str, Attribute],
+    manifest: pd.DataFrame,
+    rejected: pd.DataFrame,
+    unmapped: pd.DataFrame | None,
+) -> Prepared:
+    """The prepared dataset, once its images pass the leakage and class checks."""
+    dataset = PreparedDataset(
+        name, source, spec.super_category, spec.plural, spec.class_unit, categories, attributes, manifest
+    )
+    check_leakage(dataset.images)
+    check_classes(dataset.images, dataset.names)
+    return Prepared(dataset, rejected, unmapped)
 
 
 def statistics(p: Prepared) -> dict[str, float]:
     """Counts logged to MLflow and written to metrics/prepare/<name>.json."""
-    m = p.manifest
-    per_class = m[m.split == "train"].groupby("label").size()
+    m = p.dataset.images
+    per_class = p.dataset.train.groupby("label").size()
     stats = {
-        "classes": len(p.classes["classes"]),
-        "train_images": int((m.split == "train").sum()),
-        "test_images": int((m.split == "test").sum()),
+        "classes": len(p.dataset.categories),
+        "train_images": len(p.dataset.train),
+        "test_images": len(p.dataset.test),
         "rejected_images": len(p.rejected),
         "train_per_class_min": int(per_class.min()),
         "train_per_class_max": int(per_class.max()),

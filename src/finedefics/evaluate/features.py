@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from finedefics.align.adapter import Adapter, last, mean, pixels
 from finedefics.models.mllm import MLLM
+from finedefics.models.representations import Representations, last, mean, pixels
 
 
 @dataclass
@@ -26,15 +26,15 @@ def _collect(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Features:
 @torch.no_grad()
 def objects(mllm: MLLM, paths: list[str], batch_size: int = 32) -> Features:
     """Each image's visual tokens and an EOS embedding, through the LLM."""
-    adapter = Adapter(mllm.model, mllm.tokenizer.eos_token_id)
+    reader = Representations(mllm.model, mllm.tokenizer.eos_token_id)
     return _collect(
-        [adapter.object_states(pixels(mllm, paths[i : i + batch_size])) for i in range(0, len(paths), batch_size)]
+        [reader.object_states(pixels(mllm, paths[i : i + batch_size])) for i in range(0, len(paths), batch_size)]
     )
 
 
 @torch.no_grad()
 def texts(mllm: MLLM, items: list[str], batch_size: int = 64) -> Features:
     """Each text's tokens and EOS, through the LLM (right-padded)."""
-    adapter = Adapter(mllm.model, mllm.tokenizer.eos_token_id)
+    reader = Representations(mllm.model, mllm.tokenizer.eos_token_id)
     ids = mllm.tokenizer(items, add_special_tokens=False)["input_ids"]
-    return _collect([adapter.text_states(ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)])
+    return _collect([reader.text_states(ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)])

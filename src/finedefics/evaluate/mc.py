@@ -12,9 +12,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from finedefics.align.instructions import open_question
-from finedefics.evaluate.foci import LETTERS, mc_question, parse_choice, query
 from finedefics.models.mllm import MLLM
+from finedefics.protocol import LETTERS, mc_question, open_question, parse_choice, query
 
 UNREADABLE = "<unreadable image>"
 
@@ -106,10 +105,10 @@ def normalise(name: str) -> str:
 
 
 def open_set(
-    mllm: MLLM, superclass: str, paths: list[str], truths: list[str], batch_size: int = 32, max_new_tokens: int = 12
+    mllm: MLLM, super_category: str, paths: list[str], truths: list[str], batch_size: int = 32, max_new_tokens: int = 12
 ) -> list[dict]:
     """Open-set recognition: the generated name against the class name, normalised."""
-    raw = _answers(mllm, [open_question(superclass)] * len(paths), paths, batch_size, max_new_tokens, "open-set")
+    raw = _answers(mllm, [open_question(super_category)] * len(paths), paths, batch_size, max_new_tokens, "open-set")
     return [
         {
             "predicted_raw": UNREADABLE if t is None else t,

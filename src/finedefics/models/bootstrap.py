@@ -9,45 +9,24 @@ category an image shows: the object-category misalignment of paper §2.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 from jinja2 import Environment
 from tqdm import tqdm
 
-from finedefics.align.instructions import describe_question, open_question
 from finedefics.config import TinyMLLMConfig
-from finedefics.evaluate.foci import mc_question, parse_choice, query, shuffled
+from finedefics.data.prepared import PreparedDataset
+from finedefics.io import load_image
 from finedefics.models import world_text as wt
 from finedefics.models.mllm import MLLM
-from finedefics.models.sft import ChatExample, iterate, load_image
+from finedefics.models.sft import ChatExample, iterate
 from finedefics.models.tiny import TinySizes, build_idefics2, build_llava
 from finedefics.models.tokenizer import CHAT_TEMPLATE, train_tokenizer
+from finedefics.protocol import describe_question, mc_question, open_question, parse_choice, query, shuffled
 
 
-@dataclass
-class WorldDataset:
-    """A prepared world dataset, as `bootstrap` reads it."""
-
-    name: str
-    manifest: pd.DataFrame
-    classes: dict
-
-    @property
-    def keys(self) -> list[str]:
-        return list(self.classes["attributes"])
-
-    @property
-    def superclass(self) -> str:
-        return self.classes["super_category"]
-
-    def split(self, split: str) -> pd.DataFrame:
-        return self.manifest[self.manifest.split == split]
-
-
-def pretraining_examples(datasets: list[WorldDataset], seed: int, knowledge_repeats: int = 8) -> list[ChatExample]:
+def pretraining_examples(datasets: list[PreparedDataset], seed: int, knowledge_repeats: int = 8) -> list[ChatExample]:
     """What the base learns, never an image next to a category name:
     (a) a caption of every train image, stating its attribute values;
     (b) the category knowledge of every class, as chat and as plain statements;
@@ -57,40 +36,42 @@ def pretraining_examples(datasets: list[WorldDataset], seed: int, knowledge_repe
     rng = np.random.default_rng([seed, 11])
     examples = []
     for ds in datasets:
-        attrs = ds.classes["attributes"]
-        for row in ds.split("train").itertuples():
+        attrs = ds.attributes
+        for row in ds.train.itertuples():
             values = json.loads(row.attributes)
             examples.append(
-                ChatExample(wt.caption_question(ds.superclass), wt.caption(ds.superclass, ds.keys, values), row.path)
+                ChatExample(
+                    wt.caption_question(ds.super_category), wt.caption(ds.super_category, ds.keys, values), row.path
+                )
             )
             key = str(rng.choice(ds.keys))
-            wrong = [v for v in attrs[key]["values"] if v != values[key]]
+            wrong = [v for v in attrs[key].values if v != values[key]]
             options = shuffled([values[key], *rng.choice(wrong, size=min(3, len(wrong)), replace=False)], rng)
-            question = mc_question(f"What is the {key} of the {ds.superclass} in the image?", options)
+            question = mc_question(f"What is the {key} of the {ds.super_category} in the image?", options)
             examples.append(ChatExample(question, "ABCD"[options.index(values[key])], row.path))
-        classes = ds.classes["classes"]
-        for c in classes:
-            text = wt.knowledge(c["name"], ds.superclass, ds.keys, c["profile"])
-            examples += [ChatExample(wt.knowledge_question(c["name"]), text)] * knowledge_repeats
+        categories = ds.categories
+        for c in categories:
+            text = wt.knowledge(c.name, ds.super_category, ds.keys, c.profile)
+            examples += [ChatExample(wt.knowledge_question(c.name), text)] * knowledge_repeats
             examples.append(
-                ChatExample("Tell me about a category.", wt.knowledge_statement(c["name"], ds.keys, c["profile"]))
+                ChatExample("Tell me about a category.", wt.knowledge_statement(c.name, ds.keys, c.profile))
             )
             for _ in range(2):
                 key = str(rng.choice(ds.keys))
-                others = [o["name"] for o in classes if o["profile"][key] != c["profile"][key]]
+                others = [o.name for o in categories if o.profile[key] != c.profile[key]]
                 if len(others) < 3:
                     continue
-                options = shuffled([c["name"], *rng.choice(others, size=3, replace=False)], rng)
-                value = c["profile"][key]
+                options = shuffled([c.name, *rng.choice(others, size=3, replace=False)], rng)
+                value = c.profile[key]
                 question = mc_question(
-                    f"Which of these {ds.classes['plural']} has {'an' if value[0] in 'aeiou' else 'a'} {value} {key}?",
+                    f"Which of these {ds.plural} has {'an' if value[0] in 'aeiou' else 'a'} {value} {key}?",
                     options,
                 )
-                examples.append(ChatExample(question, "ABCD"[options.index(c["name"])]))
+                examples.append(ChatExample(question, "ABCD"[options.index(c.name)]))
     return examples
 
 
-def tokenizer_corpus(datasets: list[WorldDataset], examples: list[ChatExample]) -> list[str]:
+def tokenizer_corpus(datasets: list[PreparedDataset], examples: list[ChatExample]) -> list[str]:
     """Everything the pipeline will say in the world, as chat turns: the examples, the FOCI
     prompt, open-set questions and the scenes. Rendered through the chat template, so that
     "User" and "Assistant" become single tokens (split in pieces, "Assistant" starts with the
@@ -98,10 +79,10 @@ def tokenizer_corpus(datasets: list[WorldDataset], examples: list[ChatExample]) 
     template = Environment().from_string(CHAT_TEMPLATE)
     turns = [(e.question, e.answer) for e in examples]
     for ds in datasets:
-        names = [c["name"] for c in ds.classes["classes"]]
-        turns.append((mc_question(query(ds.classes["plural"]), names[:4]), "A"))
-        turns += [(open_question(ds.superclass), n) for n in names]
-        turns += [(describe_question(ds.superclass), s) for s in ds.manifest.scene if s]
+        names = ds.names
+        turns.append((mc_question(query(ds.plural), names[:4]), "A"))
+        turns += [(open_question(ds.super_category), n) for n in names]
+        turns += [(describe_question(ds.super_category), s) for s in ds.images.scene if s]
     return [
         template.render(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])
         for q, a in turns
@@ -109,7 +90,7 @@ def tokenizer_corpus(datasets: list[WorldDataset], examples: list[ChatExample]) 
 
 
 def build_base(
-    datasets: list[WorldDataset], cfg: TinyMLLMConfig, image_size: int, seed: int, family: str = "idefics2"
+    datasets: list[PreparedDataset], cfg: TinyMLLMConfig, image_size: int, seed: int, family: str = "idefics2"
 ) -> tuple[MLLM, list[ChatExample]]:
     """The tokenizer trained on the world's text and a randomly initialised tiny Idefics2 (or
     LLaVA-1.5, `family="llava"`, for Table 4)."""
@@ -133,32 +114,32 @@ def answer_all(
     return out
 
 
-def diagnose(mllm: MLLM, datasets: list[WorldDataset], seed: int) -> tuple[dict[str, float], dict[str, list[str]]]:
+def diagnose(mllm: MLLM, datasets: list[PreparedDataset], seed: int) -> tuple[dict[str, float], dict[str, list[str]]]:
     """The paper's three capabilities, from generations: attributes read from test images, category
     knowledge, and zero-shot multiple choice (ground truth and 3 random wrong classes)."""
     metrics: dict[str, float] = {}
     samples: dict[str, list[str]] = {}
     for ds in datasets:
-        test = ds.split("test")
-        captions = answer_all(mllm, [wt.caption_question(ds.superclass)] * len(test), list(test.path), 96)
+        test = ds.test
+        captions = answer_all(mllm, [wt.caption_question(ds.super_category)] * len(test), list(test.path), 96)
         right = [
             wt.read_values(text, ds.keys).get(k) == v
             for text, attrs in zip(captions, test.attributes)
             for k, v in json.loads(attrs).items()
         ]
-        names = [c["name"] for c in ds.classes["classes"]]
+        names = ds.names
         known = answer_all(mllm, [wt.knowledge_question(n) for n in names], None, 96)
         knowledge_right = [
             wt.read_values(text, ds.keys).get(k) == v
-            for text, c in zip(known, ds.classes["classes"])
-            for k, v in c["profile"].items()
+            for text, c in zip(known, ds.categories)
+            for k, v in c.profile.items()
         ]
         rng = np.random.default_rng([seed, 3])
         questions, truth = [], []
         for label in test.label:
             wrong = rng.choice([i for i in range(len(names)) if i != label], size=3, replace=False)
             options = shuffled([names[label], *(names[i] for i in wrong)], rng)
-            questions.append(mc_question(query(ds.classes["plural"]), options))
+            questions.append(mc_question(query(ds.plural), options))
             truth.append("ABCD"[options.index(names[label])])
         answers = answer_all(mllm, questions, list(test.path), 4)
         picks = [parse_choice(a) for a in answers]

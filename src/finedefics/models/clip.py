@@ -14,17 +14,18 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from finedefics.config import TinyCLIPConfig
+from finedefics.io import load_image
+from finedefics.training import FitConfig, fit, plan
 
 TINY_NAME = "finedefics-tiny-clip"
 TINY_DIR = Path("models/clip")
 
 
-def train_prompt(name: str, superclass: str) -> str:
-    return f"a photo of a {name}, a type of {superclass}."
+def train_prompt(name: str, super_category: str) -> str:
+    return f"a photo of a {name}, a type of {super_category}."
 
 
 def class_prompt(name: str) -> str:
@@ -84,7 +85,7 @@ class Clip:
         """L2-normalised image embeddings, one row per path."""
         out = []
         for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
-            pixels = torch.stack([self.preprocess(_rgb(p)) for p in paths[start : start + batch_size]])
+            pixels = torch.stack([self.preprocess(load_image(p)) for p in paths[start : start + batch_size]])
             out.append(torch.nn.functional.normalize(self.model.encode_image(pixels), dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
@@ -101,11 +102,6 @@ class Clip:
         return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else 0
 
 
-def _rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def train_tiny(
     cfg: TinyCLIPConfig,
     image_size: int,
@@ -115,38 +111,38 @@ def train_tiny(
     folder: Path,
     log=None,
 ) -> Clip:
-    """Train the tiny open_clip model with open_clip's contrastive loss on (image, text) pairs."""
+    """Train the tiny open_clip model with open_clip's contrastive loss on (image, text) pairs:
+    AdamW at a constant rate, the logit scale clamped to [0, log 100] as open_clip trains it."""
     register_tiny(cfg, image_size, folder)
     torch.manual_seed(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(TINY_NAME, output_dict=True)
     tokenizer = open_clip.get_tokenizer(TINY_NAME)
-    pixels = torch.stack([preprocess(_rgb(p)) for p in images])
+    pixels = torch.stack([preprocess(load_image(p)) for p in images])
     tokens = tokenizer(texts)
     loss_fn = open_clip.ClipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1)
-    rng = np.random.default_rng(seed)
-    steps_per_epoch = int(np.ceil(len(images) / cfg.batch_size))
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="train CLIP", unit="step")
-    model.train()
-    step = 0
-    for _ in range(cfg.epochs):
-        order = rng.permutation(len(images))
-        for start in range(0, len(images), cfg.batch_size):
-            idx = torch.as_tensor(order[start : start + cfg.batch_size])
-            out = model(pixels[idx], tokens[idx])
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, np.log(100))
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if log is not None and step % 10 == 0:
-                log({"clip_loss": loss.item()}, step)
-    bar.close()
-    model.eval()
+
+    def step(idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(pixels[idx], tokens[idx])
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        return loss, {"loss": loss.item()}
+
+    def clamp() -> None:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
+
+    batch = min(cfg.batch_size, len(images))
+    fit_cfg = FitConfig(
+        lr=cfg.lr,
+        warmup_steps=0,
+        batch_size=batch,
+        per_device_batch_size=batch,
+        checkpoint_every=0,
+        schedule="constant",
+        weight_decay=0.1,
+        max_grad_norm=None,
+    )
+    batches = plan(len(images), batch, cfg.epochs, seed)
+    fit([model], batches, step, fit_cfg, resume=None, desc="train CLIP", log=log, after_step=clamp)
     save_local_dir(model, cfg, image_size, folder)
     return Clip(model, preprocess, tokenizer)
 

@@ -1,6 +1,6 @@
 """A loaded multimodal model with its processor: chat prompts, batched generation, visual tokens.
 
-Idefics2 and LLaVA-1.5 expose their visual tokens (the connector's output), so one image can be
+The families of `models.families` (Idefics2, LLaVA-1.5) expose their visual tokens (the connector's output), so one image can be
 encoded once and shared by a batch of questions; other image-text-to-text models (BLIP-2, ...)
 fall back to a plain batch with the image repeated.
 """
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-SHARED_IMAGE_FAMILIES = ("idefics2", "llava")
+from finedefics.models.families import FAMILIES
 
 
 @dataclass
@@ -53,19 +53,10 @@ class MLLM:
     @torch.no_grad()
     def visual_tokens(self, images: list[Image.Image]) -> list[torch.Tensor]:
         """The connector's output for each image: a (tokens, hidden) tensor per image."""
-        pixels = self.processor.image_processor([[im] for im in images], return_tensors="pt")  # one image per sample
-        if self.family == "idefics2":
-            out = self.model.get_image_features(pixels["pixel_values"], pixels.get("pixel_attention_mask"))
-        elif self.family == "llava":
-            cfg = self.model.config
-            out = self.model.get_image_features(
-                pixels["pixel_values"],
-                vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            )
-        else:
+        if self.family not in FAMILIES:
             raise NotImplementedError(f"visual tokens of {self.family} models")
-        return list(out.pooler_output)
+        pixels = self.processor.image_processor([[im] for im in images], return_tensors="pt")  # one image per sample
+        return list(FAMILIES[self.family].visual_tokens(self.model, pixels))
 
     def _decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -85,7 +76,7 @@ class MLLM:
     @torch.no_grad()
     def generate_shared_image(self, prompts: list[str], image: Image.Image, max_new_tokens: int) -> list[str]:
         """Answers to several questions about one image, encoding the image once where possible."""
-        if self.family not in SHARED_IMAGE_FAMILIES:
+        if self.family not in FAMILIES:
             return self.generate(prompts, [image] * len(prompts), max_new_tokens)
         self.tokenizer.padding_side = "left"
         inputs = self.processor(text=prompts, images=[[image]] * len(prompts), return_tensors="pt", padding=True)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
+import torch.nn.functional as F
 
+from finedefics.io import load_image
 from finedefics.models.mllm import MLLM
+from finedefics.training import FitConfig, fit
 
 
 @dataclass(frozen=True)
@@ -21,11 +20,6 @@ class ChatExample:
     answer: str
     image: str | None = None  # path of the image, or None for a text-only example
     whole: bool = False  # language-model the whole dialogue, not just the answer
-
-
-def load_image(path: str) -> Image.Image:
-    with Image.open(Path(path)) as im:
-        return im.convert("RGB")
 
 
 def encode(mllm: MLLM, examples: list[ChatExample]) -> dict[str, torch.Tensor]:
@@ -49,39 +43,35 @@ def encode(mllm: MLLM, examples: list[ChatExample]) -> dict[str, torch.Tensor]:
     return dict(batch)
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The answer tokens' cross-entropy, averaged per example, then over examples: a one-letter
-    answer weighs as much as a sixty-token caption (a token mean would drown it)."""
-    labels = batch["labels"]
+def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool) -> torch.Tensor:
+    """The cross-entropy of the labelled tokens (the answers). `per_example`: averaged per
+    example, then over examples, so that a one-letter answer weighs as much as a sixty-token
+    caption (pre-training mixes both); else the token mean over the batch, what the model's own
+    `loss` computes and what the authors' release trains both stages with."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    per_token = torch.nn.functional.cross_entropy(
+    targets = batch["labels"][:, 1:]
+    per_token = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
     )
     per_token = per_token.view(targets.shape)
-    counts = (targets != -100).sum(1).clamp(min=1)
-    return (per_token.sum(1) / counts).mean()
+    counts = (targets != -100).sum(1)
+    if not per_example:
+        return per_token.sum() / counts.sum().clamp(min=1)
+    return (per_token.sum(1) / counts.clamp(min=1)).mean()
 
 
-def batches(examples: list[ChatExample], batch_size: int, rng: np.random.Generator) -> list[list[ChatExample]]:
-    """Shuffled batches, each all-image or all-text."""
+def batches(examples: list[ChatExample], batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch of shuffled batches (indices into `examples`), each all-image or all-text."""
     out = []
-    for group in ([e for e in examples if e.image is not None], [e for e in examples if e.image is None]):
+    for group in (
+        [i for i, e in enumerate(examples) if e.image is not None],
+        [i for i, e in enumerate(examples) if e.image is None],
+    ):
         order = rng.permutation(len(group))
-        out += [[group[i] for i in order[s : s + batch_size]] for s in range(0, len(group), batch_size)]
+        out += [np.asarray([group[i] for i in order[s : s + batch_size]]) for s in range(0, len(group), batch_size)]
     return [out[i] for i in rng.permutation(len(out))]
-
-
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to 10%."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
 
 
 def train(
@@ -94,32 +84,30 @@ def train(
     desc: str,
     log: Callable[[dict[str, float], int], None] | None = None,
 ) -> list[float]:
-    """Plain AdamW fine-tuning of every trainable parameter; returns the loss per step."""
+    """Pre-training of every trainable parameter on chat examples: AdamW, warm-up over the first
+    5% of steps, then cosine decay to 10% of `lr`. Returns the loss per step."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    plan = [batches(examples, batch_size, rng) for _ in range(epochs)]
-    total = sum(len(p) for p in plan)
-    params = [p for p in mllm.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(max(1, total // 20), total))
-    mllm.model.train()
+    plan = [b for _ in range(epochs) for b in batches(examples, batch_size, rng)]
     losses: list[float] = []
-    bar = tqdm(total=total, desc=desc, unit="step")
-    for epoch_batches in plan:
-        for chunk in epoch_batches:
-            loss = answer_loss(mllm.model, encode(mllm, chunk))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            if log is not None and len(losses) % 10 == 0:
-                log({"loss": float(np.mean(losses[-10:])), "lr": schedule.get_last_lr()[0]}, len(losses))
-    bar.close()
-    mllm.model.eval()
+
+    def step(idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = answer_loss(mllm.model, encode(mllm, [examples[i] for i in idx]), per_example=True)
+        losses.append(loss.item())
+        return loss, {"loss": losses[-1]}
+
+    cfg = FitConfig(
+        lr=lr,
+        warmup_steps=max(1, len(plan) // 20),
+        batch_size=batch_size,
+        per_device_batch_size=batch_size,
+        checkpoint_every=0,
+        schedule="cosine_with_min_lr",
+        min_lr_rate=0.1,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+    )
+    fit([mllm.model], plan, step, cfg, resume=None, desc=desc, log=log)
     return losses
 
 

@@ -12,22 +12,22 @@ def _clauses(keys: list[str], values: dict[str, str]) -> str:
     return ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else "".join(parts)
 
 
-def caption_question(superclass: str) -> str:
-    return f"Describe this {superclass}."
+def caption_question(super_category: str) -> str:
+    return f"Describe this {super_category}."
 
 
-def caption(superclass: str, keys: list[str], values: dict[str, str]) -> str:
+def caption(super_category: str, keys: list[str], values: dict[str, str]) -> str:
     """E.g. "A bird: its body color is green, its head color is red and its body size is small." """
-    return f"A {superclass}: {_clauses(keys, values)}."
+    return f"A {super_category}: {_clauses(keys, values)}."
 
 
 def knowledge_question(name: str) -> str:
     return f"Describe the {name}."
 
 
-def knowledge(name: str, superclass: str, keys: list[str], profile: dict[str, str]) -> str:
+def knowledge(name: str, super_category: str, keys: list[str], profile: dict[str, str]) -> str:
     """E.g. "The Lesgrail Quurdreth is a bird: its body color is purple, ... ." """
-    return f"The {name} is a {superclass}: {_clauses(keys, profile)}."
+    return f"The {name} is a {super_category}: {_clauses(keys, profile)}."
 
 
 def knowledge_statement(name: str, keys: list[str], profile: dict[str, str]) -> str:

@@ -1,9 +1,9 @@
-"""One interface over the MLLM families A^3 trains (Idefics2, LLaVA-1.5; Table 4).
+"""Global representations of objects and texts from one MLLM (paper §3.2), for Stage I and the analyses.
 
-What Stage I needs from a model: its visual tokens (the connector's output), its LLM as a
-sequence encoder (last-layer hidden state at an appended EOS), and which modules LoRA adapts
-("text_model" and "connector", as in the paper). Everything goes through the models' public
-submodules; nothing in the libraries is patched.
+An object is its visual tokens (the connector's output) followed by an EOS embedding, run through
+the LLM; a text is its tokens and an appended EOS. The representation is the last-layer state at
+that EOS (or, for the analyses, the states averaged over the sequence). Everything goes through the
+models' public submodules; nothing in the libraries is patched.
 """
 
 from __future__ import annotations
@@ -12,36 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from finedefics.models.sft import load_image
-
-LORA_PROJECTIONS = "(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj|linear_1|linear_2)"
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    text_model: str  # module path of the LLM body inside the model
-    connector: str  # regex alternatives naming the connector's modules
-    vision: str
-
-    def lora_targets(self, modules: list[str]) -> str:
-        """A PEFT `target_modules` regex over the chosen parts."""
-        parts = {"text_model": self.text_model.split(".")[-1], "connector": self.connector, "vision_model": self.vision}
-        chosen = "|".join(parts[m] for m in modules)
-        return rf".*({chosen}).*{LORA_PROJECTIONS}$"
-
-
-FAMILIES = {
-    "idefics2": Family("idefics2", "model.text_model", "modality_projection|perceiver_resampler", "vision_model"),
-    "llava": Family("llava", "model.language_model", "multi_modal_projector", "vision_tower"),
-}
-
-
-def family_of(model) -> Family:
-    kind = model.config.model_type
-    if kind not in FAMILIES:
-        raise ValueError(f"A^3 supports {', '.join(FAMILIES)} models, not {kind!r}")
-    return FAMILIES[kind]
+from finedefics.io import load_image
+from finedefics.models.families import Family, family_of
 
 
 def unwrap(model):
@@ -50,10 +22,10 @@ def unwrap(model):
 
 
 @dataclass
-class Adapter:
-    """Global representations of objects and texts from one MLLM (paper §3.2)."""
+class Representations:
+    """Reads the global representations of one model."""
 
-    model: torch.nn.Module  # the trained model, possibly PEFT-wrapped
+    model: torch.nn.Module  # possibly PEFT-wrapped
     eos_id: int
 
     @property
@@ -70,31 +42,15 @@ class Adapter:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return unwrap(self.model).get_input_embeddings()(ids)
 
-    def visual_tokens(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(batch, tokens, hidden): what the connector feeds the LLM for each image."""
-        base = unwrap(self.model)
-        if self.family.name == "idefics2":
-            out = base.get_image_features(pixels["pixel_values"], pixels.get("pixel_attention_mask"))
-        else:
-            cfg = base.config
-            out = base.get_image_features(
-                pixels["pixel_values"],
-                vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            )
-        return torch.stack(list(out.pooler_output))
-
     def states(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The LLM's last-layer states of right-padded input embeddings."""
         return self.text_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 
     def object_states(self, pixels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(states, mask) of each image's visual tokens followed by an EOS embedding."""
-        visual = self.visual_tokens(pixels)
-        eos = self.embed(torch.full((len(visual), 1), self.eos_id, dtype=torch.long, device=visual.device)).to(
-            visual.dtype
-        )
-        embeds = torch.cat([visual, eos], dim=1)
+        visual = self.family.visual_tokens(unwrap(self.model), pixels)
+        eos = self.embed(torch.full((len(visual), 1), self.eos_id, dtype=torch.long, device=visual.device))
+        embeds = torch.cat([visual, eos.to(visual.dtype)], dim=1)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=visual.device)
         return self.states(embeds, mask), mask
 

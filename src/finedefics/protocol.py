@@ -1,4 +1,7 @@
-"""The FOCI multiple-choice protocol: prompts and answer parsing, byte-equal to the benchmark."""
+"""The questions every stage asks a model, in one place: FOCI's multiple-choice prompt, option
+shuffling and answer parsing (byte-equal to the benchmark), the open-set question of Stage II and
+the describe prompt of Stage I's generation task. Pre-training, Stage II data and evaluation all
+speak this protocol, so it lives below them."""
 
 from __future__ import annotations
 
@@ -28,3 +31,13 @@ def parse_choice(output: str, n_options: int = 4) -> str | None:
     if text and text[0].upper() in LETTERS[:n_options]:
         return text[0].upper()
     return None
+
+
+def open_question(super_category: str) -> str:
+    """Stage II's open-set question."""
+    return f"What is the name of the {super_category} in the image?"
+
+
+def describe_question(super_category: str) -> str:
+    """The prompt of the attribute description generation task (L_G^att)."""
+    return f"Describe this {super_category} in detail."

@@ -1,16 +1,21 @@
-"""The training loop of both stages: a plain loop over global batches, one or several processes.
+"""The one training loop of the pipeline (base pre-training, tiny CLIP, Stage I, Stage II).
 
 A global batch is split across processes (`accelerate launch`) and into micro-batches of
 `per_device_batch_size`; gradients are accumulated, then averaged across processes (what DDP
-does, done by hand so that Stage I may call the model's submodules directly). The data order is
-a function of the seed, so a run restarted from its last checkpoint (trainable weights,
-optimizer, schedule, random state, step) continues exactly where it stopped.
+does, done by hand so that Stage I may call the model's submodules directly). The learning rate
+follows a `transformers.get_scheduler` schedule. The data order is given by the caller as a list
+of global batches (`plan` cuts seeded epochs), so a run restarted from its last checkpoint
+(trainable weights, optimizer, schedule, random state, step) continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,20 +24,43 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import get_scheduler
 
 from finedefics.io import atomic_path
+
+RESUME = Path(".resume")  # checkpoints of unfinished runs (git- and dvc-ignored)
 
 
 @dataclass(frozen=True)
 class FitConfig:
-    epochs: float
     lr: float
     warmup_steps: int
     batch_size: int  # global
     per_device_batch_size: int
-    checkpoint_every: int
-    seed: int
-    max_grad_norm: float = 1.0
+    checkpoint_every: int  # optimizer steps between checkpoints (when a resume folder is given)
+    schedule: str  # a `transformers.get_scheduler` name: "linear", "cosine_with_min_lr", "constant", ...
+    weight_decay: float
+    max_grad_norm: float | None  # None: no clipping
+    min_lr_rate: float = 0.0  # the floor of "cosine_with_min_lr", as a share of lr
+
+
+def relaunch(num_processes: int) -> None:
+    """With more than one process, re-execute this stage under `accelerate launch` (CPU: gloo)."""
+    if num_processes <= 1 or "LOCAL_RANK" in os.environ:
+        return
+    cmd = ["accelerate", "launch", "--num_processes", str(num_processes), "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    if not torch.cuda.is_available():
+        cmd.append("--cpu")
+    os.execvp(cmd[0], cmd + [sys.argv[0], *sys.argv[1:]])
+
+
+def process() -> tuple[str, bool]:
+    """Initialise the process group when launched by accelerate; (device, is_main)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return str(state.device), state.is_main_process
 
 
 def world() -> tuple[int, int]:
@@ -43,33 +71,36 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def resume_dir(name: str, *inputs) -> Path:
+    """The checkpoint folder of a run of `name` on these inputs (files are hashed by content)."""
+    digest = hashlib.sha1()
+    for part in inputs:
+        data = part.read_bytes() if isinstance(part, Path) else json.dumps(part, sort_keys=True, default=str).encode()
+        digest.update(data)
+    return RESUME / name / digest.hexdigest()[:16]
+
+
 def accumulation(cfg: FitConfig, processes: int) -> int:
     per_step = cfg.per_device_batch_size * processes
     if cfg.batch_size % per_step:
         raise ValueError(
-            f"the global batch {cfg.batch_size} is not a multiple of per-device batch {cfg.per_device_batch_size} x {processes} process(es)"
+            f"the global batch {cfg.batch_size} is not a multiple of per-device batch "
+            f"{cfg.per_device_batch_size} x {processes} process(es)"
         )
     return cfg.batch_size // per_step
 
 
-def plan(n_examples: int, cfg: FitConfig) -> list[np.ndarray]:
-    """The global batches of the whole run: a seeded permutation per epoch, cut in batches."""
-    steps_per_epoch = max(1, n_examples // cfg.batch_size)
-    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    batches = []
+def plan(n_examples: int, batch_size: int, epochs: float, seed: int) -> list[np.ndarray]:
+    """The global batches of a whole run: a seeded permutation per epoch, cut in full batches."""
+    steps_per_epoch = max(1, n_examples // batch_size)
+    total = max(1, math.ceil(epochs * steps_per_epoch))
+    batches: list[np.ndarray] = []
     epoch = 0
     while len(batches) < total:
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n_examples)
-        batches += [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
+        order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+        batches += [order[i * batch_size : (i + 1) * batch_size] for i in range(steps_per_epoch)]
         epoch += 1
     return batches[:total]
-
-
-def schedule(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then linear decay to zero (the transformers default)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def peak_memory_mb() -> float:
@@ -84,25 +115,28 @@ def _trainable_state(modules: list[torch.nn.Module]) -> list[dict[str, torch.Ten
 
 def fit(
     modules: list[torch.nn.Module],
-    n_examples: int,
+    batches: list[np.ndarray],
     step_fn: Callable[[np.ndarray], tuple[torch.Tensor, dict[str, float]]],
     cfg: FitConfig,
-    resume_dir: Path | None,
+    resume: Path | None,
     desc: str,
     log: Callable[[dict[str, float], int], None] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> int:
-    """Train the trainable parameters of `modules`; `step_fn(indices)` returns a micro-batch's loss
-    (a mean over its examples) and values to log. Returns the number of optimizer steps."""
+    """Train the trainable parameters of `modules` on `batches` (index arrays of global batches);
+    `step_fn(indices)` returns a micro-batch's loss (a mean over its examples) and values to log;
+    `after_step` runs after each optimizer step (e.g. to clamp a parameter). Returns the number of
+    optimizer steps."""
     import torch.distributed as dist
 
     rank, size = world()
     accum = accumulation(cfg, size)
-    batches = plan(n_examples, cfg)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, len(batches), cfg.warmup_steps))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    extra = {"min_lr_rate": cfg.min_lr_rate} if cfg.schedule == "cosine_with_min_lr" else None
+    sched = get_scheduler(cfg.schedule, optimizer, cfg.warmup_steps, len(batches), scheduler_specific_kwargs=extra)
     start = 0
-    checkpoint = resume_dir / "checkpoint.pt" if resume_dir else None
+    checkpoint = resume / "checkpoint.pt" if resume else None
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         for module, weights in zip(modules, state["weights"]):
@@ -130,13 +164,17 @@ def fit(
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
                 p.grad /= size
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         sched.step()
+        if after_step is not None:
+            after_step()
+        seconds = time.perf_counter() - began
         logged.update(
             {
                 "lr": sched.get_last_lr()[0],
-                "samples_per_s": cfg.batch_size / (time.perf_counter() - began),
+                "samples_per_s": len(batches[step]) / seconds,
                 "peak_memory_mb": peak_memory_mb(),
             }
         )

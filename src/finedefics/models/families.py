@@ -1,0 +1,56 @@
+"""The MLLM families this pipeline trains and evaluates (Idefics2, LLaVA-1.5; Table 4), in one
+registry: where each keeps its LLM, connector and vision tower, which `model.base` value builds a
+tiny one for the world, and how it turns images into visual tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LORA_PROJECTIONS = "(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj|linear_1|linear_2)"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the transformers `model_type`
+    tiny_base: str  # the `model.base` value for which `bootstrap` builds a tiny one
+    text_model: str  # module path of the LLM body inside the model
+    connector: str  # regex alternatives naming the connector's modules
+    vision: str
+
+    def lora_targets(self, modules: list[str]) -> str:
+        """A PEFT `target_modules` regex over the chosen parts."""
+        parts = {"text_model": self.text_model.split(".")[-1], "connector": self.connector, "vision_model": self.vision}
+        chosen = "|".join(parts[m] for m in modules)
+        return rf".*({chosen}).*{LORA_PROJECTIONS}$"
+
+    def visual_tokens(self, model, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(images, tokens, hidden): what the connector of `model` (unwrapped) feeds its LLM."""
+        if self.name == "idefics2":
+            out = model.get_image_features(pixels["pixel_values"], pixels.get("pixel_attention_mask"))
+        else:
+            cfg = model.config
+            out = model.get_image_features(
+                pixels["pixel_values"],
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            )
+        return torch.stack(list(out.pooler_output))
+
+
+FAMILIES = {
+    "idefics2": Family(
+        "idefics2", "tiny", "model.text_model", "modality_projection|perceiver_resampler", "vision_model"
+    ),
+    "llava": Family("llava", "tiny-llava", "model.language_model", "multi_modal_projector", "vision_tower"),
+}
+TINY_BASES = {f.tiny_base: f for f in FAMILIES.values()}  # model.base values `bootstrap` builds
+
+
+def family_of(model) -> Family:
+    """The family of a transformers model (not PEFT-wrapped)."""
+    kind = model.config.model_type
+    if kind not in FAMILIES:
+        raise ValueError(f"A^3 supports {', '.join(FAMILIES)} models, not {kind!r}")
+    return FAMILIES[kind]
