@@ -62,7 +62,8 @@ def test_diagnosis_is_measured_from_generations(world, monkeypatch):
     # seeds, e.g. 0.79 against 0.93) and knowledge 1.0 every time. The bars lie well below. They cannot
     # show that the tiny model reads the image: a well-formed caption copied from another test image
     # scores 0.57 here, and another class's knowledge 0.50. They show that diagnose parses what it
-    # generates, where the untrained model scores 0.
+    # generates, where the untrained model scores 0. Re-measured on finedefics.training.fit (transformers'
+    # cosine schedule), seeds 0-4 with 1 and with 2 threads: captions 0.61-0.64, knowledge 1.0.
     assert taught["caption_attribute_accuracy"] > 0.3 and taught["knowledge_attribute_accuracy"] > 0.75
     assert samples["toy-bird"][0].startswith("A bird:")
     assert 0.0 <= taught["zero_shot_mc_accuracy"] <= 1.0

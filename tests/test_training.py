@@ -152,6 +152,8 @@ def test_qlora_trains_on_cpu_and_its_loss_falls(workdir, tiny_models):
     # last/first loss, measured under torch seeds 0-19 (0-4 with 1 and with 2 threads, bit-identical):
     # 0.778-0.886, first loss 7.745 (LoRA B starts at zero); seed 0 gives 0.805. The old bar of 0.8
     # failed 4 of the first 5 seeds, and test order decided the seed. 0.95 is 0.06 above the worst seed.
+    # Re-measured on finedefics.training.fit (transformers' linear schedule), seeds 0-4 with 1 and with 2
+    # threads, bit-identical: 0.845-0.861, first loss 7.675.
     assert len(losses) == 12 and losses[-1] < 0.95 * losses[0]
 
 
