@@ -1,8 +1,9 @@
 """DVC stage `extract@<dataset>`: one VQA answer per train image and attribute key (eq. 3).
 
-Writes data/attributes/<dataset>/values.parquet (image_id, key, value), failures.csv and
-metrics/extract/<dataset>.json. Resumable: answers go to shards under .resume/extract/ as they
-come; a killed run started again continues where it stopped.
+Writes data/attributes/<dataset>/values.parquet (image_id, key, value), failures.csv (unit, key,
+error; written also when too many items failed) and metrics/extract/<dataset>.json. Resumable:
+answers go to shards under .resume/extract/ as they come, and what was received is written
+before the stage ends on an error; a killed run started again continues where it stopped.
 """
 
 import argparse
@@ -43,6 +44,9 @@ def main() -> None:
             write_json(Path("metrics/extract") / f"{name}.json", result.stats)
             run.log_metrics(result.stats)
     except (TooManyFailures, ValueError, OSError) as err:
+        if isinstance(err, TooManyFailures):  # what failed, also when the stage fails
+            with atomic_path(out / "failures.csv") as tmp:
+                err.failures.to_csv(tmp, index=False)
         print(f"error: extract@{name}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     s = result.stats

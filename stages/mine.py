@@ -3,7 +3,9 @@
 Writes data/negatives/<dataset>.parquet (per train image: the negatives `negatives` asks for,
 each with one train image and its description, and the 3 most CLIP-similar wrong classes as
 Stage II distractors), data/eval_options/<dataset>.json (FOCI format; the published FOCI sets
-as they are for the six real datasets) and metrics/mine/<dataset>.json.
+as they are for the six real datasets) and metrics/mine/<dataset>.json, which counts the train
+images without a description (failed attribute extraction), the classes without a described
+train image and the negatives left with an empty description (see `finedefics.mining`).
 """
 
 import argparse
@@ -28,7 +30,7 @@ def main() -> None:
     from finedefics.data.prepared import load_prepared
     from finedefics.data.real import REAL_DATASETS
     from finedefics.io import atomic_path, read_json, write_json
-    from finedefics.mining import Embeddings, check_options, eval_options, mine
+    from finedefics.mining import Embeddings, check_options, description_coverage, eval_options, mine
     from finedefics.tracking import stage_run
 
     dataset = load_prepared(name)
@@ -39,14 +41,8 @@ def main() -> None:
     options_path = Path("data/eval_options") / f"{name}.json"
     try:
         with stage_run("mine", params, run_name=f"mine@{name}") as run:
-            negatives = mine(
-                train,
-                names,
-                dict(zip(descriptions.image_id, descriptions.description)),
-                emb,
-                params.negatives,
-                params.seed,
-            )
+            described = dict(zip(descriptions.image_id, descriptions.description))
+            negatives = mine(train, names, described, emb, params.negatives, params.seed)
             NEGATIVES.write(Path("data/negatives") / f"{name}.parquet", negatives)
             if is_world(params.datasets[name]):
                 options = eval_options(test, names, emb)
@@ -57,7 +53,11 @@ def main() -> None:
                 check_options(read_json(reference), names)
                 with atomic_path(options_path) as tmp:
                     shutil.copyfile(reference, tmp)
-            stats = {"train_images": len(negatives), "negatives_per_image": float(negatives.negatives.str.len().mean())}
+            stats = {
+                "train_images": len(negatives),
+                "negatives_per_image": float(negatives.negatives.str.len().mean()),
+                **description_coverage(train, described, negatives),
+            }
             if dataset.categories[0].cluster is not None:
                 cluster = np.array([c.cluster for c in dataset.categories])
                 pairs = [(a, n) for a, ns in zip(negatives.label, negatives.negatives) for n in ns]

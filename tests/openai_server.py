@@ -1,9 +1,10 @@
 """An OpenAI-compatible chat server on loopback, serving tiny local models, for backend tests.
 
 Messages with an image go to the VLM, text-only ones to the LM (or the VLM without an image).
-`fail` decides, per request, an HTTP status to answer with instead (for retry tests); requests from
-number `hold_from` on hang until `release` is set (for kill-and-resume tests). Every request is
-recorded.
+`fail` decides, per request, an HTTP status to answer with instead (for retry tests); `malformed`
+decides, per request, a body to answer with status 200 instead (bytes as they are, anything else as
+JSON: for malformed-reply tests); requests from number `hold_from` on hang until `release` is set
+(for kill-and-resume tests). Every request is recorded.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class ModelServer:
     def __init__(self, vlm: MLLM | None = None, lm: HFText | None = None, max_tokens: int = 8):
         self.vlm, self.lm, self.max_tokens = vlm, lm, max_tokens
         self.fail: Callable[[int, dict], int | None] = lambda index, request: None
+        self.malformed: Callable[[int, dict], object | None] = lambda index, request: None
         self.hold_from: int | None = None
         self.holding = threading.Event()  # set when the first request is held
         self.release = threading.Event()
@@ -43,7 +45,7 @@ class ModelServer:
                     return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 status, payload = server.handle(body, self.headers.get("Authorization"))
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -70,7 +72,7 @@ class ModelServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def handle(self, body: dict, auth: str | None) -> tuple[int, dict]:
+    def handle(self, body: dict, auth: str | None) -> tuple[int, object]:
         content = body["messages"][-1]["content"]
         parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
         text = " ".join(p["text"] for p in parts if p["type"] == "text")
@@ -91,6 +93,9 @@ class ModelServer:
         status = self.fail(index, record)
         if status:
             return status, {"error": {"message": "injected failure"}}
+        bad = self.malformed(index, record)
+        if bad is not None:
+            return 200, bad
         with self._lock:
             if pixels is not None:
                 picture = Image.open(io.BytesIO(pixels)).convert("RGB")

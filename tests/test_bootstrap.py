@@ -135,6 +135,54 @@ def test_a_missing_base_model_fails_with_how_to_provide_it(tmp_path):
     )
 
 
+def test_a_missing_local_base_folder_says_it_does_not_exist(tmp_path):
+    """Issue 15.8: a local path that is not there got the hub-download advice meant for hub ids."""
+    root = make_world_workdir(tmp_path)
+    set_params(root, **{"model.base": "./checkpoints/my-idefics2"})
+    proc = run_stage(root, "bootstrap.py")
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        "error: bootstrap: model.base './checkpoints/my-idefics2': the folder checkpoints/my-idefics2"
+    )
+    assert "does not exist" in line and "huggingface-cli" not in line and "offline" not in line
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["/no/such/model", "./no-such-model", "../no-such-model", "~/no-such-model-here", "models/no-such", "a/b/c"],
+)
+def test_a_path_like_base_is_never_looked_up_on_the_hub(tmp_path, monkeypatch, spec):
+    from finedefics.models.resolve import ModelNotAvailable, check_mllm
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # "models/no-such" is a path because its parent folder exists here
+    with pytest.raises(ModelNotAvailable) as info:
+        check_mllm(spec)
+    msg = str(info.value)
+    assert msg.startswith(f"model.base {spec!r}: the folder ") and "does not exist" in msg
+    assert "huggingface-cli" not in msg
+
+
+def test_a_file_given_as_base_folder_is_named_as_such(tmp_path):
+    from finedefics.models.resolve import ModelNotAvailable, check_mllm
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelNotAvailable, match="is a file, not a folder"):
+        check_mllm(str(tmp_path / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "is_path"),
+    [("HuggingFaceM4/idefics2-8b", False), ("llava-hf/llava-1.5-7b-hf", False), ("gpt2", False), ("org/na me", True)],
+)
+def test_hub_ids_are_not_taken_for_paths(tmp_path, monkeypatch, spec, is_path):
+    from finedefics.models.resolve import looks_like_path
+
+    monkeypatch.chdir(tmp_path)
+    assert looks_like_path(spec) == is_path
+
+
 def test_tiny_models_need_the_world(tmp_path):
     root = make_world_workdir(tmp_path)
     set_params(root, **{"datasets": {"bird-200": "data/raw/bird-200"}})

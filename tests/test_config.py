@@ -96,6 +96,14 @@ def test_world_cluster_cannot_exceed_categories():
     assert "world.cluster_size" in msg
 
 
+@pytest.mark.parametrize("key", ["base", "clip"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_model_name_is_refused(key, value):
+    """Issue 15.8: `model.base: ""` passed the schema and failed later in bootstrap."""
+    msg = error_for(**{f"model__{key}": value})
+    assert f"model.{key} = {value!r}" in msg and "must not be empty" in msg and "\n" not in msg
+
+
 def test_flat_lists_dotted_keys():
     flat = Params().flat()
     assert flat["negatives"] == "hard" and flat["model.lora.r"] == 8 and flat["datasets.toy-bird"].endswith(".yaml")
@@ -164,3 +172,45 @@ def test_python_m_cli_has_every_command():
     )
     assert proc.returncode == 0, proc.stderr
     assert all(command in proc.stdout for command in ("check", "use-config", "score", "predict", "report"))
+
+
+def float_keys(model=Params, prefix=()) -> list[tuple[str, ...]]:
+    """The dotted paths of every float field of the schema, nested sections included."""
+    import typing
+
+    from pydantic import BaseModel
+
+    out = []
+    for name, field in model.model_fields.items():
+        kinds = typing.get_args(field.annotation) or (field.annotation,)
+        if float in kinds:
+            out.append((*prefix, name))
+        for kind in kinds:
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                out += float_keys(kind, (*prefix, name))
+    return out
+
+
+def test_every_float_field_is_found():
+    keys = {".".join(k) for k in float_keys()}
+    assert {"train.stage1.lr", "train.stage2.epochs", "world.deviation_rate", "align.temperature"} <= keys
+    assert {"attributes.extract.timeout_s", "attributes.extract.max_failure_rate", "model.lora.dropout"} <= keys
+    assert {"bootstrap.mllm.lr", "bootstrap.clip.lr"} <= keys
+    assert len(keys) >= 14
+
+
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan"])
+@pytest.mark.parametrize("key", float_keys(), ids=lambda k: ".".join(k))
+def test_no_float_field_takes_a_non_finite_number(tmp_path, key, text):
+    """YAML's .inf / .nan are floats: `train.stage1.lr: .inf` once validated, and training wrote a NaN model."""
+    raw = defaults()
+    node = raw
+    for part in key[:-1]:
+        node = node.setdefault(part, {})
+    node[key[-1]] = "__VALUE__"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("__VALUE__", text))
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    msg = str(info.value)
+    assert ".".join(key) in msg and "finite" in msg and "\n" not in msg, msg

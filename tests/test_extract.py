@@ -12,9 +12,9 @@ from conftest import REPO, make_world_workdir, run_stage, set_params, stage_env
 from openai_server import ModelServer
 from PIL import Image
 
-from finedefics.attributes.backends import HFVQA, BackendError, OpenAIChat, OpenAIVQA
+from finedefics.attributes.backends import HFVQA, BackendError, OpenAIChat, OpenAIText, OpenAIVQA
 from finedefics.attributes.discover import load_keys
-from finedefics.attributes.extract import extract, questions, scene_sentence
+from finedefics.attributes.extract import Unit, extract, questions, run_units, scene_sentence
 from finedefics.attributes.prompts import GENERAL_KEY
 from finedefics.config import ExtractConfig
 from finedefics.data.prepared import load_prepared
@@ -233,3 +233,154 @@ def test_failures_are_recorded_below_the_threshold_and_fatal_above_it(tmp_path, 
         complete = {u for u, g in pd.concat(pd.read_parquet(s) for s in kept).groupby("unit") if (g.error == "").all()}
         assert run_stage(again, "extract.py", "toy-bird").returncode == 0
         assert len(server.requests) - before == (n_train - len(complete)) * 8
+
+
+# the 200 replies an OpenAI-compatible server must not be trusted to get right
+MALFORMED = [
+    {"choices": []},
+    {"choices": [{"index": 0, "message": {"role": "assistant", "content": None}}]},
+    {"choices": [{"message": {"content": 7}}]},
+    {"choices": [{"message": {"content": [{"type": "image_url"}]}}]},
+    {"choices": [{}]},
+    {"choices": ["text"]},
+    {"choices": {"0": {"message": {"content": "x"}}}},
+    {"object": "chat.completion"},
+    {"error": {"message": "model overloaded"}},
+    [],
+    "an answer",
+    b"null",  # (None would mean: answer normally)
+    b"",
+    b"<html>502 Bad Gateway</html>",
+    b'{"choices": [{"message": {"content": "cut off',
+    b"\xff\xfe\x00garbage",
+]
+
+
+def test_malformed_replies_are_retried_then_a_backend_error_never_a_crash(tiny_models):
+    with ModelServer(vlm=MLLM.load(tiny_models["vlm"])) as server:
+        client = OpenAIChat(server.base_url, "tiny", None, timeout_s=10, retries=2, max_tokens=4, backoff_s=0.01)
+        for payload in MALFORMED:
+            server.malformed = lambda index, record, payload=payload: payload
+            before = len(server.requests)
+            with pytest.raises(BackendError, match="malformed reply from .* after 3 attempt"):
+                client.chat("hello")
+            assert len(server.requests) - before == 3, payload  # retried like a server error
+            with pytest.raises(BackendError, match="malformed reply"):  # the text backend of discover/summarize
+                OpenAIText(client).complete(["hello"])
+        # a server that recovers within the retries gives the answer
+        first = len(server.requests)
+        server.malformed = lambda index, record: {"choices": []} if index < first + 2 else None
+        assert isinstance(client.chat("hello"), str) and len(server.requests) == first + 3
+        # the VQA backend of extract: the malformed reply is that item's failure, the others are answers
+        server.malformed = lambda index, record: {"choices": []} if "key 1" in record["text"] else None
+        asked = questions(load_keys({"keys": [{"key": f"key {i}", "type": "color"} for i in range(3)]}), "bird")
+        vqa = OpenAIVQA(OpenAIChat(server.base_url, "tiny", None, 10, 0, 4), concurrency=3)
+        got = vqa.answer(Image.new("RGB", (32, 32)), asked)
+        assert isinstance(got[0], str) and isinstance(got[2], str)
+        assert isinstance(got[1], BackendError) and "the reply has no choices" in str(got[1])
+
+
+def question_of(key) -> str:
+    return questions([key], "bird")[0]
+
+
+def test_malformed_replies_are_recorded_failures_of_the_extract_stage(tmp_path, tiny_models):
+    """`{"choices": []}` (was IndexError) and `"content": null` (was AttributeError) through a stage."""
+    root = make_world_workdir(tmp_path)
+    dataset, keys = load(root)
+    empty, null = question_of(keys[0]), question_of(keys[1])
+    with ModelServer(vlm=MLLM.load(tiny_models["vlm"]), max_tokens=4) as server:
+
+        def malformed(index, record):
+            if record["text"] == empty:
+                return {"choices": []}
+            if record["text"] == null:
+                return {"choices": [{"message": {"role": "assistant", "content": None}}]}
+            return None
+
+        server.malformed = malformed
+        openai_params(root, server, max_failure_rate=0.3)  # 2 keys of 8 fail: 25%
+        proc = run_stage(root, "extract.py", "toy-bird")
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        n_train = len(dataset.train)
+        failures = pd.read_csv(root / "data" / "attributes" / "toy-bird" / "failures.csv")
+        assert len(failures) == 2 * n_train and set(failures.key) == {keys[0].key, keys[1].key}
+        reasons = dict(zip(failures.key, failures.error))
+        assert "the reply has no choices" in reasons[keys[0].key]
+        assert "message content is null" in reasons[keys[1].key]
+        assert failures.error.str.contains("malformed reply from").all()
+        stats = json.loads((root / "metrics" / "extract" / "toy-bird.json").read_text())
+        assert stats["failed_items"] == 2 * n_train
+        # recorded failures are asked again on the next run, and a recovered server completes them
+        server.malformed = lambda index, record: None
+        assert run_stage(root, "extract.py", "toy-bird").returncode == 0
+        values = pd.read_parquet(root / "data" / "attributes" / "toy-bird" / "values.parquet")
+        assert len(values) == n_train * len(keys)
+        assert pd.read_csv(root / "data" / "attributes" / "toy-bird" / "failures.csv").empty
+
+
+def shard_units(folder) -> list[str]:
+    return [u for shard in sorted(folder.rglob("shard-*.parquet")) for u in pd.read_parquet(shard).unit.unique()]
+
+
+@pytest.mark.parametrize("crash", [RuntimeError("boom"), KeyboardInterrupt()], ids=["exception", "ctrl-c"])
+def test_answers_received_before_a_crash_are_written(tmp_path, crash):
+    """Shards are written every `shard_size` units; whatever stops the run writes the rest first."""
+    keys = load_keys({"keys": [{"key": f"key {i}", "type": "color"} for i in range(4)]})
+
+    def ask(i):
+        if i == 4:
+            raise crash
+        return [f"answer {i}"] * len(keys)
+
+    units = [Unit(f"u{i}", [f"u{i}"], lambda i=i: ask(i)) for i in range(12)]
+    with pytest.raises(type(crash)):
+        run_units(units, keys, tmp_path, ExtractConfig(shard_size=3), desc="test")
+    assert shard_units(tmp_path) == ["u0", "u1", "u2", "u3"]  # one full shard and the received rest
+    answers, _ = run_units(units[:4], keys, tmp_path, ExtractConfig(shard_size=3), desc="test")
+    assert answers["u3"] == {k.key: ("answer 3", "") for k in keys}
+
+
+def test_a_stage_that_dies_mid_run_keeps_the_answers_it_received(tmp_path, tiny_models):
+    """An error at the 5th image with shard size 3: the 4 images answered are on disk, not asked again."""
+    root = make_world_workdir(tmp_path)
+    dataset, keys = load(root)
+    train = list(dataset.train.itertuples())
+    broken = root / train[4].path
+    kept = broken.read_bytes()
+    broken.unlink()
+    with ModelServer(vlm=MLLM.load(tiny_models["vlm"]), max_tokens=4) as server:
+        openai_params(root, server, shard_size=3)
+        proc = run_stage(root, "extract.py", "toy-bird")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        folder = root / ".resume" / "extract" / "toy-bird"
+        assert shard_units(folder) == [row.image_id for row in train[:4]]
+        broken.write_bytes(kept)
+        before = len(server.requests)
+        assert run_stage(root, "extract.py", "toy-bird").returncode == 0
+        assert len(server.requests) - before == (len(train) - 4) * len(keys)
+
+
+def test_too_many_failures_names_the_commonest_reason_and_writes_failures_csv(tmp_path, tiny_models):
+    """One key always gets HTTP 500, another a malformed reply for the first image only: the stage
+    stops at the 4th image (5 failures of 96 items > 5%) naming HTTP 500 (4 of 5), and lists all 5."""
+    root = make_world_workdir(tmp_path)
+    dataset, keys = load(root)
+    always, once = question_of(keys[0]), question_of(keys[1])
+    with ModelServer(vlm=MLLM.load(tiny_models["vlm"]), max_tokens=4) as server:
+        server.fail = lambda index, record: 500 if record["text"] == always else None
+        server.malformed = lambda index, record: (
+            {"choices": []} if record["text"] == once and index < len(keys) else None  # the first image's
+        )
+        openai_params(root, server, max_failure_rate=0.05)
+        proc = run_stage(root, "extract.py", "toy-bird")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "5 of 96 answers failed" in line, line
+    assert f"most often (4 of 5): HTTP 500 from {server.base_url} after 1 attempt(s)" in line, line
+    failures = pd.read_csv(root / "data" / "attributes" / "toy-bird" / "failures.csv")
+    assert list(failures.columns) == ["unit", "key", "error"] and len(failures) == 5
+    assert list(failures.unit) == [dataset.train.image_id.iloc[i] for i in (0, 0, 1, 2, 3)]
+    assert failures.key.value_counts().to_dict() == {keys[0].key: 4, keys[1].key: 1}
+    assert not (root / "data" / "attributes" / "toy-bird" / "values.parquet").exists()

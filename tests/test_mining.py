@@ -5,7 +5,15 @@ import pandas as pd
 import pytest
 from scipy.stats import chisquare
 
-from finedefics.mining import Embeddings, check_options, eval_options, mine, random_wrong, top_wrong
+from finedefics.mining import (
+    Embeddings,
+    check_options,
+    description_coverage,
+    eval_options,
+    mine,
+    random_wrong,
+    top_wrong,
+)
 
 
 def toy(n_classes=8, per_class=10, dim=16, seed=0):
@@ -115,3 +123,130 @@ def test_the_published_foci_sets_are_valid(tmp_path):
             options,
             list(options) + sorted({o for v in options.values() for e in v for o in e["options"]} - set(options)),
         )
+
+
+def _undescribed(descriptions: dict[str, str], *image_ids: str) -> dict[str, str]:
+    return {i: d for i, d in descriptions.items() if i not in image_ids}
+
+
+@pytest.mark.parametrize("strategy", ["hard", "simple"])
+def test_images_without_a_description_stay_anchors_but_never_serve_as_negatives(strategy):
+    """Issue 15.8: failed attribute extraction leaves some train images without a description."""
+    manifest, names, descriptions, emb = toy(n_classes=8, per_class=4)
+    train = manifest[manifest.split == "train"]
+    missing = ["train/0_0", "train/0_1", "train/2_3", "train/5_0"]
+    partial = _undescribed(descriptions, *missing)
+    out = mine(train, names, partial, emb, strategy, seed=0)
+    assert list(out.image_id) == list(train.image_id)  # every train image is still an anchor (Stage II)
+    picked = {i for ids in out.negative_image_ids for i in ids}
+    assert not picked & set(missing)  # their classes have described images, which are used instead
+    assert all(d for ds in out.negative_descriptions for d in ds)
+    assert description_coverage(train, partial, out) == {
+        "train_images_without_description": 4,
+        "classes_without_description": 0,
+        "negatives_without_description": 0,
+    }
+    if strategy == "hard":  # nothing to avoid: the same negatives as with every description
+        full = mine(train, names, descriptions, emb, strategy, seed=0)
+        assert out.negatives.tolist() == full.negatives.tolist()
+
+
+def test_a_class_without_a_described_image_is_not_a_negative_and_distractors_do_not_change():
+    manifest, names, descriptions, emb = toy(n_classes=8, per_class=3)
+    train = manifest[manifest.split == "train"]
+    silent = [f"train/3_{i}" for i in range(3)]  # class 3 lost every description
+    partial = _undescribed(descriptions, *silent)
+    hard = mine(train, names, partial, emb, "hard", seed=0)
+    full = mine(train, names, descriptions, emb, "hard", seed=0)
+    for row, before in zip(hard.itertuples(), full.itertuples()):
+        sims = emb.rows([row.image_id])[0] @ emb.classes.T
+        ranked = sorted((c for c in range(len(names)) if c not in (row.label, 3)), key=lambda c: -sims[c])
+        assert list(row.negatives) == ranked[:3]  # the next most similar class takes class 3's place
+        assert list(row.distractors) == list(before.distractors)  # Stage II's options use every class
+    assert 3 in {d for ds in hard.distractors for d in ds}  # (it was a distractor somewhere)
+    simple = mine(train, names, partial, emb, "simple", seed=0)
+    assert 3 not in {n for ns in simple.negatives for n in ns}
+    coverage = description_coverage(train, partial, hard)
+    assert coverage == {
+        "train_images_without_description": 3,
+        "classes_without_description": 1,
+        "negatives_without_description": 0,
+    }
+
+
+def test_with_fewer_than_three_described_wrong_classes_a_negative_keeps_an_empty_description():
+    manifest, names, descriptions, emb = toy(n_classes=5, per_class=2)
+    train = manifest[manifest.split == "train"]
+    partial = {i: d for i, d in descriptions.items() if i.startswith(("train/0_", "train/1_", "train/2_"))}
+    out = mine(train, names, partial, emb, "hard", seed=0)
+    assert out.negatives.str.len().eq(3).all()  # still 3 negatives per image, as Stage I's batches need
+    coverage = description_coverage(train, partial, out)
+    assert coverage["classes_without_description"] == 2 and coverage["train_images_without_description"] == 4
+    empty = sum(d == "" for ds in out.negative_descriptions for d in ds)
+    assert coverage["negatives_without_description"] == empty > 0
+
+
+def _world(tmp_path):
+    from conftest import make_world_workdir
+
+    from finedefics.data.prepared import load_prepared
+
+    root = make_world_workdir(tmp_path)
+    dataset = load_prepared("toy-bird", root / "data" / "prepared")
+    return root, dataset
+
+
+def test_stage1_leaves_out_images_without_a_description_and_stage2_keeps_them(tmp_path):
+    from finedefics.align.instructions import stage1_frame, stage1_skipped, stage2_frame
+
+    _, dataset = _world(tmp_path)
+    train = dataset.train
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    emb = Embeddings(
+        list(dataset.images.image_id),
+        unit(rng.normal(size=(len(dataset.images), 8))),
+        unit(rng.normal(size=(len(dataset.names), 8))),
+    )
+    missing = list(train.image_id[:2])
+    described = {i: f"a description of {i}" for i in train.image_id if i not in missing}
+    negatives = mine(train, dataset.names, described, emb, "hard", seed=0)
+    descriptions = pd.DataFrame({"image_id": list(described), "description": list(described.values())})
+    s1 = stage1_frame(dataset, descriptions, negatives)
+    s2 = stage2_frame(dataset, negatives, "open+closed", seed=0)
+    assert set(s1.image_id) == set(train.image_id) - set(missing)
+    assert stage1_skipped(descriptions, negatives) == len(missing) == len(train) - len(s1)
+    assert set(s2.image_id) == set(train.image_id) and len(s2) == 2 * len(train)
+    assert all(d for ds in s1.negative_descriptions for d in ds)
+
+
+def test_mine_and_build_instructions_stages_count_images_without_a_description(tmp_path):
+    from conftest import run_stage
+
+    from finedefics.artefacts import DESCRIPTIONS
+
+    root, dataset = _world(tmp_path)
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    (root / "data" / "embeddings").mkdir(parents=True)
+    Embeddings(
+        list(dataset.images.image_id),
+        unit(rng.normal(size=(len(dataset.images), 8))),
+        unit(rng.normal(size=(len(dataset.names), 8))),
+    ).save(root / "data" / "embeddings" / "toy-bird.npz")
+    kept = list(dataset.train.image_id[3:])  # the first three lost their description
+    (root / "data" / "descriptions").mkdir(parents=True)
+    DESCRIPTIONS.write(
+        root / "data" / "descriptions" / "toy-bird.parquet",
+        pd.DataFrame({"image_id": kept, "description": [f"a bird {i}" for i in kept]}),
+    )
+    proc = run_stage(root, "mine.py", "toy-bird")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((root / "metrics" / "mine" / "toy-bird.json").read_text())
+    assert metrics["train_images_without_description"] == 3 and metrics["negatives_without_description"] == 0
+    proc = run_stage(root, "build_instructions.py")
+    assert proc.returncode == 0, proc.stderr
+    assert "stage I: left out 3 train images without a description (toy-bird 3)" in proc.stdout
+    s1 = pd.read_parquet(root / "data" / "instructions" / "stage1.parquet")
+    s2 = pd.read_parquet(root / "data" / "instructions" / "stage2.parquet")
+    assert len(s1) == len(dataset.train) - 3 and set(s2.image_id) == set(dataset.train.image_id)

@@ -1,17 +1,20 @@
+import io
 import json
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
+import scipy.io as sio
 import yaml
 from conftest import REPO, stage_env
 from real_fixtures import MAKERS, make_flat
 
 from finedefics.data.manifest import EmptyClassError, LeakageError
 from finedefics.data.prepare import prepare_real
-from finedefics.data.real import REAL_DATASETS, DatasetNotFound, load_real
+from finedefics.data.real import REAL_DATASETS, AnnotationError, DatasetNotFound, load_real
 
 
 @pytest.mark.parametrize("name", list(MAKERS))
@@ -128,6 +131,25 @@ def test_corrupt_and_missing_images_are_rejected_and_listed(tmp_path):
     assert not set(rejected.index) & set(prepared.dataset.images.image_id)
 
 
+def test_rejection_reasons_are_stable_text_so_rejected_csv_is_reproducible(tmp_path):
+    """Issue 15.3: PIL's "cannot identify image file <_io.BytesIO object at 0x7f...>" made the hash vary."""
+    root = tmp_path / "dog-120"
+    MAKERS["dog-120"](root)
+    files = [sorted(folder.glob("*_train*.jpg"))[0] for folder in sorted((root / "Images").iterdir())]
+    files[0].write_bytes(b"not an image at all")  # PIL cannot identify it
+    files[1].write_bytes(b"")
+    files[2].write_bytes(files[2].read_bytes()[:40])  # truncated
+    runs = [prepare_real("dog-120", root).rejected.to_csv(index=False).encode() for _ in range(2)]
+    assert runs[0] == runs[1]
+    reasons = pd.read_csv(io.BytesIO(runs[0])).reason
+    assert len(reasons) == 3 and not any("0x" in r for r in reasons)
+    assert set(reasons) == {
+        "unreadable image: not a recognised image format",
+        "unreadable image: empty file",
+        "unreadable image: OSError: Truncated File Read",
+    }
+
+
 def test_an_image_listed_twice_in_a_split_is_kept_once(tmp_path):
     """FOCI's dog-120 set lists n02085620_1235.jpg twice; a split list may repeat an image too."""
     import numpy as np
@@ -202,3 +224,216 @@ def test_prepare_stage_fails_on_missing_dataset_with_one_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: bird-200: dataset not found") and "images.txt" in last
     assert not (tmp_path / "data" / "prepared" / "bird-200").exists()
+
+
+def _append(rel: str, text: str):
+    def mutate(root):
+        path = root / rel
+        path.write_text(path.read_text() + text)
+
+    return mutate
+
+
+def _savemat(rel: str, **variables):
+    return lambda root: sio.savemat(root / rel, variables)
+
+
+_STRUCT = [("class", "O"), ("fname", "O")]
+
+# (dataset, how the annotations are broken, the file named, the place named, what the message expects)
+MALFORMED = {
+    "pet short line": (
+        "pet-37",
+        _append("annotations/test.txt", "Abyssinian_5\n"),
+        "annotations/test.txt",
+        ":7:",
+        "'<image name> <class id>",
+    ),
+    "pet label outside the classes": (
+        "pet-37",
+        _append("annotations/test.txt", "Abyssinian_5 99 1 1\n"),
+        "annotations/test.txt",
+        ":7:",
+        "a class id from 1 to 4",
+    ),
+    "pet label not a number": (
+        "pet-37",
+        _append("annotations/trainval.txt", "\n# note\nAbyssinian_5 one 1 1\n"),
+        "annotations/trainval.txt",
+        ":9:",
+        "a class id from 1",
+    ),
+    "pet not utf-8": (
+        "pet-37",
+        lambda r: (r / "annotations/test.txt").write_bytes(b"Abyssinian_1 1 1 1\n\xff 2\n"),
+        "annotations/test.txt",
+        ":2:",
+        "UTF-8 text",
+    ),
+    "cub short line": ("bird-200", _append("images.txt", "99\n"), "images.txt", ":13:", "'<image id> <image path>'"),
+    "cub label outside the classes": (
+        "bird-200",
+        lambda r: (r / "image_class_labels.txt").write_text("1 1\n2 4\n"),
+        "image_class_labels.txt",
+        ":2:",
+        "a class id from 1 to 3",
+    ),
+    "cub image without a label": (
+        "bird-200",
+        lambda r: (r / "image_class_labels.txt").write_text("1 1\n"),
+        "image_class_labels.txt",
+        "line 2 of images.txt",
+        "a line for image id 2",
+    ),
+    "cub split not 0 or 1": (
+        "bird-200",
+        lambda r: (r / "train_test_split.txt").write_text("1 train\n"),
+        "train_test_split.txt",
+        ":1:",
+        "1 (train) or 0 (test)",
+    ),
+    "cub image id twice": (
+        "bird-200",
+        _append("image_class_labels.txt", "3 1\n"),
+        "image_class_labels.txt",
+        ":13:",
+        "each image id once (3 is already on line 3)",
+    ),
+    "cub class name without number": (
+        "bird-200",
+        _append("classes.txt", "4 Nothing\n"),
+        "classes.txt",
+        ":4:",
+        "'4 <number>.<class name>'",
+    ),
+    "cub unknown attribute": (
+        "bird-200",
+        _append("attributes/image_attribute_labels.txt", "1 77 1 3 1.0\n"),
+        "image_attribute_labels.txt",
+        ":49:",
+        "an attribute id listed in",
+    ),
+    "aircraft short line": (
+        "aircraft-102",
+        _append("data/images_variant_test.txt", "1234567\n"),
+        "images_variant_test.txt",
+        ":7:",
+        "'<image id> <variant>'",
+    ),
+    "aircraft unknown variant": (
+        "aircraft-102",
+        _append("data/images_variant_test.txt", "1234567 747-999\n"),
+        "images_variant_test.txt",
+        ":7:",
+        "a variant listed in variants.txt",
+    ),
+    "cars not a mat file": (
+        "car-196",
+        lambda r: (r / "devkit/cars_meta.mat").write_bytes(b"not matlab"),
+        "devkit/cars_meta.mat",
+        ": ",
+        "a MATLAB .mat file",
+    ),
+    "cars variable missing": (
+        "car-196",
+        _savemat("devkit/cars_meta.mat", names=np.array(["a"], dtype=object)),
+        "devkit/cars_meta.mat",
+        ": ",
+        "the variable(s) class_names, got names",
+    ),
+    "cars label outside the classes": (
+        "car-196",
+        _savemat("cars_test_annos_withlabels.mat", annotations=np.array([(1, "a.jpg"), (4, "b.jpg")], dtype=_STRUCT)),
+        "cars_test_annos_withlabels.mat",
+        "annotations entry 2:",
+        "a class from 1 to 3",
+    ),
+    "cars annotations not structs": (
+        "car-196",
+        _savemat("devkit/cars_train_annos.mat", annotations=np.array([1.0, 2.0])),
+        "cars_train_annos.mat",
+        ": ",
+        "annotations to be a list of structs with fields fname, class",
+    ),
+    "dogs label outside the classes": (
+        "dog-120",
+        _savemat(
+            "test_list.mat", file_list=np.array(["n02085620-Chihuahua/a.jpg"], dtype=object), labels=np.array([9])
+        ),
+        "test_list.mat",
+        "file_list entry 1:",
+        "a class id from 1 to 4",
+    ),
+    "dogs lists of other lengths": (
+        "dog-120",
+        _savemat(
+            "test_list.mat", file_list=np.array(["n02085620-Chihuahua/a.jpg"], dtype=object), labels=np.array([1, 1])
+        ),
+        "test_list.mat",
+        ": ",
+        "as many labels as files",
+    ),
+    "flowers image id outside imagelabels": (
+        "flower-102",
+        _savemat("setid.mat", trnid=np.array([1]), valid=np.array([2]), tstid=np.array([9000])),
+        "setid.mat",
+        "tstid entry 1:",
+        "an image id from 1 to 8189",
+    ),
+    "flowers label outside the classes": (
+        "flower-102",
+        _savemat("imagelabels.mat", labels=np.array([1, 103])),
+        "imagelabels.mat",
+        "labels entry 2:",
+        "a class from 1 to 102",
+    ),
+    "flat csv short row": ("pet-37", None, "train.csv", ":3:", "'<image path>,<class name>'"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_annotation_file_is_one_line_naming_file_line_and_expectation(tmp_path, case):
+    """Issue 15.4: a short line gave "not enough values to unpack", a label outside the classes a KeyError."""
+    name, mutate, file, place, expected = MALFORMED[case]
+    root = tmp_path / name
+    if mutate is None:  # the flat layout's train.csv
+        make_flat(root, name)
+        (root / "train.csv").write_text('image,class_name\ntrain/1.jpg,"Abyssinian"\ntrain/2.jpg\n')
+    else:
+        MAKERS[name](root)
+        mutate(root)
+    with pytest.raises(AnnotationError) as info:
+        load_real(name, root)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(str(root)), msg
+    assert file in msg and place in msg and f"expected {expected}" in msg, msg
+
+
+def test_prepare_stage_on_a_malformed_annotation_file_fails_with_one_line(tmp_path):
+    """The stage entry turns the parse error into exactly one stderr line and exit code 1."""
+    root = tmp_path / "data" / "raw" / "pet-37"
+    MAKERS["pet-37"](root)
+    listing = root / "annotations" / "test.txt"
+    listing.write_text(listing.read_text() + "Abyssinian_5\n")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["datasets"] = {"pet-37": "data/raw/pet-37"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = stage_env()
+    # a store MLflow has already set up: creating one logs its own lines, which this test is not about
+    env["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    import mlflow
+
+    mlflow.MlflowClient(uri).search_experiments()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages/prepare.py"), "pet-37"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "error: data/raw/pet-37/annotations/test.txt:7: expected '<image name> <class id> <species> <breed id>', "
+        "got 'Abyssinian_5'"
+    ]
+    assert not (tmp_path / "data" / "prepared" / "pet-37").exists()

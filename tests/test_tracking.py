@@ -1,7 +1,13 @@
+import signal
+import subprocess
+import sys
+
 import pytest
+from conftest import stage_env
 from mlflow.tracking import MlflowClient
 
 from finedefics.config import Params
+from finedefics.io import Interrupted
 from finedefics.tracking import repo_root, stage_run, tracking_uri
 
 
@@ -47,3 +53,82 @@ def test_default_store_is_the_main_repository_even_from_a_dvc_temp_workspace(mon
     assert tracking_uri() == f"sqlite:///{main / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert tracking_uri() == "http://mlflow.example:5000"
+
+
+def run_of(uri: str, run_id: str):
+    return MlflowClient(uri).get_run(run_id)
+
+
+@pytest.mark.parametrize(
+    "raised, reason", [(KeyboardInterrupt(), "SIGINT"), (Interrupted("SIGTERM"), "SIGTERM")], ids=["SIGINT", "SIGTERM"]
+)
+def test_interrupted_stage_marks_the_run_killed(monkeypatch, tmp_path, raised, reason):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(KeyboardInterrupt):
+        with stage_run("train_stage1", Params(tracking={"experiment": "unit"})) as run:
+            raise raised
+    got = run_of(uri, run.run_id)
+    assert got.info.status == "KILLED" and got.data.tags["end_reason"] == reason
+    assert got.info.end_time is not None
+
+
+def test_failed_stage_says_why_and_a_clean_exit_finishes(monkeypatch, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(ValueError):
+        with stage_run("mine", Params(tracking={"experiment": "unit"})) as failed:
+            raise ValueError("no images\nsecond line")
+    with pytest.raises(SystemExit):
+        with stage_run("mine", Params(tracking={"experiment": "unit"})) as exited:
+            raise SystemExit(1)
+    with pytest.raises(SystemExit):
+        with stage_run("mine", Params(tracking={"experiment": "unit"})) as done:
+            raise SystemExit(0)
+    assert run_of(uri, failed.run_id).info.status == "FAILED"
+    assert run_of(uri, failed.run_id).data.tags["end_reason"] == "ValueError: no images"
+    assert run_of(uri, exited.run_id).info.status == "FAILED"
+    assert run_of(uri, done.run_id).info.status == "FINISHED"
+
+
+HOLD_A_RUN = """
+import sys, time
+from finedefics.config import Params
+from finedefics.tracking import stage_run
+with stage_run(sys.argv[1], Params(tracking={"experiment": "unit"})) as run:
+    print(run.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_run_left_running_by_sigkill_is_closed_when_the_stage_next_starts(monkeypatch, tmp_path):
+    """A SIGKILLed stage cannot end its run; the next start of the same stage closes it as FAILED,
+    but leaves alone a run whose process still runs (a parallel `dvc exp run`) and other stages' runs."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def hold(stage: str) -> tuple[subprocess.Popen, str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_A_RUN, stage], stdout=subprocess.PIPE, text=True, env=stage_env()
+        )
+        return proc, proc.stdout.readline().strip()
+
+    killed, killed_run = hold("train_stage1")
+    live, live_run = hold("train_stage1")
+    other, other_run = hold("mine")
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+        other.send_signal(signal.SIGKILL)
+        other.wait(timeout=60)
+        assert run_of(uri, killed_run).info.status == "RUNNING"  # what a SIGKILL leaves behind
+        with stage_run("train_stage1", Params(tracking={"experiment": "unit"})) as run:
+            pass
+        gone = run_of(uri, killed_run)
+        assert gone.info.status == "FAILED" and "SIGKILL" in gone.data.tags["end_reason"]
+        assert run_of(uri, live_run).info.status == "RUNNING"  # its process still runs
+        assert run_of(uri, other_run).info.status == "RUNNING"  # another stage's: closed when `mine` starts
+        assert run_of(uri, run.run_id).info.status == "FINISHED"
+    finally:
+        live.kill()
+        live.wait(timeout=60)

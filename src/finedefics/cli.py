@@ -46,16 +46,12 @@ def score(results: Path = typer.Argument(..., help="a results file in FOCI's for
     """Recompute accuracy and generation-failure rate of a FOCI-format results file."""
     import json
 
-    from finedefics.evaluate.mc import score as score_predictions
+    from finedefics.evaluate.mc import score_results
 
     try:
-        data = json.loads(results.read_text())
-        predictions = data["predictions"] if isinstance(data, dict) else data
-        # recomputed from the prediction where the ground truth is stored, not from the stored flag
-        metrics = score_predictions(
-            [p | {"correct": p["predicted"] == p["groundtruth"]} if "groundtruth" in p else p for p in predictions]
-        )
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        # correctness recomputed from the prediction where the ground truth is stored, not from the stored flag
+        metrics = score_results(json.loads(results.read_text()))
+    except (OSError, ValueError, RecursionError) as err:
         _fail(f"{results}: not a FOCI results file ({err.__class__.__name__}: {err})")
     typer.echo(json.dumps(metrics, indent=2))
 

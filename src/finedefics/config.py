@@ -23,9 +23,10 @@ ATTRIBUTE_TYPES = ("color", "shape", "texture", "size", "other")
 
 
 class Schema(BaseModel):
-    """Base for every params section: unknown keys are errors."""
+    """Base for every params section: unknown keys are errors, and so are infinite and NaN numbers
+    (YAML's `.inf` and `.nan`), in every float field of every section."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class WorldConfig(Schema):
@@ -132,6 +133,14 @@ class ModelConfig(Schema):
     clip: str = "tiny"  # "tiny" (built by `bootstrap`) or "<open_clip name>:<pretrained tag>"
     finetune: Literal["qlora", "lora", "full"] = "full"  # the world's from-scratch tiny LM needs every weight
     lora: LoraConfig = LoraConfig()
+
+    @field_validator("base", "clip")
+    @classmethod
+    def _not_blank(cls, v: str, info: Any) -> str:
+        if not v.strip():
+            wanted = {"base": "a hub id (org/name) or a local folder", "clip": "<architecture>:<pretrained tag>"}
+            raise ValueError(f"must not be empty: tiny, {wanted[info.field_name]}")
+        return v
 
 
 class StageTrainConfig(Schema):

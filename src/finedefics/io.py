@@ -5,9 +5,12 @@ is written and when it is read; images are read as RGB."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,13 +47,33 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+class StageError(RuntimeError):
+    """A failure a stage reports in one line (exit code 1): `run_main` prints it, no traceback."""
 
 
 class ArtefactError(ValueError):
     """A table whose columns are not the declared ones; the message is one line naming the file."""
+
+
+def _non_finite(data: Any, key: str = "") -> str | None:
+    """The dotted key of the first infinite or NaN number in `data` (JSON has neither)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return key or "(top level)"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write `data` as JSON; an infinite or NaN number (not valid JSON) is a `StageError` naming the key."""
+    bad = _non_finite(data)
+    if bad is not None:
+        raise StageError(f"{path}: {bad} is not a finite number; nothing was written")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def _plain(kind: pa.DataType) -> pa.DataType:
@@ -108,11 +131,55 @@ def load_image(path: str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised where the stage is (as Ctrl-C's SIGINT raises `KeyboardInterrupt`)."""
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@dataclass
+class _Progress:
+    where: str | None = None  # e.g. "train stage1 step 5 of 12"
+    resumes: str | None = None  # what a re-run resumes from, e.g. "its checkpoint of step 4"
+
+
+_PROGRESS = _Progress()
+
+
+def progress(where: str | None, resumes: str | None = None) -> None:
+    """Note where a long stage is and what a re-run would resume from; an interrupted stage says so."""
+    _PROGRESS.where, _PROGRESS.resumes = where, resumes
+
+
+def stage_name(argv: list[str] | None = None) -> str:
+    """The DVC stage a stage entry file runs as: `train_stage1`, `extract@toy-bird`."""
+    argv = sys.argv if argv is None else argv
+    name = Path(argv[0]).stem
+    return f"{name}@{argv[1]}" if len(argv) > 1 else name
+
+
+def interrupted_line(stage: str, signame: str) -> str:
+    where = f" at {_PROGRESS.where}" if _PROGRESS.where else ""
+    then = f"resumes from {_PROGRESS.resumes}" if _PROGRESS.resumes else "runs it again"
+    return f"interrupted ({signame}): {stage} stopped{where}; `dvc repro` {then}"
+
+
 def run_main(main: Callable[[], None]) -> None:
-    """A stage's entry point: an artefact that is not what its declaration says ends the stage
-    with one line naming the file and the column, and exit code 1."""
+    """A stage's entry point. An artefact that is not what its declaration says, or any `StageError`,
+    ends the stage with one line (`error: ...`) and exit code 1. Ctrl-C (SIGINT) and SIGTERM end it
+    with one line saying where it stopped and what a re-run resumes, and exit code 130."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         main()
-    except ArtefactError as err:
+    except (ArtefactError, StageError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt as err:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not break the last line
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signame = str(err) if isinstance(err, Interrupted) else "SIGINT"
+        print(interrupted_line(stage_name(), signame), file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

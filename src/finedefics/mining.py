@@ -6,6 +6,15 @@ class, the train image of that class most similar to the anchor image and its de
 Whatever the strategy, the 3 most similar wrong classes are also kept as the multiple-choice
 distractors of Stage II. Test images get FOCI option sets: the ground truth, then its 3 most
 similar wrong classes.
+
+Train images without a description (their attribute extraction failed, below the allowed
+failure rate, so `summarize` wrote none) are handled so that Stage I never aligns through an
+empty text: they stay anchors here (Stage II needs only their class name; `build_instructions`
+leaves them out of Stage I), but never serve as a negative image while their class has a
+described one, and a class with no described train image is not picked as a `hard` or `simple`
+negative (the next most similar, or another random, class is) as long as each image keeps 3
+wrong classes with a described image. Only when fewer than 3 such classes exist does a negative
+carry an empty description; `description_coverage` counts all three cases for the metrics.
 """
 
 from __future__ import annotations
@@ -49,13 +58,28 @@ def top_wrong(similarity: np.ndarray, labels: np.ndarray, k: int = K) -> np.ndar
     return order[:, :k]
 
 
-def random_wrong(labels: np.ndarray, n_classes: int, rng: np.random.Generator, k: int = K) -> np.ndarray:
-    """k distinct wrong classes per row, uniformly at random."""
+def random_wrong(
+    labels: np.ndarray, n_classes: int, rng: np.random.Generator, k: int = K, allowed: np.ndarray | None = None
+) -> np.ndarray:
+    """k distinct wrong classes per row, uniformly at random; among the `allowed` classes (a mask)
+    for a row where at least k of them are wrong classes."""
     out = np.empty((len(labels), k), dtype=np.int64)
     for i, label in enumerate(labels):
         candidates = np.delete(np.arange(n_classes), label)
+        if allowed is not None and allowed[candidates].sum() >= k:
+            candidates = candidates[allowed[candidates]]
         out[i] = rng.choice(candidates, size=k, replace=False)
     return out
+
+
+def _only_allowed(similarity: np.ndarray, labels: np.ndarray, allowed: np.ndarray, k: int = K) -> np.ndarray:
+    """`similarity` with the classes not `allowed` at -inf, in each row where k allowed wrong classes remain."""
+    if allowed.all():
+        return similarity
+    enough = allowed.sum() - allowed[labels] >= k
+    masked = similarity.astype(np.float64).copy()
+    masked[np.ix_(enough, ~allowed)] = -np.inf
+    return masked
 
 
 def mine(
@@ -71,17 +95,20 @@ def mine(
         raise ValueError(f"mining needs more than {K} classes, got {len(names)}")
     labels = train.label.to_numpy()
     images = emb.rows(train.image_id)
-    distractors = top_wrong(images @ emb.classes.T, labels)
+    similarity = images @ emb.classes.T
+    distractors = top_wrong(similarity, labels)
+    ids = train.image_id.to_numpy()
+    described = np.array([i in descriptions for i in ids], dtype=bool)
+    has_description = np.zeros(len(names), dtype=bool)  # classes with a described train image
+    has_description[labels[described]] = True
     if strategy == "hard":
-        negatives = distractors
+        negatives = top_wrong(_only_allowed(similarity, labels, has_description), labels)
     elif strategy == "simple":
-        negatives = random_wrong(labels, len(names), np.random.default_rng([seed, 5]))
+        negatives = random_wrong(labels, len(names), np.random.default_rng([seed, 5]), allowed=has_description)
     elif strategy == "none":
         negatives = np.zeros((len(labels), 0), dtype=np.int64)
     else:
         raise ValueError(f"negatives = {strategy!r}; allowed: hard, simple, none")
-    ids = train.image_id.to_numpy()
-    described = np.array([i in descriptions for i in ids])
     rows = []
     for a in range(len(ids)):
         picks = []
@@ -103,6 +130,17 @@ def mine(
             }
         )
     return pd.DataFrame(rows, columns=list(NEGATIVES.columns))
+
+
+def description_coverage(train: pd.DataFrame, descriptions: dict[str, str], negatives: pd.DataFrame) -> dict[str, int]:
+    """What `mine` did with the train images without a description, for metrics/mine/<name>.json."""
+    described = set(descriptions)
+    labels = set(train.label[train.image_id.isin(described)])
+    return {
+        "train_images_without_description": int((~train.image_id.isin(described)).sum()),
+        "classes_without_description": int(train.label.nunique() - len(labels)),
+        "negatives_without_description": int(sum(d == "" for ds in negatives.negative_descriptions for d in ds)),
+    }
 
 
 def eval_options(test: pd.DataFrame, names: list[str], emb: Embeddings) -> dict[str, list[dict]]:

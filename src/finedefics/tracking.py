@@ -5,12 +5,19 @@ tagged with the git commit, the DVC experiment name (`DVC_EXP_NAME`) and the sta
 run in `mlflow ui` can be traced to the code and the `dvc exp` that made it. Stages of a
 queued or `--temp` DVC experiment run in `.dvc/tmp/exps/<tmp>/`; their runs still go to the
 main repository's store.
+
+A run ends FINISHED, FAILED (the stage raised) or KILLED (Ctrl-C or SIGTERM), with the reason in
+its `end_reason` tag. A run left RUNNING by a process that died without a word (SIGKILL, out of
+memory, power loss) is closed as FAILED when the same stage next starts on that machine: each run
+records its host and process, and a run whose process is gone is closed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from finedefics.config import Params
+from finedefics.io import Interrupted
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 
@@ -84,9 +92,61 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
+def _process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch); None if there is no such process."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def _alive(tags: dict[str, str]) -> bool:
+    """Whether the process that made a run (its `host`, `pid` and `process_started` tags) still runs."""
+    if tags.get("host") != socket.gethostname():
+        return True  # another machine's run: it cannot be checked from here
+    try:
+        pid, started = int(tags["pid"]), float(tags["process_started"])
+    except (KeyError, ValueError):
+        return False  # made before runs recorded their process: nothing runs it now
+    now = _process_started(pid)
+    return now is not None and abs(now - started) < 1.0  # the same pid, not a later process reusing it
+
+
+def close_abandoned(experiment_id: str, stage: str) -> list[str]:
+    """Close as FAILED the RUNNING runs of `stage` whose process is gone (killed with SIGKILL, say)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    closed = []
+    for run in client.search_runs([experiment_id], f"tags.stage = '{stage}' and attributes.status = 'RUNNING'"):
+        if not _alive(run.data.tags):
+            client.set_tag(run.info.run_id, "end_reason", "its process ended without a word (SIGKILL?)")
+            client.set_terminated(run.info.run_id, "FAILED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def _end(status: str, reason: str) -> None:
+    """End the active run; a second Ctrl-C meanwhile waits until it is written."""
+    import mlflow
+
+    signals = {signal.SIGINT, signal.SIGTERM}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        if reason:
+            mlflow.set_tag("end_reason", reason)
+        mlflow.end_run(status)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 @contextmanager
 def stage_run(stage: str, params: Params, run_name: str | None = None) -> Iterator[StageRun]:
-    """Start an MLflow run for `stage`, log `params`, and end it FAILED if the stage raises."""
+    """Start an MLflow run for `stage` and log `params`; end it FINISHED, FAILED if the stage raises,
+    KILLED if it is interrupted (SIGINT, SIGTERM). Earlier runs of `stage` whose process is gone are
+    closed first."""
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -96,15 +156,32 @@ def stage_run(stage: str, params: Params, run_name: str | None = None) -> Iterat
     if mlflow.get_experiment_by_name(name) is None:
         artifacts = (repo_root() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
         mlflow.create_experiment(name, artifact_location=artifacts)
-    mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    close_abandoned(experiment.experiment_id, stage)
     commit = git_commit()
     tags = {
         "stage": stage,
         "git_commit": commit,
         "mlflow.source.git.commit": commit,
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "process_started": repr(_process_started(os.getpid())),
     }
-    with mlflow.start_run(run_name=run_name or stage, tags=tags) as run:
+    run = mlflow.start_run(run_name=run_name or stage, tags=tags)
+    try:
         handle = StageRun(run.info.run_id)
         handle.log_params(params.flat())
         yield handle
+    except KeyboardInterrupt as err:
+        _end("KILLED", str(err) if isinstance(err, Interrupted) else "SIGINT")
+        raise
+    except SystemExit as err:
+        ok = err.code in (None, 0)
+        _end("FINISHED" if ok else "FAILED", "" if ok else f"exit code {err.code}")
+        raise
+    except BaseException as err:
+        _end("FAILED", f"{type(err).__name__}: {err}".splitlines()[0][:500])
+        raise
+    else:
+        _end("FINISHED", "")

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from finedefics.io import atomic_path
+from finedefics.io import StageError, atomic_path, progress
 
 RESUME = Path(".resume")  # checkpoints of unfinished runs (git- and dvc-ignored)
 
@@ -71,8 +71,33 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def model_fingerprint(model: str | Path) -> str:
+    """What a training checkpoint of `model` depends on: for a local folder, the content of its files
+    (weights, config, tokenizer; hidden ones such as `.git` left out), so that a base rebuilt at the
+    same path is another base; for a hub id, the id and the commit of the cached snapshot."""
+    folder = Path(model)
+    if folder.is_dir():
+        digest = hashlib.sha1()
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+                digest.update(f"{rel.as_posix()}\0".encode())
+                with path.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(block)
+        return f"sha1:{digest.hexdigest()}"
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(str(model), local_files_only=True))
+        return f"{model}@{snapshot.name}"  # the snapshot folder is named by the commit
+    except Exception:  # not cached (not a hub id, or not downloaded yet): the id is all there is
+        return str(model)
+
+
 def resume_dir(name: str, *inputs) -> Path:
-    """The checkpoint folder of a run of `name` on these inputs (files are hashed by content)."""
+    """The checkpoint folder of a run of `name` on these inputs (files are hashed by content; for a
+    model, pass its `model_fingerprint`)."""
     digest = hashlib.sha1()
     for part in inputs:
         data = part.read_bytes() if isinstance(part, Path) else json.dumps(part, sort_keys=True, default=str).encode()
@@ -113,6 +138,21 @@ def _trainable_state(modules: list[torch.nn.Module]) -> list[dict[str, torch.Ten
     return [{n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad} for m in modules]
 
 
+class Diverged(StageError):
+    """A loss, a gradient norm or the weights stopped being finite; the message is one line."""
+
+
+def _not_finite(loss: torch.Tensor, values: dict[str, float]) -> str | None:
+    """What is not finite in a micro-batch's loss: the first loss term that is not, else the total."""
+    terms = [k for k, v in values.items() if k.startswith("loss") and not math.isfinite(v)]
+    named = [k for k in terms if k != "loss"] or terms
+    if named:
+        return f"loss term '{named[0]}' ({values[named[0]]})"
+    if not torch.isfinite(loss.detach()).all():
+        return f"the loss ({loss.detach().float().sum().item()})"
+    return None
+
+
 def fit(
     modules: list[torch.nn.Module],
     batches: list[np.ndarray],
@@ -126,7 +166,12 @@ def fit(
     """Train the trainable parameters of `modules` on `batches` (index arrays of global batches);
     `step_fn(indices)` returns a micro-batch's loss (a mean over its examples) and values to log;
     `after_step` runs after each optimizer step (e.g. to clamp a parameter). Returns the number of
-    optimizer steps."""
+    optimizer steps.
+
+    The first loss (or loss term, a `values` key starting with "loss") or gradient norm that is not
+    finite stops training with `Diverged` before the optimizer step, naming the step and the term; so
+    do weights that are not finite when a checkpoint is due or at the end. The last checkpoint, written
+    after a finite step, is kept."""
     import torch.distributed as dist
 
     rank, size = world()
@@ -145,55 +190,87 @@ def fit(
         sched.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
+    saved = start or None  # the step of the last checkpoint
+
+    def resumes() -> str | None:
+        return f"its checkpoint of step {saved}" if saved else None
+
+    def stop(step: int, what: str) -> None:
+        kept = f"the checkpoint of step {saved} is kept in {resume}" if saved else "no checkpoint was written"
+        raise Diverged(f"{desc}: {what} is not finite at step {step + 1} of {len(batches)}; stopped ({kept})")
+
     for m in modules:
         m.train()
     bar = tqdm(total=len(batches), initial=start, desc=desc, unit="step", disable=rank != 0)
-    for step in range(start, len(batches)):
-        began = time.perf_counter()
-        mine = batches[step][rank::size]  # this process's share of the global batch
-        logged: dict[str, float] = {}
-        optimizer.zero_grad(set_to_none=True)
-        for micro in np.array_split(mine, accum):
-            loss, values = step_fn(micro)
-            (loss / accum).backward()
-            for k, v in values.items():
-                logged[k] = logged.get(k, 0.0) + v / accum
-        if size > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad /= size
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        sched.step()
-        if after_step is not None:
-            after_step()
-        seconds = time.perf_counter() - began
-        logged.update(
-            {
-                "lr": sched.get_last_lr()[0],
-                "samples_per_s": len(batches[step]) / seconds,
-                "peak_memory_mb": peak_memory_mb(),
-            }
-        )
-        if log is not None and rank == 0:
-            log(logged, step + 1)
-        bar.update(1)
-        bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.3f}")
-        if checkpoint is not None and rank == 0 and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(batches):
-            state = {
-                "weights": _trainable_state(modules),
-                "optimizer": optimizer.state_dict(),
-                "schedule": sched.state_dict(),
-                "rng": torch.get_rng_state(),
-                "step": step + 1,
-            }
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(checkpoint) as tmp:
-                torch.save(state, tmp)
-    bar.close()
+    try:
+        for step in range(start, len(batches)):
+            progress(f"{desc} step {step + 1} of {len(batches)}", resumes())
+            began = time.perf_counter()
+            mine = batches[step][rank::size]  # this process's share of the global batch
+            logged: dict[str, float] = {}
+            optimizer.zero_grad(set_to_none=True)
+            problem = None
+            for micro in np.array_split(mine, accum):
+                loss, values = step_fn(micro)
+                problem = _not_finite(loss, values)
+                if problem is not None:
+                    break
+                (loss / accum).backward()
+                for k, v in values.items():
+                    logged[k] = logged.get(k, 0.0) + v / accum
+            if size > 1:  # every process stops at the same step, or the others would wait in all_reduce
+                flag = torch.tensor([float(problem is not None)], device=params[0].device)
+                dist.all_reduce(flag)
+                if flag.item() and problem is None:
+                    problem = "a loss on another process"
+                for p in params if problem is None else ():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= size
+            if problem is not None:
+                stop(step, problem)
+            if cfg.max_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not torch.isfinite(norm):
+                stop(step, f"the gradient norm ({norm.item()})")
+            optimizer.step()
+            sched.step()
+            if after_step is not None:
+                after_step()
+            # the weights are the same on every process: each checks them, all stop together
+            due = checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0
+            if (due or step + 1 == len(batches)) and not all(torch.isfinite(p).all() for p in params):
+                stop(step, "a weight after the optimizer step")
+            seconds = time.perf_counter() - began
+            logged.update(
+                {
+                    "lr": sched.get_last_lr()[0],
+                    "samples_per_s": len(batches[step]) / seconds,
+                    "peak_memory_mb": peak_memory_mb(),
+                }
+            )
+            if log is not None and rank == 0:
+                log(logged, step + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.3f}")
+            if due and rank == 0 and step + 1 < len(batches):
+                state = {
+                    "weights": _trainable_state(modules),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": sched.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "step": step + 1,
+                }
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(checkpoint) as tmp:
+                    torch.save(state, tmp)
+                saved = step + 1
+    finally:
+        bar.close()  # an interrupted run's last line is its own, not the bar's
+    progress(None, resumes())  # after the loop: a re-run still resumes from the last checkpoint
     for m in modules:
         m.eval()
     return len(batches)

@@ -4,6 +4,12 @@ Stage I: per train image the triple (image, description, category) with its nega
 descriptions and categories. Stage II: open-set QA ("What is the name of the {super_category} in
 the image?" -> the name) and closed-set multiple choice in FOCI's format, whose options are the
 ground truth and its 3 most CLIP-similar wrong classes whatever `negatives` says.
+
+A train image without a description (its attribute extraction failed, below the allowed failure
+rate) has no attribute text to align through or to generate, so Stage I leaves it out
+(`stage1_skipped` counts them; the stage logs the count); Stage II keeps it, since its questions
+need only the class name. Its negatives, and the images it serves as a negative for, are as
+`mine` chose them (see `finedefics.mining`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ def stage1_frame(dataset: PreparedDataset, descriptions: pd.DataFrame, negatives
             }
         )
     return pd.DataFrame(rows, columns=list(STAGE1.columns))
+
+
+def stage1_skipped(descriptions: pd.DataFrame, negatives: pd.DataFrame) -> int:
+    """Train images `stage1_frame` leaves out because they have no description."""
+    return int((~negatives.image_id.isin(set(descriptions.image_id))).sum())
 
 
 def stage2_frame(dataset: PreparedDataset, negatives: pd.DataFrame, mode: str, seed: int) -> pd.DataFrame:

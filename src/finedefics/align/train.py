@@ -16,7 +16,7 @@ from finedefics.config import Params, StageTrainConfig
 from finedefics.io import atomic_path, write_json
 from finedefics.models.mllm import MLLM
 from finedefics.models.paths import resolve
-from finedefics.training import FitConfig, fit, plan, process, resume_dir
+from finedefics.training import FitConfig, fit, model_fingerprint, plan, process, resume_dir
 
 
 class Task(str, Enum):
@@ -107,7 +107,9 @@ def train(
     if aligned and main:
         metrics.update({f"{k}_start": v for k, v in alignment(mllm, inputs.test_paths, inputs.test_categories).items()})
     data = inputs.stage2 if task is Task.STAGE2 else inputs.stage1
-    resume = resume_dir(f"train_{task.value}", data, resolve(source), params.model_dump(exclude={"tracking"}))
+    # the base's weights, not its path: a base rebuilt at the same path must not resume the old one's run
+    base = model_fingerprint(resolve(source))
+    resume = resume_dir(f"train_{task.value}", data, base, params.model_dump(exclude={"tracking"}))
     batches = plan(n, cfg.batch_size, cfg.epochs, params.seed)
     metrics["steps"] = fit(
         [model, temperature], batches, step, fit_config(params, cfg), resume, f"train {task.value}", log

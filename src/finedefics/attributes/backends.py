@@ -7,6 +7,7 @@ questions about an image, or without one for tag-based construction.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -28,6 +29,10 @@ class BackendError(RuntimeError):
     """A request that failed for good (after retries, or not retryable)."""
 
 
+class MalformedReply(ValueError):
+    """A reply that holds no usable answer: not JSON, no choices, or a message without text."""
+
+
 class TextBackend(Protocol):
     def complete(self, prompts: list[str], temperature: float = 0.0) -> list[str]: ...
 
@@ -45,6 +50,56 @@ def _require_model(cfg: BackendConfig, step: str) -> str:
 
 
 # --------------------------------------------------------------------------- OpenAI-compatible HTTP
+
+_JSON_KIND = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def _kind(value: object) -> str:
+    return _JSON_KIND.get(type(value), type(value).__name__)
+
+
+def reply_text(raw: bytes | str) -> str:
+    """The answer in the body of a /chat/completions reply; `MalformedReply`, and nothing else,
+    for any body that is not one (a pure function: the client retries and records that error)."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MalformedReply(f"the reply is not JSON ({type(err).__name__})") from None
+    return reply_content(payload)
+
+
+def reply_content(payload: object) -> str:
+    """The stripped text of the first choice's message in a decoded reply, else `MalformedReply`.
+    The content is a string, or a list of text parts (joined)."""
+    if not isinstance(payload, dict):
+        raise MalformedReply(f"the reply is {_kind(payload)}, not an object")
+    choices = payload.get("choices")
+    if not isinstance(choices, list) or not choices:
+        error = payload.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            raise MalformedReply(f"the reply is an error: {error['message'][:200]!r}")
+        raise MalformedReply(
+            "the reply has no choices" if choices in (None, []) else f"its choices are {_kind(choices)}"
+        )
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    if not isinstance(message, dict):
+        raise MalformedReply("the reply's first choice has no message")
+    content = message.get("content")
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
+    ):
+        content = "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise MalformedReply(f"the reply's message content is {_kind(content)}, not text")
+    return content.strip()
 
 
 @dataclass
@@ -91,12 +146,14 @@ class OpenAIChat:
             )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"].strip()
+                    return reply_text(response.read())
             except urllib.error.HTTPError as err:
                 last = f"HTTP {err.code} from {self.base_url}"
                 if err.code not in RETRY_STATUS:
                     break
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError, KeyError) as err:
+            except MalformedReply as err:  # a 200 without a usable answer: retried like a server error
+                last = f"malformed reply from {self.base_url}: {err}"
+            except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, resets, cut-off bodies
                 last = f"{type(err).__name__}: {getattr(err, 'reason', err)} ({self.base_url})"
         raise BackendError(f"{last} after {attempt + 1} attempt(s)")
 

@@ -34,7 +34,12 @@ SHARD_COLUMNS = ["unit", "key", "value", "error"]
 
 
 class TooManyFailures(RuntimeError):
-    """More items failed than `max_failure_rate` allows; the shards written so far are kept."""
+    """More items failed than `max_failure_rate` allows; the shards written so far are kept.
+    `failures` (unit, key, error) lists every failed item, for the stage's failures.csv."""
+
+    def __init__(self, message: str, failures: pd.DataFrame):
+        super().__init__(message)
+        self.failures = failures
 
 
 @dataclass
@@ -163,10 +168,25 @@ def _load_shards(folder: Path) -> tuple[dict[str, dict[str, tuple[str, str]]], i
     return answers, len(shards)
 
 
+FAILURE_COLUMNS = ["unit", "key", "error"]
+
+
+def failed_items(units: list[Unit], names: list[str], answers: dict) -> pd.DataFrame:
+    """unit, key, error of every item whose latest answer is a failure, in unit and key order."""
+    rows = [
+        {"unit": u.id, "key": k, "error": answers[u.id][k][1]}
+        for u in units
+        for k in names
+        if k in answers.get(u.id, {}) and answers[u.id][k][1]
+    ]
+    return pd.DataFrame(rows, columns=FAILURE_COLUMNS)
+
+
 def run_units(
     units: list[Unit], keys: list[AttributeKey], folder: Path, cfg: ExtractConfig, desc: str
 ) -> tuple[dict, dict]:
-    """Answer every unit's questions, resuming from and appending to the shards in `folder`."""
+    """Answer every unit's questions, resuming from and appending to the shards in `folder`.
+    Whatever ends the run (an exception, Ctrl-C), the answers received so far are written first."""
     folder.mkdir(parents=True, exist_ok=True)
     answers, next_shard = _load_shards(folder)
     names = [k.key for k in keys]
@@ -192,34 +212,38 @@ def run_units(
     started = time.time()
     bar = tqdm(total=total, initial=resumed, desc=desc, unit="item", smoothing=0.1)
     units_in_buffer = 0
-    for unit in units:
-        if complete(unit.id):
-            continue
-        got = answers.setdefault(unit.id, {})
-        for key, result in zip(names, unit.ask()):
-            if result is None:
-                value, error = None, ""
-            elif isinstance(result, BaseException):
-                value, error = "", str(result) or type(result).__name__
-            else:
-                value, error = result, ""
-            failed += bool(error) - bool(got.get(key, ("", ""))[1])
-            got[key] = (value, error)
-            buffer.append({"unit": unit.id, "key": key, "value": value, "error": error})
-        bar.update(len(names))
-        units_in_buffer += 1
-        if units_in_buffer >= cfg.shard_size:
-            flush()
-            units_in_buffer = 0
-        if failed > budget:
-            flush()
-            bar.close()
-            raise TooManyFailures(
-                f"{failed} of {total} answers failed (more than {cfg.max_failure_rate:.0%}); "
-                f"the answers so far are kept in {folder}; fix the backend and run again to continue"
-            )
-    flush()
-    bar.close()
+    try:
+        for unit in units:
+            if complete(unit.id):
+                continue
+            got = answers.setdefault(unit.id, {})
+            for key, result in zip(names, unit.ask()):
+                if result is None:
+                    value, error = None, ""
+                elif isinstance(result, BaseException):
+                    value, error = "", str(result) or type(result).__name__
+                else:
+                    value, error = result, ""
+                failed += bool(error) - bool(got.get(key, ("", ""))[1])
+                got[key] = (value, error)
+                buffer.append({"unit": unit.id, "key": key, "value": value, "error": error})
+            bar.update(len(names))
+            units_in_buffer += 1
+            if units_in_buffer >= cfg.shard_size:
+                flush()
+                units_in_buffer = 0
+            if failed > budget:
+                failures = failed_items(units, names, answers)
+                common = Counter(failures.error).most_common(1)
+                why = f"most often ({common[0][1]} of {len(failures)}): {common[0][0]}; " if common else ""
+                raise TooManyFailures(
+                    f"{failed} of {total} answers failed (more than {cfg.max_failure_rate:.0%}); {why}"
+                    f"the answers so far are kept in {folder}; fix the backend and run again to continue",
+                    failures,
+                )
+    finally:  # the answers received reach disk before the exception goes on
+        flush()
+        bar.close()
     elapsed = time.time() - started
     computed = total - resumed
     stats = {
@@ -249,16 +273,17 @@ def extract(
     units = plan_units(dataset, keys, construction, backend)
     folder = resume_root / fingerprint(dataset.train, keys, construction, cfg, backend is None)
     answers, stats = run_units(units, keys, folder, cfg, desc=f"extract {dataset.name}")
-    rows, failures, missing = [], [], 0
+    rows, missing = [], 0
     for unit in units:
         for key in (k.key for k in keys):
             value, error = answers[unit.id][key]
             if error:
-                failures.append({"unit": unit.id, "key": key, "error": error})
-            elif value is None:
+                continue  # listed by failed_items
+            if value is None:
                 missing += 1
             else:
                 rows.extend({"image_id": i, "key": key, "value": value} for i in unit.images)
+    failures = failed_items(units, [k.key for k in keys], answers)
     n_items = len(units) * len(keys)
     stats.update(
         {
@@ -271,4 +296,4 @@ def extract(
         }
     )
     values = pd.DataFrame(rows, columns=list(VALUES.columns))
-    return Extraction(values, pd.DataFrame(failures, columns=["unit", "key", "error"]), stats)
+    return Extraction(values, failures, stats)

@@ -34,7 +34,7 @@ def _bracketed(text: str) -> list[str] | None:
         for parse in (ast.literal_eval, json.loads):
             try:
                 value = parse(attempt)
-            except (ValueError, SyntaxError):
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # all literal_eval raises
                 continue
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
                 return value
@@ -44,7 +44,8 @@ def _bracketed(text: str) -> list[str] | None:
 
 def parse_attribute_list(text: str) -> list[str]:
     """The attribute names in an LLM answer: a Python/JSON list (commas optional) or numbered /
-    bulleted lines, stray prose ignored; normalised and deduplicated in order."""
+    bulleted lines, stray prose ignored; normalised and deduplicated in order. Any text gives
+    a non-empty list or `NoAttributeList`, never another exception."""
     items = _bracketed(text)
     if items is None:
         items = [m.group(1) for line in text.splitlines() if (m := _ITEM_LINE.match(line))]

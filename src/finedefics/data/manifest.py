@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from finedefics.artefacts import IMAGES
-from finedefics.data.real import Source
+from finedefics.data.real import Source, stable_message
 
 
 class LeakageError(ValueError):
@@ -35,20 +35,28 @@ class Inspection:
 
 
 def inspect_image(path: Path) -> Inspection:
-    """Hash the file and decode it fully; a missing or corrupt file gets a reason instead."""
+    """Hash the file and decode it fully; a missing or corrupt file gets a reason instead.
+
+    Reasons are stable text (no memory addresses or absolute paths), so `rejected.csv` is
+    byte-identical across runs.
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return Inspection("", 0, 0, "missing file")
     except OSError as err:
-        return Inspection("", 0, 0, f"unreadable file: {err}")
+        return Inspection("", 0, 0, f"unreadable file: {err.strerror or type(err).__name__}")
     sha1 = hashlib.sha1(data).hexdigest()
+    if not data:
+        return Inspection(sha1, 0, 0, "unreadable image: empty file")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return Inspection(sha1, im.width, im.height, "")
+    except UnidentifiedImageError:  # its message names the in-memory buffer by address
+        return Inspection(sha1, 0, 0, "unreadable image: not a recognised image format")
     except Exception as err:  # PIL raises many types for broken files
-        return Inspection(sha1, 0, 0, f"unreadable image: {type(err).__name__}: {err}")
+        return Inspection(sha1, 0, 0, f"unreadable image: {type(err).__name__}: {stable_message(err)}")
 
 
 def build_manifest(

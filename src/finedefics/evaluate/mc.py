@@ -3,6 +3,7 @@ and the results file in FOCI's format (`metrics`, `predictions`, `config`)."""
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from dataclasses import dataclass
@@ -120,12 +121,54 @@ def open_set(
 
 
 def score(predictions: list[dict]) -> dict[str, float]:
-    """Accuracy and generation-failure rate of FOCI-format predictions."""
+    """Accuracy and generation-failure rate of FOCI-format predictions (each with `predicted`, a
+    string or None, and `correct`, a bool); anything else is a ValueError naming the entry."""
+    if not isinstance(predictions, list):
+        raise ValueError(f"expected a list of predictions, got {_kind(predictions)}")
     n = len(predictions)
     if n == 0:
         raise ValueError("no predictions to score")
+    for k, p in enumerate(predictions):
+        if not isinstance(p, dict) or not isinstance(p.get("correct"), bool) or not _is_prediction(p):
+            raise ValueError(
+                f"prediction {k}: expected an object with 'predicted' (a string or null) and 'correct' "
+                f"(true or false), got {_kind(p)}"
+            )
     return {
-        "accuracy": sum(bool(p["correct"]) for p in predictions) / n,
+        "accuracy": sum(p["correct"] for p in predictions) / n,
         "failure_rate": sum(p["predicted"] is None for p in predictions) / n,
         "n": n,
     }
+
+
+def score_results(data: object) -> dict[str, float]:
+    """`score` of a FOCI results file's parsed JSON: an object with `predictions` (FOCI's
+    `metrics` and `config` beside it are ignored) or the list itself. Where an entry stores its
+    `groundtruth`, `correct` is recomputed from it rather than taken from the stored flag."""
+    predictions = data.get("predictions") if isinstance(data, dict) else data
+    if not isinstance(predictions, list):
+        raise ValueError(f"expected an object with a list 'predictions' (or that list), got {_kind(data)}")
+    recomputed = []
+    for k, p in enumerate(predictions):
+        if isinstance(p, dict) and "groundtruth" in p:
+            if not isinstance(p["groundtruth"], str) or not _is_prediction(p):
+                raise ValueError(
+                    f"prediction {k}: expected 'predicted' (a string or null) and 'groundtruth' (a string), "
+                    f"got {_kind(p)}"
+                )
+            p = p | {"correct": p["predicted"] == p["groundtruth"]}
+        recomputed.append(p)
+    return score(recomputed)
+
+
+def _is_prediction(p: dict) -> bool:
+    return "predicted" in p and (p["predicted"] is None or isinstance(p["predicted"], str))
+
+
+def _kind(value: object, limit: int = 80) -> str:
+    """A JSON value as an error message shows it: its type, and the value cut short."""
+    kind = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+    text = json.dumps(value, default=str)
+    return f"{kind} {text if len(text) <= limit else text[:limit] + '...'}" if value is not None else kind

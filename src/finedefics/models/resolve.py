@@ -8,6 +8,8 @@ exact weights a run used.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 
 MLLM_TYPES = ("idefics2", "llava")
@@ -24,6 +26,33 @@ def sha256(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether `spec` means a local folder rather than a hub id (`org/name`, or a bare `name`).
+
+    It does when it starts with /, . or ~, contains a path separator but is not of the form
+    org/name, or its parent folder exists here (`models/my-base` next to a `models/` folder).
+    """
+    if spec.startswith(("/", ".", "~")):
+        return True
+    if "/" not in spec and os.sep not in spec:
+        return False
+    if not _HUB_ID.fullmatch(spec):
+        return True
+    return Path(spec).parent.is_dir()
+
+
+def _missing_folder(spec: str, key: str) -> ModelNotAvailable:
+    local = Path(spec).expanduser()
+    what = "is a file, not a folder" if local.is_file() else "does not exist"
+    return ModelNotAvailable(
+        f"{key} {spec!r}: the folder {local} {what}; a local model is a folder with config.json and the weights "
+        f"(relative paths start from the repository root)"
+    )
 
 
 def _hub_snapshot(repo_id: str, key: str, instead: str = "a local folder holding it") -> Path:
@@ -44,7 +73,9 @@ def check_mllm(spec: str, key: str = "model.base") -> dict:
     """Load config and processor through the Auto classes and check the weight files are present."""
     from transformers import AutoConfig, AutoProcessor
 
-    local = Path(spec)
+    local = Path(spec).expanduser()
+    if not local.is_dir() and looks_like_path(spec):
+        raise _missing_folder(spec, key)
     folder = local if local.is_dir() else _hub_snapshot(spec, key)
     config = AutoConfig.from_pretrained(str(folder))
     if config.model_type not in MLLM_TYPES:
@@ -81,6 +112,8 @@ def check_clip(spec: str, key: str = "model.clip") -> dict:
         raise ValueError(f"{key} {spec!r}: unknown open_clip architecture {name!r}")
     if Path(pretrained).is_file():
         return {"model": spec, "architecture": name, "files": {Path(pretrained).name: sha256(Path(pretrained))}}
+    if looks_like_path(pretrained) or pretrained.endswith(WEIGHT_SUFFIXES):
+        raise ModelNotAvailable(f"{key} {spec!r}: the weights file {pretrained} does not exist")
     source = open_clip.get_pretrained_cfg(name, pretrained)
     if not source or not source.get("hf_hub"):
         raise ModelNotAvailable(
