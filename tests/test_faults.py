@@ -288,9 +288,11 @@ def kill_during_repro(root: Path, step: int, *args: str) -> int:
         ["dvc", "repro", *args], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=stage_env()
     )
     wait_until(proc, lambda: checkpoint_step(root) >= step)
-    (stage,) = [
+    # DVC runs the command through a shell, which may stay as the interpreter's parent: kill the leaf.
+    running = [
         c for c in psutil.Process(proc.pid).children(recursive=True) if "train_stage1.py" in " ".join(c.cmdline())
     ]
+    (stage,) = [c for c in running if not any(d in running for d in c.children(recursive=True))]
     stage.kill()
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and b"failed to reproduce 'train_stage1'" in out, out[-3000:]
