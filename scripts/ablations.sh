@@ -1,17 +1,34 @@
 #!/usr/bin/env bash
 # Queue the paper's ablations (Tables 3a-c, 5, 6a-e) and Table 4's LLaVA-1.5 as DVC experiments on the committed params,
 # run them one after another, then write reports/results.md:
-#   scripts/ablations.sh            # queue, run, report
-#   scripts/ablations.sh --queue    # only queue them
-#   scripts/ablations.sh --run      # run what is queued (e.g. after an interruption), then report
+#   scripts/ablations.sh                       # queue, run, report (one training seed per row)
+#   scripts/ablations.sh --seeds 3             # train.seed 0, 1, 2 for every row (experiments named <row>-s<seed>)
+#   scripts/ablations.sh --only 'default|t3b|t6a|t6b' --seeds 3   # the rows whose names match (grep -E)
+#   scripts/ablations.sh --queue ...           # only queue them
+#   scripts/ablations.sh --run                 # run what is queued (e.g. after an interruption), then report
 # Each experiment changes the params named on its line and nothing else; stages whose inputs did
 # not change come back from DVC's run cache. `dvc exp show` lists them, MLflow holds their runs
 # (the repository's mlflow.db, also for the queue's temporary workspaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+seeds=1 only=. mode=all
+while (( $# )); do
+  case $1 in
+    --seeds) seeds=$2; shift 2 ;;
+    --only) only=$2; shift 2 ;;
+    --queue) mode=queue; shift ;;
+    --run) mode=run; shift ;;
+    *) echo "usage: $0 [--seeds N] [--only REGEX] [--queue | --run]" >&2; exit 2 ;;
+  esac
+done
+[[ $seeds =~ ^[1-9][0-9]*$ ]] || { echo "--seeds takes a positive integer, not '$seeds'" >&2; exit 2; }
+
 queue_all() {
-  q() { dvc exp run --queue --name "$1" "${@:2}"; }
+  q() {
+    grep -qE "$only" <<<"$1" || return 0
+    for (( s = 0; s < seeds; s++ )); do dvc exp run --queue --name "$1-s$s" "${@:2}" -S "train.seed=$s"; done
+  }
 
   q default                                                          # Tables 2 and 8, every "ours" row
   q t3a-finetune   -S align.paradigm=stage2-only -S instructions.stage2=open
@@ -52,8 +69,8 @@ run_queue() {
   dvc queue status
 }
 
-[[ "${1:-}" == "--run" ]] || queue_all
-[[ "${1:-}" == "--queue" ]] && exit 0
+[[ $mode == run ]] || queue_all
+[[ $mode == queue ]] && exit 0
 start=$(date +%s)
 run_queue
 took="$(( ($(date +%s) - start) / 60 )) min on $(nproc) CPU core(s)"

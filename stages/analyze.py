@@ -65,7 +65,7 @@ def main() -> None:
                     "modality_gap": an.modality_gap(o_test.last, cats.last),
                 }
                 predictions = read_json(Path("results/predictions") / which / f"{name}.json")["predictions"]
-                truth = [p["groundtruth"] for p in predictions]
+                truth = [p["correct"] for p in predictions]  # FOCI: the ground-truth class name
                 matrix = an.confusion(truth, [p["predicted"] for p in predictions], names)
                 m["per_class_accuracy"] = {
                     n: float(matrix[i, i] / max(1, matrix[i].sum())) for i, n in enumerate(names)

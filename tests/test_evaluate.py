@@ -10,7 +10,7 @@ from conftest import stage_env
 from PIL import Image
 
 from finedefics.evaluate import analysis as an
-from finedefics.evaluate.mc import UNREADABLE, Item, evaluate, items, normalise, score
+from finedefics.evaluate.mc import UNREADABLE, Item, evaluate, items, normalise, positions, score, score_results
 from finedefics.models.mllm import MLLM
 from finedefics.protocol import mc_question, parse_choice, query
 
@@ -34,75 +34,124 @@ def test_prompt_is_byte_equal_to_foci():
 
 
 @pytest.mark.parametrize(
-    "output,want",
+    "family,output,want",
     [
-        ("A", "A"),
-        ("b", "B"),
-        ("  C. Sooty_Albatross", "C"),
-        ("D)", "D"),
-        ("d is right", "D"),
-        ("E", None),
-        ("", None),
-        ("Answer: C", "A"),
-        ("The answer is B", None),
-        ("1", None),  # the first letter, literally
+        # FOCI's Idefics2 wrapper removes "Answer: " before reading the first letter
+        ("idefics2", "Answer: C", "C"),
+        ("idefics2", "C.", "C"),
+        ("idefics2", "(C)", None),  # FOCI reads the first character only
+        ("idefics2", " c", "C"),
+        ("idefics2", "Assistant: B", None),  # FOCI keeps the text before a repeated marker: nothing
+        ("idefics2", "B\nAssistant: C", "B"),
+        ("idefics2", "answer: C", "A"),  # the removal is case-sensitive, as in FOCI
+        ("idefics2", "The answer is B", None),
+        ("idefics2", "E", None),
+        ("idefics2", "", None),
+        # LLaVA-1.5: FOCI keeps what follows "ASSISTANT:" and does not remove "Answer: "
+        ("llava", "Answer: C", "A"),
+        ("llava", "C.", "C"),
+        ("llava", "(C)", None),
+        ("llava", " c", "C"),
+        ("llava", "Assistant: B", "A"),  # not LLaVA's marker: the first letter, literally
+        ("llava", "D ASSISTANT: A", "D"),
+        ("llava", "ASSISTANT: B", None),
+        ("llava", "1", None),
     ],
 )
-def test_parser_takes_the_first_letter_only(output, want):
-    assert parse_choice(output) == want
+def test_parser_reads_answers_as_foci_does_per_family(family, output, want):
+    assert parse_choice(output, family) == want
 
 
 def test_parser_respects_the_number_of_options():
-    assert parse_choice("C", n_options=2) is None and parse_choice("B", n_options=2) == "B"
+    assert parse_choice("C", "idefics2", n_options=2) is None and parse_choice("B", "idefics2", n_options=2) == "B"
 
 
-def test_score_on_hand_made_predictions():
-    p = [
-        {"predicted": "x", "correct": True},
-        {"predicted": "y", "correct": False},
-        {"predicted": None, "correct": False},
-        {"predicted": "x", "correct": True},
-    ]
-    assert score(p) == {"accuracy": 0.5, "failure_rate": 0.25, "n": 4}
-    with pytest.raises(ValueError):
-        score([])
+def foci_file(predictions: list[dict], **metrics) -> dict:
+    """A results file as FOCI's `benchmark/evaluate.py` writes it."""
+    config = {"dataset": "cub", "model": "x", "prompt_query": "Which of these birds is shown in the image?"}
+    config |= {"choice_enumeration": "ABCD", "task": "mc"}
+    return {"metrics": metrics, "predictions": predictions, "config": config}
 
 
-def test_score_command_recomputes_a_foci_results_file(tmp_path):
-    predictions = [
-        {
-            "image": "a.jpg",
-            "predicted": "cat",
-            "predicted_raw": "A",
-            "correct": True,
-            "options": ["cat", "dog"],
-            "groundtruth": "cat",
-        },
-        {
-            "image": "b.jpg",
-            "predicted": "cat",
-            "predicted_raw": "A",
-            "correct": True,
-            "options": ["cat", "dog"],
-            "groundtruth": "dog",
-        },  # flag wrong
-        {
-            "image": "c.jpg",
-            "predicted": None,
-            "predicted_raw": "zzz",
-            "correct": False,
-            "options": ["cat", "dog"],
-            "groundtruth": "dog",
-        },
-    ]
-    f = tmp_path / "results.json"
-    f.write_text(json.dumps({"metrics": {}, "predictions": predictions, "config": {}}))
+def foci_prediction(image: str, shown: list[str], truth: str, raw: str) -> dict:
+    """One entry as FOCI writes it: the chosen name, or "NA ### " and the raw output."""
+    letter = parse_choice(raw, "idefics2")
+    predicted = shown["ABCD".index(letter)] if letter else f"NA ### {raw}"
+    return {"image": image, "predicted": predicted, "predicted_raw": raw, "correct": truth, "options": shown}
+
+
+def test_score_reads_a_results_file_written_by_foci(tmp_path):
+    shown = ["Laysan_Albatross", "Sooty_Albatross", "Crested_Auklet", "Black_footed_Albatross"]
+    answers = {"a.jpg": "A", "b.jpg": "Answer: D", "c.jpg": "I think it is", "d.jpg": "B", "e.jpg": "(A)"}
+    truths = {"a.jpg": "Laysan_Albatross", "b.jpg": "Black_footed_Albatross", "c.jpg": "Crested_Auklet"}
+    truths |= {"d.jpg": "Crested_Auklet", "e.jpg": "Laysan_Albatross"}
+    predictions = [foci_prediction(i, shown, truths[i], raw) for i, raw in answers.items()]
+    assert predictions[2]["predicted"] == "NA ### I think it is" and predictions[1]["predicted"] == shown[3]
+    f = tmp_path / "cub--HuggingFaceM4_idefics2-8b.json"
+    f.write_text(json.dumps(foci_file(predictions, generation_failures=0.4, accuracy=0.4), indent=4))
     proc = cli("score", str(f))
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"accuracy": pytest.approx(1 / 3), "failure_rate": pytest.approx(1 / 3), "n": 3}
+    got = json.loads(proc.stdout)
+    low, high = wilson_by_hand(2, 5)
+    assert got == {
+        "accuracy": 0.4,
+        "failure_rate": 0.4,
+        "n": 5,
+        "predictions": 5,
+        "ci_low": pytest.approx(low),
+        "ci_high": pytest.approx(high),
+    }
+    assert proc.stderr == ""  # its own metrics block agrees
     f.write_text("{not json")
     proc = cli("score", str(f))
     assert proc.returncode == 2 and "not a FOCI results file" in proc.stderr
+
+
+def wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    p = k / n
+    centre, half = (p + z * z / (2 * n)), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def test_score_takes_several_files_and_warns_when_a_metrics_block_disagrees(tmp_path):
+    shown = list("abcd")
+    one = [foci_prediction("x.jpg", shown, "a", "A"), foci_prediction("y.jpg", shown, "b", "A")]
+    (tmp_path / "one.json").write_text(json.dumps(foci_file(one, generation_failures=0.0, accuracy=0.9)))
+    (tmp_path / "two.json").write_text(json.dumps(foci_file(one[:1], generation_failures=0.0, accuracy=1.0)))
+    proc = cli("score", str(tmp_path / "one.json"), str(tmp_path / "two.json"))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got[str(tmp_path / "one.json")]["accuracy"] == 0.5 and got[str(tmp_path / "two.json")]["accuracy"] == 1.0
+    assert "metrics block says accuracy 0.9" in proc.stderr
+
+
+def test_score_rejects_booleans_in_correct_and_other_tasks():
+    with pytest.raises(ValueError, match="'correct' \\(the ground-truth class name\\)"):
+        score([{"image": "a", "predicted": "x", "correct": True}])
+    with pytest.raises(ValueError, match="only FOCI's multiple-choice task"):
+        score_results({"predictions": [], "config": {"task": "yn"}})
+    with pytest.raises(ValueError, match="no predictions"):
+        score([])
+
+
+def test_an_image_in_several_option_orders_counts_once_in_n():
+    shown = list("abcd")
+    predictions = [foci_prediction("x", shown, "a", "A"), foci_prediction("x", shown[::-1], "a", "A")]
+    predictions.append(foci_prediction("y", shown, "b", "B"))
+    s = score(predictions)
+    assert (s.accuracy, s.n, s.predictions) == (pytest.approx(2 / 3), 2, 3)
+    assert (s.ci_low, s.ci_high) == pytest.approx(wilson_by_hand(1.5, 2))
+
+
+def test_position_audit_shows_a_model_that_always_answers_a():
+    shown = [list("abcd"), list("bacd"), list("bcad"), list("bcda")]  # the truth "a" at A, B, C, D
+    always_a = [foci_prediction(f"i{k}", s, "a", "A") for k, s in enumerate(shown)]
+    audit = positions(always_a * 2)
+    assert [audit[letter]["chosen"] for letter in "ABCD"] == [1.0, 0.0, 0.0, 0.0]
+    assert [audit[letter]["truth"] for letter in "ABCD"] == [0.25] * 4
+    assert [audit[letter]["accuracy"] for letter in "ABCD"] == [1.0, 0.0, 0.0, 0.0]
+    failed = positions([foci_prediction("i", list("abcd"), "a", "no idea")])
+    assert failed["A"] == {"truth": 1.0, "chosen": 0.0, "accuracy": 0.0} and failed["B"]["accuracy"] is None
 
 
 def test_items_are_shuffled_by_seed_and_checked_against_the_classes():
@@ -119,6 +168,15 @@ def test_items_are_shuffled_by_seed_and_checked_against_the_classes():
         items({"a": [{"image": "i1", "options": ["a", "e"], "groundtruth": "a"}]}, {}, list("abcd"), seed=0)
 
 
+def test_each_image_is_shown_in_k_seeded_orders_the_first_independent_of_k():
+    options = {"a": [{"image": f"i{n}", "options": list("abcd"), "groundtruth": "a"} for n in range(50)]}
+    three = items(options, {}, list("abcd"), seed=0, permutations=3)
+    assert [(i.image, i.permutation) for i in three[:4]] == [("i0", 0), ("i0", 1), ("i0", 2), ("i1", 0)]
+    assert [i for i in three if i.permutation == 0] == items(options, {}, list("abcd"), seed=0, permutations=1)
+    assert sum(a.options != b.options for a, b in zip(three[::3], three[1::3])) > 30  # orders differ
+    assert items(options, {}, list("abcd"), seed=0, permutations=3) == three  # and are seeded
+
+
 def test_unreadable_images_are_counted_as_failures_not_skipped(tiny_models, tmp_path):
     good = tmp_path / "good.png"
     Image.new("RGB", (64, 64), "red").save(good)
@@ -132,9 +190,9 @@ def test_unreadable_images_are_counted_as_failures_not_skipped(tiny_models, tmp_
     results = evaluate(mllm, "birds", entries, batch_size=2)
     assert [r["image"] for r in results] == ["img0", "img1", "img2", "img3"]
     assert [r["predicted_raw"] == UNREADABLE for r in results] == [False, True, True, False]
-    assert all(r["predicted"] is None and not r["correct"] for r in results[1:3])
+    assert all(r["predicted"] == f"NA ### {UNREADABLE}" and r["correct"] == "a" for r in results[1:3])
     assert results[0]["predicted_raw"] == results[3]["predicted_raw"]  # batching and padding do not change answers
-    assert score(results)["failure_rate"] >= 0.5
+    assert score(results).failure_rate >= 0.5
 
 
 def test_normalised_names():
@@ -173,7 +231,7 @@ def test_distances_and_variances_of_known_embeddings():
 
 
 def test_confusion_matrix_counts_failures_apart():
-    m = an.confusion(["a", "a", "b", "b"], ["a", "b", "b", None], ["a", "b"])
+    m = an.confusion(["a", "a", "b", "b"], ["a", "b", "b", "NA ### hmm"], ["a", "b"])
     assert m.tolist() == [[1, 1, 0], [0, 1, 1]]
 
 

@@ -233,18 +233,20 @@ json_value = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
-answer = st.one_of(st.none(), st.sampled_from(["cat", "dog"]), json_value)
+answer = st.one_of(st.sampled_from(["cat", "dog", "NA ### hmm"]), json_value)
 name = st.sampled_from(["cat", "dog"])
 prediction = st.one_of(
-    st.fixed_dictionaries({"predicted": st.none() | name, "groundtruth": name}, optional={"correct": st.booleans()}),
-    st.fixed_dictionaries({"predicted": st.none() | name, "correct": st.booleans()}),
+    st.fixed_dictionaries(
+        {"image": st.sampled_from(["a.jpg", "b.jpg"]), "predicted": name | st.just("NA ### "), "correct": name},
+        optional={"predicted_raw": st.text(max_size=6), "options": json_value, "permutation": json_value},
+    ),
     st.fixed_dictionaries(
         {},
         optional={
-            "image": st.text(max_size=6),
+            "image": answer,
             "predicted": answer,
-            "groundtruth": answer,
-            "correct": st.one_of(st.booleans(), json_value),
+            "predicted_raw": answer,
+            "correct": st.one_of(st.booleans(), answer),
             "options": json_value,
         },
     ),
@@ -268,8 +270,8 @@ def test_the_foci_results_reader_gives_metrics_or_one_error_line(data):
     except ValueError as err:
         assert "\n" not in str(err), str(err)
         return
-    assert set(metrics) == {"accuracy", "failure_rate", "n"}
-    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["failure_rate"] <= 1 and metrics["n"] >= 1
+    assert 0 <= metrics.accuracy <= 1 and 0 <= metrics.failure_rate <= 1 and 1 <= metrics.n <= metrics.predictions
+    assert 0 <= metrics.ci_low <= metrics.ci_high <= 1
 
 
 @FUZZ
@@ -282,10 +284,11 @@ def test_the_score_command_prints_metrics_or_exits_2_with_one_line(content, caps
         path.write_bytes(content)
         capsys.readouterr()
         try:
-            score(path)
+            score([path])
         except typer.Exit as exit:
             assert exit.exit_code == 2
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and err.startswith(f"error: {path}: not a FOCI results file"), err
             return
-        assert set(json.loads(capsys.readouterr().out)) == {"accuracy", "failure_rate", "n"}
+        got = json.loads(capsys.readouterr().out)
+        assert set(got) == {"accuracy", "failure_rate", "n", "predictions", "ci_low", "ci_high"}

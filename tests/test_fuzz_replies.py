@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from finedefics.attributes.backends import MalformedReply, reply_content, reply_text
 from finedefics.attributes.parsing import NoAttributeList, normalise_key, parse_attribute_list
-from finedefics.protocol import LETTERS, parse_choice
+from finedefics.protocol import LETTERS, foci_answer, parse_choice
 
 FUZZ = settings(max_examples=200, deadline=None)
 
@@ -74,21 +74,31 @@ def test_a_python_or_json_list_amid_prose_gives_its_keys_in_order(items, before,
 # --------------------------------------------------------------------------- the answer-letter parser
 
 
+FAMILY = st.sampled_from(["idefics2", "llava", "qwen2_5_vl", "blip-2"])
+
+
 @FUZZ
-@given(st.text(max_size=50), st.integers(1, len(LETTERS)))
-def test_answer_letter_parser_gives_an_offered_letter_or_none(output, n_options):
-    letter = parse_choice(output, n_options)
+@given(st.text(max_size=50), st.integers(1, len(LETTERS)), FAMILY)
+def test_answer_letter_parser_gives_an_offered_letter_or_none(output, n_options, family):
+    letter = parse_choice(output, family, n_options)
     assert letter is None or (letter in LETTERS[:n_options] and len(letter) == 1)
     if letter is not None:
-        assert output.strip()[0].upper() == letter
+        assert foci_answer(output, family)[0].upper() == letter
 
 
 @FUZZ
-@given(st.text(" \t\n", max_size=3), st.integers(0, len(LETTERS) - 1), st.booleans(), st.text(max_size=30), st.data())
-def test_an_answer_starting_with_an_offered_letter_gives_that_letter(space, index, lower, rest, data):
+@given(
+    st.text(" \t\n", max_size=3),
+    st.integers(0, len(LETTERS) - 1),
+    st.booleans(),
+    st.text(max_size=30),
+    FAMILY,
+    st.data(),
+)
+def test_an_answer_starting_with_an_offered_letter_gives_that_letter(space, index, lower, rest, family, data):
     n_options = data.draw(st.integers(index + 1, len(LETTERS)))
     letter = LETTERS[index].lower() if lower else LETTERS[index]
-    assert parse_choice(space + letter + rest, n_options) == LETTERS[index]
+    assert parse_choice(space + letter + rest, family, n_options) == LETTERS[index]
 
 
 # --------------------------------------------------------------------------- OpenAI-compatible replies

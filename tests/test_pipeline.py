@@ -184,9 +184,15 @@ def test_dvc_reports_work_after_repro(fresh):
     assert {"n_keys", "n_values"} <= set(shown["metrics/extract/toy-bird.json"]["data"])
 
 
+def commit_results(repo: Path) -> None:
+    """Commit the default's dvc.lock and metrics, as the repository does for its own default."""
+    sh("git add -f dvc.lock metrics && git -c user.name=t -c user.email=t@t commit -qm results", repo)
+
+
 @pytest.mark.slow
-def test_changing_negatives_reruns_mining_and_nothing_upstream(fresh):
+def test_changing_negatives_reruns_mining_and_diffs_against_the_committed_default(fresh):
     clone = fresh
+    commit_results(clone)
     before = pd.read_parquet(clone / "data" / "negatives" / "toy-bird.parquet")
     proc = sh("dvc exp run -S negatives=simple", clone)
     downstream = {"build_instructions", "train_stage1", "train_stage2", "evaluate@finedefics", "analyze"}
@@ -195,17 +201,64 @@ def test_changing_negatives_reruns_mining_and_nothing_upstream(fresh):
     )  # base not re-evaluated
     after = pd.read_parquet(clone / "data" / "negatives" / "toy-bird.parquet")
     assert not before.negatives.equals(after.negatives) and before.distractors.equals(after.distractors)
-    diff = json.loads(sh("dvc metrics diff --all --json", clone).stdout)
-    assert {"toy-bird.accuracy", "toy-flower.accuracy", "average.accuracy"} <= set(diff["metrics/eval.json"])
-    # the report finds the experiment by its switches and leaves the rows nobody ran missing
-    average = 100 * json.loads((clone / "metrics" / "eval.json").read_text())["average"]["accuracy"]
+    # `dvc metrics diff` and `dvc exp show` compare with the committed default: both columns filled
+    diff = json.loads(sh("dvc metrics diff --all --json", clone).stdout)["metrics/eval.json"]
+    for key in ("toy-bird.accuracy", "average.accuracy", "average.accuracy_low", "average.accuracy_high"):
+        assert diff[key]["old"] is not None and diff[key]["new"] is not None, (key, diff[key])
+    shown = json.loads(sh("dvc exp show --json", clone).stdout)
+    head = next(b for b in shown if b["rev"] != "workspace")
+    assert head["data"]["metrics"]["metrics/eval.json"]["data"]["average"]["accuracy"] is not None
+    # the report finds the experiment by its switches, pairs it with the default on the same images,
+    # and leaves the rows nobody ran missing
+    average = json.loads((clone / "metrics" / "eval.json").read_text())["average"]
     sh("finedefics report --out reports/results.md", clone)
     report = (clone / "reports" / "results.md").read_text()
-    simple = next(line for line in report.splitlines() if line.startswith("| Simple Neg."))
-    assert f"| {average:.1f} | 74.26 |" in simple
+    simple = [c.strip() for c in next(x for x in report.splitlines() if x.startswith("| Simple Neg.")).split("|")]
+    ci = f"{100 * average['accuracy']:.1f} [{100 * average['accuracy_low']:.1f}, {100 * average['accuracy_high']:.1f}]"
+    assert simple[4:7] == [ci, "1", simple[6]] and re.fullmatch(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", simple[6])
+    assert simple[8] == "no (one seed)"
     assert next(line for line in report.splitlines() if line.startswith("| CL (obj.-cat.)")).endswith(
         "| 72.72 | missing |"
     )
+
+
+@pytest.mark.slow
+def test_a_training_seed_changes_only_training_and_what_follows(fresh):
+    params = yaml.safe_load((fresh / "params.yaml").read_text())
+    params["train"]["seed"] = 1
+    (fresh / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = set(json.loads(sh("dvc status --json", fresh).stdout))
+    assert changed == {"check_params", "train_stage1", "train_stage2"}  # the rest follows from their outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,metrics", [("base", "eval_base.json"), ("finedefics", "eval.json")])
+def test_eval_metrics_are_what_the_predictions_files_say(fresh, model, metrics):
+    """metrics/eval*.json recomputed by hand from the FOCI results files `evaluate` wrote."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    stored = json.loads((fresh / "metrics" / metrics).read_text())
+    k = yaml.safe_load((fresh / "params.yaml").read_text())["evaluate"]["permutations"]
+    for name in DATASETS:
+        results = json.loads((fresh / "results" / "predictions" / model / f"{name}.json").read_text())
+        p = results["predictions"]
+        right = [x["predicted"] == x["correct"] for x in p]
+        failed = [x["predicted"].startswith("NA ### ") for x in p]
+        m = stored[name]
+        assert len(p) == k * m["n"] and m["n"] == len({x["image"] for x in p})
+        assert m["accuracy"] == pytest.approx(sum(right) / len(p)) == results["metrics"]["accuracy"]
+        assert m["failure_rate"] == pytest.approx(sum(failed) / len(p)) == results["metrics"]["generation_failures"]
+        low, high = proportion_confint(sum(right) / k, m["n"], method="wilson")  # every image in all k orders
+        assert (m["accuracy_low"], m["accuracy_high"]) == pytest.approx((low, high))
+        for i, letter in enumerate("ABCD"):
+            truth_here = [x["options"].index(x["correct"]) == i for x in p]
+            chose_here = [x["predicted"] in x["options"] and x["options"].index(x["predicted"]) == i for x in p]
+            assert m["position"][letter]["truth"] == pytest.approx(sum(truth_here) / len(p))
+            assert m["position"][letter]["chosen"] == pytest.approx(sum(chose_here) / len(p))
+        assert results["config"]["task"] == "mc" and results["config"]["choice_enumeration"] == "ABCD"
+    average = stored["average"]
+    assert average["accuracy"] == pytest.approx(sum(stored[n]["accuracy"] for n in DATASETS) / len(DATASETS))
+    assert average["accuracy_low"] <= average["accuracy"] <= average["accuracy_high"]
 
 
 @pytest.mark.slow

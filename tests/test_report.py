@@ -4,17 +4,18 @@ import json
 import re
 import shlex
 
+import numpy as np
 import yaml
 from conftest import REPO
 from typer.testing import CliRunner
 
 from finedefics.cli import app
-from finedefics.report import EXTRA, TABLES, committed_params, experiments, find
+from finedefics.report import EXTRA, TABLES, Row, Table, committed_params, experiments, find, table_md
 
 DEFAULT_TREE = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def exp(name, overrides, accuracy, timestamp, state="success"):
+def exp(name, overrides, accuracy, timestamp, state="success", low=None, high=None):
     params = json.loads(json.dumps(DEFAULT_TREE))
     for dotted, value in overrides.items():
         *path, last = dotted.split(".")
@@ -27,7 +28,8 @@ def exp(name, overrides, accuracy, timestamp, state="success"):
             "data": {
                 "toy-bird": {"accuracy": accuracy},
                 "toy-flower": {"accuracy": accuracy},
-                "average": {"accuracy": accuracy},
+                "average": {"accuracy": accuracy}
+                | ({"accuracy_low": low, "accuracy_high": high} if low is not None else {}),
             }
         },
         "metrics/eval_base.json": {"data": {"average": {"accuracy": 0.25}}},
@@ -59,12 +61,75 @@ def test_find_takes_the_newest_finished_experiment_with_exactly_those_switches()
         )
     )
     assert [e.name for e in runs] == ["both", "new", "old", "types"]  # running ones are left out
-    assert find(runs, default, {"negatives": "simple"}).name == "new"
-    assert find(runs, default, {"attributes.types": ["shape", "texture", "size"]}).name == "types"
-    assert find(runs, default, {"attributes.types": ["color", "texture", "size"]}) is None
-    assert find(runs, default, {}) is None
+    assert [e.name for e in find(runs, default, {"negatives": "simple"})] == ["new"]
+    assert [e.name for e in find(runs, default, {"attributes.types": ["shape", "texture", "size"]})] == ["types"]
+    assert find(runs, default, {"attributes.types": ["color", "texture", "size"]}) == []
+    assert find(runs, default, {}) == []
     shorter = experiments(show(exp("shorter", {"train.stage2.epochs": 6}, 0.5, "t")))
-    assert find(shorter, default, {}) is None  # any other param differing keeps it out of the rows
+    assert find(shorter, default, {}) == []  # any other param differing keeps it out of the rows
+
+
+def test_find_gives_one_experiment_per_training_seed_newest_first_ordered_by_seed():
+    default = committed_params(REPO / "params.yaml")
+    runs = experiments(
+        show(
+            exp("s2", {"train.seed": 2}, 0.5, "2026-01-01T00:00:00"),
+            exp("s0-old", {}, 0.5, "2026-01-01T00:00:00"),
+            exp("s0", {}, 0.5, "2026-01-03T00:00:00"),
+            exp("s1", {"train.seed": 1}, 0.5, "2026-01-02T00:00:00"),
+            exp("simple-s1", {"train.seed": 1, "negatives": "simple"}, 0.5, "2026-01-02T00:00:00"),
+        )
+    )
+    assert [e.name for e in find(runs, default, {})] == ["s0", "s1", "s2"]
+    assert [e.name for e in find(runs, default, {"negatives": "simple"})] == ["simple-s1"]
+
+
+def seeded_scores(offsets: dict[str, float], n: int = 400):
+    """Per-image scores per experiment: a shared base rate per image, shifted per experiment."""
+    base = np.random.default_rng(0).uniform(0.2, 0.8, n)
+    rng = np.random.default_rng(1)
+    drawn = {name: (rng.uniform(size=n) < base + shift).astype(float) for name, shift in offsets.items()}
+
+    def scores(e, model_dir):
+        key = e.name if model_dir == "finedefics" else "base"
+        return [{f"i{k}": v for k, v in enumerate(drawn[key])}] * 2
+
+    return scores
+
+
+def test_a_row_is_resolved_only_when_its_paired_difference_survives_holm_with_seeds():
+    default = committed_params(REPO / "params.yaml")
+    runs = experiments(
+        show(
+            *(exp(f"d{s}", {"train.seed": s}, 0.5, f"t{s}") for s in range(3)),
+            *(exp(f"far{s}", {"train.seed": s, "negatives": "simple"}, 0.7, f"t{s}") for s in range(3)),
+            *(exp(f"near{s}", {"train.seed": s, "negatives": "none"}, 0.5, f"t{s}") for s in range(3)),
+            exp("one", {"align.objective": "obj-cat"}, 0.7, "t", low=0.66, high=0.74),
+        )
+    )
+    offsets = {f"d{s}": 0.0 for s in range(3)} | {f"far{s}": 0.2 for s in range(3)}
+    offsets |= {f"near{s}": 0.0 for s in range(3)} | {"one": 0.2, "base": -0.3}
+    table = Table(
+        "t",
+        (
+            Row("far", None, {"negatives": "simple"}),
+            Row("near", None, {"negatives": "none"}),
+            Row("one seed", None, {"align.objective": "obj-cat"}),
+            Row("base", None, model="base"),
+            Row("ours", None),
+        ),
+    )
+    lines = table_md(table, runs, default, ["toy-bird", "toy-flower"], seeded_scores(offsets)).splitlines()
+    row = lambda label: [c.strip() for c in next(x for x in lines if x.startswith(f"| {label} |")).split("|")[1:-1]]  # noqa: E731
+    far, near, one, base, ours = (row(label) for label in ("far", "near", "one seed", "base", "ours"))
+    assert far[3] == "70.0 [70.0, 70.0]" and far[4] == "3" and far[7].startswith("yes (Holm p")
+    low, high = (float(v) for v in far[5].split(" ", 1)[1].strip("[]").split(", "))
+    assert 0 < low < 20 < high  # the +20 points drawn, paired
+    low, high = (float(v) for v in near[5].split(" ", 1)[1].strip("[]").split(", "))
+    assert near[7].startswith("no (Holm p") and low < 0 < high  # independent draws of one rate
+    assert one[3] == "70.0 [66.0, 74.0]" and one[4] == "1" and one[7] == "no (one seed)"
+    assert base[7].startswith("yes") and base[5].startswith("-") and base[9] == "`d0` (base model)"
+    assert ours[5] == "(the reference)" and ours[9] == "`d0`, `d1`, `d2`"
 
 
 def test_report_fills_cells_and_marks_missing_ones(tmp_path):
@@ -79,10 +144,11 @@ def test_report_fills_cells_and_marks_missing_ones(tmp_path):
     assert result.exit_code == 0, result.output
     lines = out.read_text().splitlines()
     row = lambda label: next(line for line in lines if line.startswith(f"| {label} |"))  # noqa: E731
-    assert row("Simple Neg.") == "| Simple Neg. | 37.5 | 37.5 | 37.5 | 74.26 | `simple` |"
-    assert row("**Hard Neg. (ours)**") == "| **Hard Neg. (ours)** | 50.0 | 50.0 | 50.0 | 76.84 | `default` |"
-    assert row("Original (base model, zero-shot)").endswith("| 25.0 | 65.95 | `default` (base model) |")
-    assert row("One stage") == "| One stage | missing | missing | missing | 25.42 | missing |"
+    assert row("Simple Neg.").startswith("| Simple Neg. | 37.5 | 37.5 | 37.5 | 1 | ")
+    assert row("Simple Neg.").endswith("| 74.26 | `simple` |")
+    assert row("**Hard Neg. (ours)**").startswith("| **Hard Neg. (ours)** | 50.0 | 50.0 | 50.0 | 1 | (the reference) |")
+    assert row("Original (base model, zero-shot)").endswith("| 65.95 | `default` (base model) |")
+    assert row("One stage") == "| One stage | missing | missing | missing | 0 |  |  |  | 25.42 | missing |"
 
 
 def test_report_refuses_an_unreadable_exp_show(tmp_path):

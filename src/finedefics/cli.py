@@ -42,18 +42,33 @@ def use_config(
 
 
 @app.command()
-def score(results: Path = typer.Argument(..., help="a results file in FOCI's format")) -> None:
-    """Recompute accuracy and generation-failure rate of a FOCI-format results file."""
+def score(
+    results: list[Path] = typer.Argument(..., help="results files in FOCI's format (FOCI's own, or ours)"),
+) -> None:
+    """Accuracy, generation-failure rate, number of images and the Wilson 95% CI of FOCI results
+    files, recomputed from their predictions; one JSON object per file, keyed by path when several."""
+    import dataclasses
     import json
 
     from finedefics.evaluate.mc import score_results
 
-    try:
-        # correctness recomputed from the prediction where the ground truth is stored, not from the stored flag
-        metrics = score_results(json.loads(results.read_text()))
-    except (OSError, ValueError, RecursionError) as err:
-        _fail(f"{results}: not a FOCI results file ({err.__class__.__name__}: {err})")
-    typer.echo(json.dumps(metrics, indent=2))
+    out = {}
+    for path in results:
+        try:
+            data = json.loads(path.read_text())
+            scored = dataclasses.asdict(score_results(data))
+        except (OSError, ValueError, RecursionError) as err:
+            _fail(f"{path}: not a FOCI results file ({err.__class__.__name__}: {err})")
+        stored = data.get("metrics") if isinstance(data, dict) else None
+        if isinstance(stored, dict) and isinstance(stored.get("accuracy"), int | float):
+            if abs(stored["accuracy"] - scored["accuracy"]) > 1e-9:
+                typer.echo(
+                    f"warning: {path}: its metrics block says accuracy {stored['accuracy']}, "
+                    f"its predictions give {scored['accuracy']}",
+                    err=True,
+                )
+        out[str(path)] = scored
+    typer.echo(json.dumps(out[str(results[0])] if len(results) == 1 else out, indent=2))
 
 
 @app.command()
@@ -94,7 +109,7 @@ def predict(
         ]
     else:
         answers = [
-            (r["predicted"], r["predicted_raw"])
+            (None if r["predicted"].startswith(mc.FAILURE) else r["predicted"], r["predicted_raw"])
             for r in mc.evaluate(
                 mllm, f"{super_category}s", [mc.Item(p, p, "", options) for p in paths], desc="predict"
             )
@@ -128,7 +143,7 @@ def report(
     exps = rep.experiments(show)
     header = f"The queue took {took}." if took else ""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(rep.render(exps, default, datasets, header))
+    out.write_text(rep.render(exps, default, datasets, rep.dvc_scores(Path.cwd(), datasets), header))
     typer.echo(f"{out}: {len(exps)} finished experiment(s)")
 
 

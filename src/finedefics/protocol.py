@@ -25,9 +25,24 @@ def shuffled(options: list[str], rng: np.random.Generator) -> list[str]:
     return [options[i] for i in rng.permutation(len(options))]
 
 
-def parse_choice(output: str, n_options: int = 4) -> str | None:
-    """The letter the output starts with (case-insensitive), or None: a generation failure."""
-    text = output.strip()
+# What FOCI's model wrapper keeps of a decoded answer before reading its letter, per model family:
+# it splits the decoded prompt + answer at the chat template's assistant marker and keeps the text
+# after the first one, i.e. the generated text up to any marker it repeats.
+ASSISTANT_MARKERS = {"idefics2": "Assistant:", "llava": "ASSISTANT:", "qwen2_5_vl": "assistant"}
+
+
+def foci_answer(generated: str, family: str) -> str:
+    """The generated text as FOCI parses it: cut at a repeated assistant marker, stripped, and for
+    Idefics2 with every "Answer: " removed (FOCI's Idefics2 wrapper does this, case-sensitively)."""
+    marker = ASSISTANT_MARKERS.get(family)
+    text = (generated.split(marker)[0] if marker else generated).strip()
+    return text.replace("Answer: ", "") if family == "idefics2" else text
+
+
+def parse_choice(output: str, family: str, n_options: int = 4) -> str | None:
+    """FOCI's answer parser: the letter `foci_answer` starts with (case-insensitive) among the first
+    `n_options` letters, or None, a generation failure."""
+    text = foci_answer(output, family)
     if text and text[0].upper() in LETTERS[:n_options]:
         return text[0].upper()
     return None

@@ -1,8 +1,11 @@
 """`finedefics report`: the paper's tables filled from DVC experiments, the paper's numbers beside ours.
 
 Each row of a table names the params that differ from the committed `params.yaml` (the
-ablation switches); its cell comes from the newest finished experiment whose params are exactly
-those, and is marked missing when no experiment matches.
+ablation switches); its cell comes from the finished experiments whose params are exactly those
+apart from `train.seed` (the newest per training seed), and is marked missing when none matches.
+Every cell is the mean over seeds with its 95% CI; every row's difference from the default is
+paired on the same test images and training seeds (`finedefics.stats.paired`), Holm-corrected
+across the table's rows.
 """
 
 from __future__ import annotations
@@ -10,11 +13,15 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
+
+from finedefics.stats import Comparison, across_seeds, holm, paired, resolved
 
 PAPER_DATASETS = ("Dog-120", "Bird-200", "Aircraft-102", "Flower-102", "Pet-37", "Car-196")
 
@@ -198,84 +205,187 @@ def experiments(show: list[dict]) -> list[Experiment]:
     return sorted(out, key=lambda e: e.timestamp, reverse=True)
 
 
-def find(exps: list[Experiment], default: dict[str, Any], overrides: dict[str, Any]) -> Experiment | None:
-    """The newest experiment whose params are the committed ones with `overrides` applied, all of
-    them, not only the switches (a param an older experiment did not have yet counts as the
-    committed value)."""
-    want = default | overrides
-    return next((e for e in exps if all(e.params.get(k, default.get(k)) == v for k, v in want.items())), None)
+SEED = "train.seed"
+MODEL_DIRS = {"final": "finedefics", "base": "base"}
+# (experiment, model dir) -> per dataset, each test image's score; None where the predictions are not at hand
+Scores = Callable[["Experiment", str], "list[dict[str, float]] | None"]
 
 
-def accuracies(exp: Experiment, model: str, datasets: list[str]) -> list[float | None]:
-    """Multiple-choice accuracy (%) per dataset and their average."""
-    data = exp.metrics.get("metrics/eval.json" if model == "final" else "metrics/eval_base.json", {})
-    values = [data.get(d, {}).get("accuracy") for d in [*datasets, "average"]]
-    return [None if v is None else 100 * v for v in values]
+def find(exps: list[Experiment], default: dict[str, Any], overrides: dict[str, Any]) -> list[Experiment]:
+    """The newest experiment per training seed whose params are the committed ones with `overrides`
+    applied, all of them, not only the switches (a param an older experiment did not have yet
+    counts as the committed value); by seed."""
+    want = {k: v for k, v in (default | overrides).items() if k != SEED}
+    found: dict[Any, Experiment] = {}
+    for e in exps:  # newest first
+        if all(e.params.get(k, default.get(k)) == v for k, v in want.items()):
+            found.setdefault(e.params.get(SEED, default.get(SEED, 0)), e)
+    return [found[seed] for seed in sorted(found)]
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
     return "missing" if value is None else f"{value:.{digits}f}"
 
 
-def table_md(table: Table, exps: list[Experiment], default: dict[str, Any], datasets: list[str]) -> str:
-    head = ["Method", *datasets, "Avg.", "paper Avg.", "experiment"]
+def metrics_of(exp: Experiment, model: str) -> dict[str, Any]:
+    return exp.metrics.get("metrics/eval.json" if model == "final" else "metrics/eval_base.json", {})
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A row's accuracies (%): per dataset and the average, means over its seeds, and the average's
+    95% CI: the t-interval over seeds, or with one seed the image bootstrap of `evaluate`."""
+
+    per_dataset: list[float | None]
+    average: float | None
+    low: float | None
+    high: float | None
+    seeds: int
+
+    def text(self) -> str:
+        if self.average is None:
+            return "missing"
+        ci = f" [{self.low:.1f}, {self.high:.1f}]" if self.low is not None else ""
+        return f"{self.average:.1f}{ci}"
+
+
+def cell(runs: list[Experiment], model: str, datasets: list[str]) -> Cell:
+    if model == "base":
+        runs = runs[:1]  # the base does not depend on the training seed
+    data = [metrics_of(e, model) for e in runs]
+    averages = [d.get("average", {}).get("accuracy") for d in data]
+    if not runs or None in averages:
+        return Cell([None] * len(datasets), None, None, None, len(runs))
+    per_dataset = [_mean([d.get(n, {}).get("accuracy") for d in data]) for n in datasets]
+    if len(runs) > 1:
+        s = across_seeds(averages)
+        low, high = s.low, s.high
+    else:
+        low, high = data[0]["average"].get("accuracy_low"), data[0]["average"].get("accuracy_high")
+    pct = lambda v: None if v is None else 100 * v  # noqa: E731
+    return Cell([pct(v) for v in per_dataset], pct(float(np.mean(averages))), pct(low), pct(high), len(runs))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if None in values else float(np.mean(values))
+
+
+def compare(row: Row, runs: list[Experiment], reference: list[Experiment], scores: Scores) -> Comparison | None:
+    """`row`'s runs against the default's final models, paired on test images and training seeds
+    (a base model, the same for every seed, is paired with each of the default's seeds)."""
+    if row.model == "base":
+        theirs = [scores(e, "base") for e in runs[:1]] * len(reference)
+    else:
+        theirs = [scores(e, "finedefics") for e in runs]
+    ours = [scores(e, "finedefics") for e in reference]
+    if not theirs or not ours or any(s is None for s in theirs + ours):
+        return None
+    row_arrays, default_arrays = [], []
+    for k in range(len(ours[0])):
+        common = sorted(set.intersection(*(set(s[k]) for s in theirs + ours)))
+        row_arrays.append(np.array([[s[k][i] for i in common] for s in theirs]))
+        default_arrays.append(np.array([[s[k][i] for i in common] for s in ours]))
+    return paired(row_arrays, default_arrays)
+
+
+def table_md(table: Table, exps: list[Experiment], default: dict[str, Any], datasets: list[str], scores: Scores) -> str:
+    head = ["Method", *datasets, "Avg. [95% CI]", "seeds", "vs default [95% CI]", "McNemar p", "resolved"]
+    head += ["paper Avg.", "experiments"]
     lines = [f"### {table.title}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for row in table.rows:
-        exp = find(exps, default, row.overrides)
-        cells = accuracies(exp, row.model, datasets) if exp else [None] * (len(datasets) + 1)
-        source = "missing" if exp is None else f"`{exp.name}`" + (" (base model)" if row.model == "base" else "")
+    reference = find(exps, default, {})
+    found = [find(exps, default, row.overrides) for row in table.rows]
+    is_reference = [not row.overrides and row.model == "final" for row in table.rows]
+    comparisons = [
+        None if ref or not runs or not reference else compare(row, runs, reference, scores)
+        for row, runs, ref in zip(table.rows, found, is_reference)
+    ]
+    adjusted = iter(holm([c.p for c in comparisons if c is not None]))
+    for row, runs, ref, c in zip(table.rows, found, is_reference, comparisons):
+        x = cell(runs, row.model, datasets)
+        if ref:
+            diff, p, mark = "(the reference)", "", ""
+        elif c is None:
+            diff, p, mark = ("missing" if runs else ""), "", ""
+        else:
+            adj = next(adjusted)
+            diff = f"{100 * c.difference:+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}]"
+            p = ", ".join(f"{v:.2g}" for v in c.mcnemar)
+            mark = f"{'yes' if resolved(c, adj) else 'no'} (Holm p {adj:.2g})" if c.seeds > 1 else "no (one seed)"
+        shown = runs[:1] if row.model == "base" else runs
+        source = ", ".join(f"`{e.name}`" for e in shown) + (" (base model)" if row.model == "base" else "")
         paper = "not in the paper" if row.paper is None else f"{row.paper:.2f}"
-        lines.append("| " + " | ".join([row.label, *map(fmt, cells), paper, source]) + " |")
+        cells = [row.label, *map(fmt, x.per_dataset), x.text(), str(x.seeds), diff, p, mark, paper]
+        lines.append("| " + " | ".join([*cells, source if shown else "missing"]) + " |")
     if table.note:
         lines += ["", table.note]
     return "\n".join(lines)
 
 
 def main_table(exps: list[Experiment], default: dict[str, Any], datasets: list[str]) -> str:
-    exp = find(exps, default, {})
+    runs = find(exps, default, {})
     lines = ["### Table 2: main result (4-way multiple choice, FOCI protocol, accuracy %)", ""]
-    head = ["Model", *datasets, "Avg."]
+    head = ["Model", *datasets, "Avg. [95% CI]", "seeds"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for label, model in (("Base model (zero-shot)", "base"), ("**Finedefics (ours)**", "final")):
-        cells = accuracies(exp, model, datasets) if exp else [None] * (len(datasets) + 1)
-        lines.append("| " + " | ".join([label, *map(fmt, cells)]) + " |")
+        x = cell(runs, model, datasets)
+        lines.append("| " + " | ".join([label, *map(fmt, x.per_dataset), x.text(), str(x.seeds)]) + " |")
     lines += ["", "The paper (" + ", ".join(PAPER_DATASETS) + ", Avg.):", ""]
     for name, values in PAPER_TABLE2.items():
         lines.append(f"- {name}: " + " / ".join(f"{v:.2f}" for v in values))
     return "\n".join(lines)
 
 
+def seed_text(values: list[float], digits: int = 3) -> str:
+    """Mean over seeds with the t-interval of the mean, or the one value."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    s = across_seeds(values)
+    return f"{s.mean:.{digits}f} [{s.low:.{digits}f}, {s.high:.{digits}f}]"
+
+
 def alignment_table(exps: list[Experiment], default: dict[str, Any], datasets: list[str]) -> str:
     """Table 8 (test images, analyze stage) for the default, and stage I's own before/after
-    measures for every experiment that trains stage I."""
-    exp = find(exps, default, {})
+    measures for every row that trains stage I; means over seeds with their t-intervals."""
+    runs = find(exps, default, {})
     lines = ["### Table 8: object-category alignment (mean cosine of each object with its category name)", ""]
-    head = ["Model", *datasets, "Avg.", "paper Avg."]
+    head = ["Model", *datasets, "Avg.", "seeds", "paper Avg."]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    analysis = exp.metrics.get("metrics/analysis.json", {}) if exp else {}
     for label, model, paper in (("Base model", "base", 0.13), ("**Finedefics (ours)**", "finedefics", 0.27)):
-        values = [analysis.get(model, {}).get(d, {}).get("alignment") for d in datasets]
-        avg = None if None in values or not values else sum(values) / len(values)
-        lines.append("| " + " | ".join([label, *(fmt(v, 3) for v in values), fmt(avg, 3), f"{paper:.2f}"]) + " |")
+        analysis = [e.metrics.get("metrics/analysis.json", {}).get(model, {}) for e in runs]
+        per_run = [v for v in ([a.get(d, {}).get("alignment") for d in datasets] for a in analysis) if None not in v]
+        cells = [seed_text([v[k] for v in per_run]) if per_run else "missing" for k in range(len(datasets))]
+        avg = seed_text([float(np.mean(v)) for v in per_run]) if per_run else "missing"
+        lines.append("| " + " | ".join([label, *cells, avg, str(len(per_run)), f"{paper:.2f}"]) + " |")
     lines += [
         "",
-        "Stage I's own measures (both datasets' test images, before -> after stage I): the mean cosine above, the "
-        "margin (own name minus the mean of the other names, immune to an offset all representations share) "
-        "and top-1 retrieval of the own name among all names.",
+        "Stage I's own measures (both datasets' test images, before -> after stage I, means over seeds with "
+        "their 95% t-intervals): the mean cosine above, the margin (own name minus the mean of the other names, "
+        "immune to an offset all representations share) and top-1 retrieval of the own name among all names.",
         "",
-        "| experiment | cosine | margin | top-1 |",
-        "| --- | --- | --- | --- |",
+        "| switches | seeds | cosine | margin | top-1 |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    for e in sorted(exps, key=lambda e: e.name):
-        s = e.metrics.get("metrics/train_stage1.json", {})
-        if "alignment_end" not in s:
+    seen = []
+    for row in (r for t in (*TABLES, *EXTRA) for r in t.rows if r.model == "final"):
+        if row.overrides in seen:
             continue
-        pairs = [(s.get(f"{k}_start"), s.get(f"{k}_end")) for k in ("alignment", "alignment_margin", "alignment_top1")]
-        lines.append(f"| `{e.name}` | " + " | ".join(f"{fmt(a, 3)} -> {fmt(b, 3)}" for a, b in pairs) + " |")
+        seen.append(row.overrides)
+        done = [e.metrics.get("metrics/train_stage1.json", {}) for e in find(exps, default, row.overrides)]
+        done = [m for m in done if "alignment_end" in m]
+        if not done:
+            continue
+        pairs = [
+            f"{seed_text([m[f'{k}_start'] for m in done])} -> {seed_text([m[f'{k}_end'] for m in done])}"
+            for k in ("alignment", "alignment_margin", "alignment_top1")
+        ]
+        switches = ", ".join(f"{k}={v}" for k, v in row.overrides.items()) or "(default)"
+        lines.append(f"| {switches} | {len(done)} | " + " | ".join(pairs) + " |")
     return "\n".join(lines)
 
 
-def render(exps: list[Experiment], default: dict[str, Any], datasets: list[str], header: str = "") -> str:
+def render(
+    exps: list[Experiment], default: dict[str, Any], datasets: list[str], scores: Scores, header: str = ""
+) -> str:
     used = sorted({e.baseline[:7] for e in exps})
     parts = [
         "# Results: the paper's tables on the embedded world",
@@ -284,12 +394,21 @@ def render(exps: list[Experiment], default: dict[str, Any], datasets: list[str],
         "Ours: 4-way multiple-choice accuracy (%) on the world's test images; the paper's: its average over six "
         "real datasets with Idefics2-8b. The two are not comparable in level, only in ordering.",
         "",
+        "Every cell is the mean over the row's training seeds (`train.seed`) with its 95% CI: the t-interval "
+        "over seeds, or with one seed the stratified bootstrap over test images (each image shown in "
+        "`evaluate.permutations` seeded option orders). `vs default` is the row minus the default's final "
+        "model in points, paired on the same test images and seeds (two-level bootstrap); `McNemar p` is the "
+        "exact test per dataset on each image's majority outcome over its trials (test-image noise only); "
+        "`resolved` is yes when the Holm-corrected p over the table's rows is below 0.05 and both sides have at "
+        "least 2 seeds. A difference not marked resolved is not an ordering: the data do not separate it from "
+        "noise.",
+        "",
         f"Experiments from commit(s) {', '.join(used) or 'none'}; machine: {platform.machine()}, {platform.platform()}.",
         header,
         "",
         main_table(exps, default, datasets),
         "",
-        *(part for t in (*TABLES, *EXTRA) for part in (table_md(t, exps, default, datasets), "")),
+        *(part for t in (*TABLES, *EXTRA) for part in (table_md(t, exps, default, datasets, scores), "")),
         alignment_table(exps, default, datasets),
         "",
     ]
@@ -301,6 +420,29 @@ def dvc_exp_show(cwd: Path) -> list[dict]:
     if done.returncode != 0:
         raise RuntimeError(f"`dvc exp show --json` failed in {cwd}: {done.stderr.strip()}")
     return json.loads(done.stdout)
+
+
+def dvc_scores(repo: Path, datasets: list[str]) -> Scores:
+    """Per-image scores from an experiment's predictions files, read from DVC's cache at its rev."""
+    import dvc.api
+
+    from finedefics.evaluate.mc import per_image
+
+    cache: dict[tuple[str, str], list[dict[str, float]] | None] = {}
+
+    def read(rev: str, model_dir: str, dataset: str) -> dict[str, float]:
+        text = dvc.api.read(f"results/predictions/{model_dir}/{dataset}.json", repo=str(repo), rev=rev)
+        return per_image(json.loads(text)["predictions"])
+
+    def scores(exp: Experiment, model_dir: str) -> list[dict[str, float]] | None:
+        if (exp.rev, model_dir) not in cache:
+            try:
+                cache[exp.rev, model_dir] = [read(exp.rev, model_dir, d) for d in datasets]
+            except Exception:  # noqa: BLE001 (gone from the cache, or an older results format): no comparison
+                cache[exp.rev, model_dir] = None
+        return cache[exp.rev, model_dir]
+
+    return scores
 
 
 def committed_params(path: Path) -> dict[str, Any]:

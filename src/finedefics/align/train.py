@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+import torch
+
 from finedefics.align.finetune import load_processor, load_trainable, save_merged
 from finedefics.align.losses import Temperature
 from finedefics.align.steps import Stage1, Stage2, alignment
@@ -72,6 +74,7 @@ def train(
 ) -> dict[str, float]:
     """Train `source` on `task`, save it merged in `out`; returns the run's metrics."""
     device, main = process()
+    torch.manual_seed(params.train.seed)  # LoRA initialisation and dropout; `plan` below orders the data
     model = load_trainable(source, params.model, params.train.gradient_checkpointing, device)
     mllm = MLLM(model, load_processor(source))
     temperature = Temperature(params.align.temperature)
@@ -110,7 +113,7 @@ def train(
     # the base's weights, not its path: a base rebuilt at the same path must not resume the old one's run
     base = model_fingerprint(resolve(source))
     resume = resume_dir(f"train_{task.value}", data, base, params.model_dump(exclude={"tracking"}))
-    batches = plan(n, cfg.batch_size, cfg.epochs, params.seed)
+    batches = plan(n, cfg.batch_size, cfg.epochs, params.train.seed)
     metrics["steps"] = fit(
         [model, temperature], batches, step, fit_config(params, cfg), resume, f"train {task.value}", log
     )

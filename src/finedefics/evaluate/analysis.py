@@ -59,12 +59,13 @@ def modality_gap(objects: np.ndarray, categories: np.ndarray) -> float:
     return float(np.linalg.norm(_unit(objects).mean(0) - _unit(categories).mean(0)))
 
 
-def confusion(truth: list[str], predicted: list[str | None], classes: list[str]) -> np.ndarray:
-    """Rows: true class; columns: predicted class, the last column for generation failures."""
+def confusion(truth: list[str], predicted: list[str], classes: list[str]) -> np.ndarray:
+    """Rows: true class; columns: predicted class, the last column for generation failures (any
+    prediction that is not a class name, e.g. FOCI's "NA ### <raw output>")."""
     index = {c: i for i, c in enumerate(classes)}
     m = np.zeros((len(classes), len(classes) + 1), dtype=int)
     for t, p in zip(truth, predicted):
-        m[index[t], index.get(p, len(classes)) if p is not None else len(classes)] += 1
+        m[index[t], index.get(p, len(classes))] += 1
     return m
 
 

@@ -15,8 +15,12 @@ from tqdm import tqdm
 
 from finedefics.models.mllm import MLLM
 from finedefics.protocol import LETTERS, mc_question, open_question, parse_choice, query
+from finedefics.stats import wilson
 
 UNREADABLE = "<unreadable image>"
+
+
+FAILURE = "NA ### "  # FOCI's `predicted` for an answer without a letter: this, then the raw output
 
 
 @dataclass(frozen=True)
@@ -25,11 +29,14 @@ class Item:
     path: str  # the file
     groundtruth: str
     options: list[str]  # in the order shown, after the seeded shuffle
+    permutation: int = 0  # which of the image's seeded option orders
 
 
-def items(options: dict[str, list[dict]], paths: dict[str, str], classes: list[str], seed: int) -> list[Item]:
-    """The option sets in a fixed order, each shuffled by a permutation seeded per image. An
-    option naming a class the dataset lacks is an error (a wrong option file)."""
+def items(
+    options: dict[str, list[dict]], paths: dict[str, str], classes: list[str], seed: int, permutations: int = 1
+) -> list[Item]:
+    """The option sets in a fixed order, each image's options shown in `permutations` orders, order k
+    seeded by (seed, k, image). An option naming a class the dataset lacks is an error (a wrong option file)."""
     known = set(classes)
     out = []
     for cls in sorted(options):
@@ -39,9 +46,10 @@ def items(options: dict[str, list[dict]], paths: dict[str, str], classes: list[s
                 raise ValueError(
                     f"option file: {e['image']} offers {unknown[0]!r}, which is not a class of this dataset"
                 )
-            rng = np.random.default_rng([seed, zlib.crc32(e["image"].encode())])
-            shown = [e["options"][i] for i in rng.permutation(len(e["options"]))]
-            out.append(Item(e["image"], paths.get(e["image"], ""), e["groundtruth"], shown))
+            for k in range(permutations):
+                rng = np.random.default_rng([seed, k, zlib.crc32(e["image"].encode())])
+                shown = [e["options"][i] for i in rng.permutation(len(e["options"]))]
+                out.append(Item(e["image"], paths.get(e["image"], ""), e["groundtruth"], shown, k))
     return out
 
 
@@ -73,7 +81,9 @@ def _answers(
 def evaluate(
     mllm: MLLM, plural: str, entries: list[Item], batch_size: int = 32, max_new_tokens: int = 5, desc: str = "evaluate"
 ) -> list[dict]:
-    """One prediction per entry in FOCI's results format; unreadable images count as failures."""
+    """One prediction per entry in FOCI's results format: `predicted` the chosen class name (or
+    "NA ### <raw output>", a generation failure), `correct` the ground-truth class name; the
+    option order's index as the extra key `permutation`. Unreadable images count as failures."""
     question = query(plural)
     raw = _answers(
         mllm,
@@ -85,16 +95,16 @@ def evaluate(
     )
     results = []
     for e, text in zip(entries, raw):
-        letter = parse_choice(text, len(e.options)) if text is not None else None
-        predicted = e.options[LETTERS.index(letter)] if letter else None
+        text = UNREADABLE if text is None else text
+        letter = parse_choice(text, mllm.family, len(e.options)) if text != UNREADABLE else None
         results.append(
             {
                 "image": e.image,
-                "predicted": predicted,
-                "predicted_raw": UNREADABLE if text is None else text,
-                "correct": predicted == e.groundtruth,
+                "predicted": e.options[LETTERS.index(letter)] if letter else FAILURE + text,
+                "predicted_raw": text,
+                "correct": e.groundtruth,
                 "options": e.options,
-                "groundtruth": e.groundtruth,
+                "permutation": e.permutation,
             }
         )
     return results
@@ -120,49 +130,87 @@ def open_set(
     ]
 
 
-def score(predictions: list[dict]) -> dict[str, float]:
-    """Accuracy and generation-failure rate of FOCI-format predictions (each with `predicted`, a
-    string or None, and `correct`, a bool); anything else is a ValueError naming the entry."""
+@dataclass(frozen=True)
+class Score:
+    """A results file's numbers: accuracy and failure rate over its predictions, and the Wilson 95%
+    interval over its `n` images (an image shown in several option orders counts once, with its
+    mean)."""
+
+    accuracy: float
+    failure_rate: float
+    n: int
+    predictions: int
+    ci_low: float
+    ci_high: float
+
+
+def per_image(predictions: list[dict]) -> dict[str, float]:
+    """Each image's accuracy, averaged over the option orders it was shown in, in first-seen order."""
+    right: dict[str, list[bool]] = {}
+    for p in predictions:
+        right.setdefault(p["image"], []).append(p["predicted"] == p["correct"])
+    return {image: float(np.mean(r)) for image, r in right.items()}
+
+
+def score(predictions: list[dict]) -> Score:
+    """FOCI's accuracy (`predicted` equals `correct`, the ground-truth class name; failures count as
+    wrong) and failure rate (`predicted` starting "NA ### ") of FOCI-format predictions. Anything
+    else is a ValueError naming the entry."""
     if not isinstance(predictions, list):
         raise ValueError(f"expected a list of predictions, got {_kind(predictions)}")
-    n = len(predictions)
-    if n == 0:
+    if not predictions:
         raise ValueError("no predictions to score")
     for k, p in enumerate(predictions):
-        if not isinstance(p, dict) or not isinstance(p.get("correct"), bool) or not _is_prediction(p):
+        if not (isinstance(p, dict) and all(isinstance(p.get(key), str) for key in ("image", "predicted", "correct"))):
             raise ValueError(
-                f"prediction {k}: expected an object with 'predicted' (a string or null) and 'correct' "
-                f"(true or false), got {_kind(p)}"
+                f"prediction {k}: expected an object with 'image', 'predicted' (a class name, or 'NA ### ' and "
+                f"the raw output) and 'correct' (the ground-truth class name) as strings, got {_kind(p)}"
             )
-    return {
-        "accuracy": sum(p["correct"] for p in predictions) / n,
-        "failure_rate": sum(p["predicted"] is None for p in predictions) / n,
-        "n": n,
-    }
+    images = per_image(predictions)
+    low, high = wilson(sum(images.values()), len(images))
+    return Score(
+        accuracy=float(np.mean([p["predicted"] == p["correct"] for p in predictions])),
+        failure_rate=float(np.mean([p["predicted"].startswith(FAILURE) for p in predictions])),
+        n=len(images),
+        predictions=len(predictions),
+        ci_low=low,
+        ci_high=high,
+    )
 
 
-def score_results(data: object) -> dict[str, float]:
-    """`score` of a FOCI results file's parsed JSON: an object with `predictions` (FOCI's
-    `metrics` and `config` beside it are ignored) or the list itself. Where an entry stores its
-    `groundtruth`, `correct` is recomputed from it rather than taken from the stored flag."""
+def positions(predictions: list[dict]) -> dict[str, dict[str, float]]:
+    """The position-bias audit, per answer letter: the share of predictions whose ground truth sits
+    there (`truth`), the share that chose it (`chosen`; failures choose none), and the accuracy
+    when the ground truth sits there (`accuracy`; null where it never does). A model that always
+    answers "A" shows `chosen` 1.0 at A and accuracy 1.0 at A, 0.0 elsewhere."""
+    n_letters = max(len(p["options"]) for p in predictions)
+    truth = np.array([p["options"].index(p["correct"]) for p in predictions])
+    chosen = np.array(
+        [p["options"].index(p["predicted"]) if p["predicted"] in p["options"] else -1 for p in predictions]
+    )
+    out = {}
+    for i, letter in enumerate(LETTERS[:n_letters]):
+        there = truth == i
+        out[letter] = {
+            "truth": float(there.mean()),
+            "chosen": float((chosen == i).mean()),
+            "accuracy": float((chosen[there] == i).mean()) if there.any() else None,
+        }
+    return out
+
+
+def score_results(data: object) -> Score:
+    """`score` of a FOCI results file's parsed JSON: an object with `predictions` (and FOCI's
+    `metrics` and `config` beside it) or the list itself. Only the multiple-choice task (`config.task`
+    "mc", FOCI's default) is scored."""
     predictions = data.get("predictions") if isinstance(data, dict) else data
     if not isinstance(predictions, list):
         raise ValueError(f"expected an object with a list 'predictions' (or that list), got {_kind(data)}")
-    recomputed = []
-    for k, p in enumerate(predictions):
-        if isinstance(p, dict) and "groundtruth" in p:
-            if not isinstance(p["groundtruth"], str) or not _is_prediction(p):
-                raise ValueError(
-                    f"prediction {k}: expected 'predicted' (a string or null) and 'groundtruth' (a string), "
-                    f"got {_kind(p)}"
-                )
-            p = p | {"correct": p["predicted"] == p["groundtruth"]}
-        recomputed.append(p)
-    return score(recomputed)
-
-
-def _is_prediction(p: dict) -> bool:
-    return "predicted" in p and (p["predicted"] is None or isinstance(p["predicted"], str))
+    config = data.get("config") if isinstance(data, dict) else None
+    task = config.get("task", "mc") if isinstance(config, dict) else "mc"
+    if task != "mc":
+        raise ValueError(f"config.task is {task!r}: only FOCI's multiple-choice task ('mc') is scored")
+    return score(predictions)
 
 
 def _kind(value: object, limit: int = 80) -> str:

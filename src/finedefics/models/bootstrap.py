@@ -114,13 +114,16 @@ def answer_all(
     return out
 
 
+DIAGNOSIS_PER_CLASS = 8  # test images per class the diagnosis reads (captions are 96 tokens long)
+
+
 def diagnose(mllm: MLLM, datasets: list[PreparedDataset], seed: int) -> tuple[dict[str, float], dict[str, list[str]]]:
     """The paper's three capabilities, from generations: attributes read from test images, category
     knowledge, and zero-shot multiple choice (ground truth and 3 random wrong classes)."""
     metrics: dict[str, float] = {}
     samples: dict[str, list[str]] = {}
     for ds in datasets:
-        test = ds.test
+        test = ds.test.groupby("label").head(DIAGNOSIS_PER_CLASS)
         captions = answer_all(mllm, [wt.caption_question(ds.super_category)] * len(test), list(test.path), 96)
         right = [
             wt.read_values(text, ds.keys).get(k) == v
@@ -142,7 +145,7 @@ def diagnose(mllm: MLLM, datasets: list[PreparedDataset], seed: int) -> tuple[di
             questions.append(mc_question(query(ds.plural), options))
             truth.append("ABCD"[options.index(names[label])])
         answers = answer_all(mllm, questions, list(test.path), 4)
-        picks = [parse_choice(a) for a in answers]
+        picks = [parse_choice(a, mllm.family) for a in answers]
         metrics.update(
             {
                 f"{ds.name}/caption_attribute_accuracy": float(np.mean(right)),
