@@ -39,6 +39,20 @@ def test_pretraining_never_shows_an_image_next_to_a_category_name(world, monkeyp
     assert any(n in e.answer for e in examples if not e.image for n in names)  # knowledge is text-only
 
 
+def test_the_base_does_not_depend_on_the_test_set(world, tmp_path):
+    """More test images (a tighter CI) leave the pre-training data and the tokenizer's corpus as they were."""
+    from finedefics.models.bootstrap import tokenizer_corpus
+
+    _, ds = world
+    root = make_world_workdir(tmp_path, categories=4, cluster_size=2, train_per_class=2, test_per_class=5)
+    more = load_prepared("toy-bird", root / "data" / "prepared")
+    assert len(more.test) > len(ds.test) and more.train.image_id.tolist() == ds.train.image_id.tolist()
+    strip = lambda examples: [(e.question, e.answer, e.image and e.image.split("/data/")[-1]) for e in examples]  # noqa: E731
+    a, b = pretraining_examples([ds], seed=0), pretraining_examples([more], seed=0)
+    assert strip(a) == strip(b)
+    assert tokenizer_corpus([ds], a) == tokenizer_corpus([more], b)
+
+
 def test_diagnosis_is_measured_from_generations(world, monkeypatch):
     root, ds = world
     monkeypatch.chdir(root)

@@ -73,7 +73,8 @@ def pretraining_examples(datasets: list[PreparedDataset], seed: int, knowledge_r
 
 def tokenizer_corpus(datasets: list[PreparedDataset], examples: list[ChatExample]) -> list[str]:
     """Everything the pipeline will say in the world, as chat turns: the examples, the FOCI
-    prompt, open-set questions and the scenes. Rendered through the chat template, so that
+    prompt, open-set questions and the train images' scenes (the test set's size must not change
+    the base). Rendered through the chat template, so that
     "User" and "Assistant" become single tokens (split in pieces, "Assistant" starts with the
     letter A, which confuses the one-letter answers of multiple choice)."""
     template = Environment().from_string(CHAT_TEMPLATE)
@@ -82,7 +83,7 @@ def tokenizer_corpus(datasets: list[PreparedDataset], examples: list[ChatExample
         names = ds.names
         turns.append((mc_question(query(ds.plural), names[:4]), "A"))
         turns += [(open_question(ds.super_category), n) for n in names]
-        turns += [(describe_question(ds.super_category), s) for s in ds.images.scene if s]
+        turns += [(describe_question(ds.super_category), s) for s in ds.train.scene if s]  # never the test set
     return [
         template.render(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])
         for q, a in turns
