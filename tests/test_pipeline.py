@@ -136,13 +136,14 @@ def test_dvc_repro_prepares_the_default_datasets(reproduced, fresh):
             metrics["average"]
         )
         results = json.loads((clone / "results" / "predictions" / which / "toy-bird.json").read_text())
-        assert len(results["predictions"]) == 10 and set(results) == {"metrics", "predictions", "config"}
+        assert len(results["predictions"]) == 10 * 3  # test images x option orders (evaluate.permutations)
+        assert set(results) == {"metrics", "predictions", "config"}
     analysis = json.loads((clone / "metrics" / "analysis.json").read_text())
     assert set(analysis) == {"base", "finedefics"} and "probe_object_last" in analysis["base"]["toy-bird"]
     assert (clone / "plots" / "analysis" / "finedefics" / "toy-bird" / "confusion.png").is_file()
     shown = sh("dvc plots show --json", clone).stdout
     assert "tsne_joint.png" in shown
-    # generated outputs are ignored by git; new are dvc.lock and the metrics, which are not cached (git keeps them)
+    # generated outputs are ignored by git; changed are dvc.lock and the metrics, which are not cached (git keeps them)
     status = sh("git status --porcelain --untracked-files=all", clone).stdout.split("\n")
     new = {line[3:] for line in status if line and not line[3:].endswith(".gitignore")}
     assert new == {"dvc.lock"} | METRICS
