@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from finedefics.align.instructions import stage1_frame
-from finedefics.align.losses import Temperature
+from finedefics.align.losses import LossForm, Temperatures
 from finedefics.align.steps import Stage1
 from finedefics.config import TinyMLLMConfig, WorldConfig
 from finedefics.data.prepare import prepare_world
@@ -93,7 +93,15 @@ def main() -> None:
         index = {n: i for i, n in enumerate(names)}
 
         def timed(kind, one_pass=True):
-            stage = kind(mllm, Temperature(0.07), "obj-att-cat", True, True, index, "bounded", one_pass)
+            stage = kind(
+                mllm,
+                Temperatures(0.07, two=False, learn=True),
+                "obj-att-cat",
+                True,
+                index,
+                LossForm(),
+                one_pass=one_pass,
+            )
             times, loss = [], None
             for step in range(args.steps + 1):  # the first step warms up
                 start = time.perf_counter()

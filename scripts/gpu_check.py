@@ -20,11 +20,11 @@ from transformers import Idefics2Config, Idefics2ForConditionalGeneration
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from finedefics.align.finetune import load_processor, load_trainable  # noqa: E402
-from finedefics.align.losses import Temperature  # noqa: E402
+from finedefics.align.finetune import load_trainable  # noqa: E402
+from finedefics.align.losses import LossForm, Temperatures  # noqa: E402
 from finedefics.align.steps import Stage1  # noqa: E402
 from finedefics.config import LoraConfig, ModelConfig  # noqa: E402
-from finedefics.models.mllm import MLLM  # noqa: E402
+from finedefics.models.mllm import MLLM, load_processor  # noqa: E402
 
 
 def stage1_rows(root: Path) -> pd.DataFrame:
@@ -43,9 +43,14 @@ def qlora_steps(model_dir: Path, rows: pd.DataFrame, batch: int, steps: int) -> 
     mllm = MLLM(model, load_processor(str(model_dir)))
     names = sorted(set(rows.category) | {c for cs in rows.negative_categories for c in cs})
     stage = Stage1(
-        mllm, Temperature(0.07).cuda(), "obj-att-cat", True, True, {n: i for i, n in enumerate(names)}, "logsumexp"
+        mllm,
+        Temperatures(0.07, two=False, learn=True).cuda(),
+        "obj-att-cat",
+        True,
+        {n: i for i, n in enumerate(names)},
+        LossForm(ccc="logsumexp"),
     )
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + [stage.temperature.value], lr=2e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + [stage.temperature.oa], lr=2e-4)
     torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(steps):

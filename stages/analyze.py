@@ -37,16 +37,16 @@ def main() -> None:
         for role in Role:
             which = role.value
             torch.manual_seed(params.seed)
-            mllm = MLLM.load(model_path(params.model, role))
+            mllm = MLLM.load(model_path(params.model, role), params.model.image_splitting)
             results[which] = {}
             for name in params.datasets:
                 dataset = load_prepared(name)
                 names, train, test = dataset.names, dataset.train, dataset.test
                 o_train, o_test = features.objects(mllm, list(train.path)), features.objects(mllm, list(test.path))
                 y_train, y_test = train.label.to_numpy(), test.label.to_numpy()
-                cats = features.texts(mllm, names)
+                cats = features.texts(mllm, names, params.align.text_bos)
                 descriptions = describe(mllm, names, params.seed)
-                d = features.texts(mllm, [t for ts in descriptions for t in ts])
+                d = features.texts(mllm, [t for ts in descriptions for t in ts], params.align.text_bos)
                 d_labels = np.repeat(np.arange(len(names)), PER_CLASS)
                 d_train = np.tile(np.arange(PER_CLASS) < PER_CLASS // 2, len(names))
                 m = {

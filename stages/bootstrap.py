@@ -51,11 +51,13 @@ def main() -> None:
             if params.model.base in TINY_BASES:
                 from finedefics.models import sft
                 from finedefics.models.bootstrap import build_base, diagnose
+                from finedefics.models.mllm import set_image_splitting
 
                 datasets = [load_prepared(n) for n in world]
                 cfg = params.bootstrap.mllm
                 family = TINY_BASES[params.model.base].name
                 mllm, examples = build_base(datasets, cfg, params.world.image_size, params.seed, family)
+                set_image_splitting(mllm.processor, params.model.image_splitting)
                 n_params = sum(p.numel() for p in mllm.model.parameters())
                 print(
                     f"tiny {family}: {n_params / 1e6:.2f}M parameters, {len(examples)} pre-training examples, vocabulary {len(mllm.tokenizer)}"
@@ -75,7 +77,12 @@ def main() -> None:
                     mllm.processor.save_pretrained(tmp)
                     write_json(
                         tmp / "base.json",
-                        {"model": params.model.base, "parameters": n_params, "examples": len(examples)},
+                        {
+                            "model": params.model.base,
+                            "parameters": n_params,
+                            "examples": len(examples),
+                            "image_splitting": params.model.image_splitting,
+                        },
                     )
                 diagnosis, samples = diagnose(mllm, datasets, params.seed)
                 metrics.update(diagnosis)
@@ -84,7 +91,7 @@ def main() -> None:
                         f"{name}: caption of a test image: {caption}\n{name}: knowledge: {knowledge}\n{name}: multiple choice answer: {choice!r}"
                     )
             else:
-                record = check_mllm(params.model.base)
+                record = {**check_mllm(params.model.base), "image_splitting": params.model.image_splitting}
                 with atomic_path(BASE) as tmp:
                     tmp.mkdir()
                     write_json(tmp / "base.json", record)
@@ -108,7 +115,9 @@ def main() -> None:
                         log=run.every(10, prefix="clip_"),
                     )
                 for name, ds in data.items():
-                    acc = zero_shot_accuracy(clip, list(ds.test.path), list(ds.test.label), ds.names)
+                    acc = zero_shot_accuracy(
+                        clip, list(ds.test.path), list(ds.test.label), ds.names, params.model.clip_prompt
+                    )
                     metrics[f"{name}/clip_zero_shot_accuracy"] = acc
             else:
                 record = check_clip(params.model.clip)

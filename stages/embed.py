@@ -27,7 +27,7 @@ def main() -> None:
     with stage_run("embed", params, run_name=f"embed@{name}") as run:
         clip = Clip.load(params.model.clip)
         images = clip.embed_images(list(dataset.images.path), desc=f"embed {name}")
-        texts = clip.embed_texts([class_prompt(n) for n in dataset.names])
+        texts = clip.embed_texts([class_prompt(n, params.model.clip_prompt) for n in dataset.names])
         with atomic_path(Path("data/embeddings") / f"{name}.npz") as tmp:
             with open(tmp, "wb") as f:
                 Embeddings(list(dataset.images.image_id), images, texts).save(f)

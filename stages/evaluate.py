@@ -36,7 +36,7 @@ def main() -> None:
 
     torch.manual_seed(params.seed)
     source = model_path(params.model, Role(which))
-    mllm = MLLM.load(source)
+    mllm = MLLM.load(source, params.model.image_splitting, getattr(torch, params.evaluate.dtype))
     k = params.evaluate.permutations
     metrics: dict[str, dict] = {}
     images: dict[str, np.ndarray] = {}  # per dataset, each test image's accuracy over its option orders
@@ -56,7 +56,9 @@ def main() -> None:
                 )
             except ValueError as err:
                 sys.exit(f"evaluate: {name}: {err}")
-            predictions = evaluate(mllm, dataset.plural, entries, desc=f"{which} on {name}")
+            predictions = evaluate(
+                mllm, dataset.plural, entries, params.evaluate.inner_user_prefix, desc=f"{which} on {name}"
+            )
             scores = score(predictions)
             images[name] = np.array(list(per_image(predictions).values()))
             unreadable = sum(p["predicted_raw"] == UNREADABLE for p in predictions) // k
@@ -92,6 +94,8 @@ def main() -> None:
                 "task": "mc",
                 "seed": params.seed,
                 "permutations": k,
+                "inner_user_prefix": params.evaluate.inner_user_prefix,
+                "dtype": params.evaluate.dtype,
             }
             metrics_block = {"generation_failures": scores.failure_rate, "accuracy": scores.accuracy}
             write_json(tmp / f"{name}.json", {"metrics": metrics_block, "predictions": predictions, "config": config})

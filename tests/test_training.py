@@ -12,15 +12,15 @@ import torch
 from conftest import make_world_workdir, run_stage, set_params
 from transformers import AutoModelForImageTextToText
 
-from finedefics.align.finetune import load_processor, load_trainable, save_merged
+from finedefics.align.finetune import load_trainable, save_merged
 from finedefics.align.instructions import stage1_frame, stage2_frame
-from finedefics.align.losses import Temperature
+from finedefics.align.losses import LossForm, Temperatures
 from finedefics.align.steps import Stage1, Stage2
 from finedefics.artefacts import STAGE1, STAGE2
 from finedefics.config import LoraConfig, ModelConfig
 from finedefics.data.prepared import load_prepared
 from finedefics.models import world_text as wt
-from finedefics.models.mllm import MLLM
+from finedefics.models.mllm import MLLM, load_processor
 from finedefics.models.sft import ChatExample, encode
 from finedefics.training import FitConfig, fit, plan
 
@@ -89,7 +89,13 @@ def workdir(tmp_path_factory, tiny_models):
 def stage1_for(mllm: MLLM, rows: pd.DataFrame, objective="obj-att-cat", negatives=True, one_pass=True) -> Stage1:
     names = sorted(set(rows.category) | {c for cs in rows.negative_categories for c in cs})
     return Stage1(
-        mllm, Temperature(0.07), objective, negatives, True, {n: i for i, n in enumerate(names)}, "bounded", one_pass
+        mllm,
+        Temperatures(0.07, two=False, learn=True),
+        objective,
+        negatives,
+        {n: i for i, n in enumerate(names)},
+        LossForm(),
+        one_pass=one_pass,
     )
 
 
@@ -104,6 +110,31 @@ def trainable(path, finetune: str):
     return MLLM(model, load_processor(str(path)))
 
 
+def test_the_release_forms_train_the_adapters_and_leave_the_temperatures(workdir, tiny_models):
+    """Stage I with every release switch (configs/release.yaml): a QLoRA step runs, the loss has
+    each term, the frozen temperatures get no gradient, the LoRA weights do."""
+    mllm = trainable(tiny_models["vlm"], "qlora")
+    rows = rows_of(workdir)
+    names = sorted(set(rows.category) | {c for cs in rows.negative_categories for c in cs})
+    stage = Stage1(
+        mllm,
+        Temperatures(0.07, two=True, learn=False),
+        "obj-att-cat",
+        True,
+        {n: i for i, n in enumerate(names)},
+        LossForm(mask_same_class=False, ccc="release", negatives_scope="batch"),
+        gathered=False,
+        text_bos=True,
+        whole_sequence=True,
+    )
+    loss, values = stage.loss(rows)
+    loss.backward()
+    assert {"loss_oa", "loss_ao", "loss_ac", "loss_ca", "loss_ccc", "loss_generation"} <= set(values)
+    assert values["temperature"] == values["temperature_ac"] == pytest.approx(0.07)
+    assert list(stage.temperature.parameters()) == []
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in mllm.model.named_parameters() if "lora" in n)
+
+
 @pytest.mark.parametrize("finetune", ["lora", "qlora", "full"])
 def test_gradients_reach_only_what_is_trained(workdir, tiny_models, finetune):
     mllm = trainable(tiny_models["vlm"], finetune)
@@ -112,7 +143,7 @@ def test_gradients_reach_only_what_is_trained(workdir, tiny_models, finetune):
     loss.backward()
     named = dict(mllm.model.named_parameters())
     with_grad = {n for n, p in named.items() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert stage.temperature.value.grad is not None and stage.temperature.value.grad != 0
+    assert stage.temperature.oa.grad is not None and stage.temperature.oa.grad != 0
     if finetune == "full":
         assert all(p.requires_grad for p in named.values())
         for part in ("vision_model", "connector", "text_model", "lm_head"):
@@ -192,7 +223,7 @@ def test_merged_checkpoint_gives_the_adapter_models_logits(workdir, tiny_models,
     batch = encode(mllm, [ChatExample("Describe this bird in detail.", rows.description.iloc[0], rows.path.iloc[0])])
     with torch.no_grad():
         before = mllm.model(**batch).logits.float()
-    save_merged(mllm.model, finetune, str(tiny_models["vlm"]), mllm.processor, tmp_path)
+    save_merged(mllm.model, ModelConfig(finetune=finetune), str(tiny_models["vlm"]), mllm.processor, tmp_path)
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         after = merged(**batch).logits
@@ -233,7 +264,7 @@ def test_resumed_training_equals_an_uninterrupted_run(workdir, tiny_models, tmp_
         )
         return (
             {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-            stage.temperature.value.item(),
+            stage.temperature.oa.item(),
             calls,
         )
 

@@ -109,8 +109,14 @@ class AlignConfig(Schema):
     objective: Literal["obj-att-cat", "obj-cat", "none"] = "obj-att-cat"
     paradigm: Literal["two-stage", "one-stage", "stage2-only", "stage1-only"] = "two-stage"
     mask_same_class: bool = True  # leave other images of the positive's class out of the denominators
-    ccc: Literal["bounded", "logsumexp"] = "bounded"  # against the name itself, or eq. 7 as written (unbounded below)
-    temperature: float = Field(0.07, ge=0.001, le=0.5)  # initial value; learnt, clamped to [0.001, 0.5]
+    # eq. 7: against the name itself, as written (unbounded below), or as the release computes it
+    ccc: Literal["bounded", "logsumexp", "release"] = "bounded"
+    negatives_scope: Literal["own", "batch"] = "own"  # each sample's K negatives, or the micro-batch's B*K (release)
+    temperatures: Literal["one", "two"] = "one"  # one for every term, or OA+CCC and AC apart (release)
+    learn_temperature: bool = True  # the release's stay at their initial value (PEFT freezes them)
+    temperature: float = Field(0.07, ge=0.001, le=0.5)  # initial value, clamped to [0.001, 0.5]
+    contrastive_batch: Literal["global", "device"] = "global"  # gathered across processes, or per device (release)
+    text_bos: bool = False  # BOS before each text of the representation pass (release)
 
 
 class InstructionsConfig(Schema):
@@ -123,6 +129,7 @@ class LoraConfig(Schema):
     r: int = Field(8, ge=1)
     alpha: int = Field(8, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    init: Literal["default", "gaussian"] = "default"  # PEFT's init_lora_weights (release: gaussian)
     modules: list[Literal["text_model", "connector", "vision_model"]] = ["text_model", "connector"]
 
 
@@ -133,6 +140,10 @@ class ModelConfig(Schema):
     clip: str = "tiny"  # "tiny" (built by `bootstrap`) or "<open_clip name>:<pretrained tag>"
     finetune: Literal["qlora", "lora", "full"] = "full"  # the world's from-scratch tiny LM needs every weight
     lora: LoraConfig = LoraConfig()
+    prepare_kbit: bool = True  # qlora: peft's prepare_model_for_kbit_training (the release does not call it)
+    merge_into: Literal["dequantised", "original"] = "dequantised"  # qlora: the base the adapters merge into
+    image_splitting: bool = False  # Idefics2's processor: 5 crops per image (the hub's default) or one image
+    clip_prompt: str = "a photo of a {name}."  # CLIP's text for a class (mining; the world's options)
 
     @field_validator("base", "clip")
     @classmethod
@@ -142,12 +153,24 @@ class ModelConfig(Schema):
             raise ValueError(f"must not be empty: tiny, {wanted[info.field_name]}")
         return v
 
+    @field_validator("clip_prompt")
+    @classmethod
+    def _has_name(cls, v: str) -> str:
+        try:
+            v.format(name="x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"must be a template with {{name}} and no other field ({err})") from None
+        if "{name}" not in v:
+            raise ValueError("must contain {name}")
+        return v
+
 
 class StageTrainConfig(Schema):
     epochs: float = Field(10.0, gt=0)
     lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(10, ge=0)
     batch_size: int = Field(32, ge=1)  # global: per-device batch x processes x accumulation
+    per_device_batch_size: int | None = Field(None, ge=1)  # None: train.per_device_batch_size
 
 
 class TrainConfig(Schema):
@@ -157,6 +180,9 @@ class TrainConfig(Schema):
     num_processes: int = Field(1, ge=1)  # > 1: the training stages re-launch through `accelerate launch`
     per_device_batch_size: int = Field(16, ge=1)
     gradient_checkpointing: bool = False
+    generation_loss: Literal["answer", "sequence"] = "answer"  # labels: the answer, or every token (release)
+    weight_decay: float = Field(0.0, ge=0.0)
+    mixed_precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast of the training steps (release: fp16)
     checkpoint_every: int = Field(20, ge=1)  # optimizer steps between resumable checkpoints
 
 
@@ -164,6 +190,8 @@ class EvaluateConfig(Schema):
     """FOCI multiple choice: each test image is shown in `permutations` option orders, each seeded."""
 
     permutations: int = Field(3, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # the weights while decoding (FOCI as run: bfloat16)
+    inner_user_prefix: bool = False  # FOCI's extra "User: " before an Idefics question (as the release ran)
 
 
 class TinyMLLMConfig(Schema):

@@ -21,6 +21,14 @@ def mc_question(question: str, options: list[str]) -> str:
     return f"{question}\nChoices:\n{lines}\n{INSTRUCTION}"
 
 
+def foci_user_text(text: str, family: str, inner_user_prefix: bool) -> str:
+    """The user turn's text as FOCI hands it to the chat template. For any model path containing
+    "idefics", FOCI puts an extra "User: " before the question inside the template's own user turn
+    (`User:<image>User: Which of ...`); the paper's Idefics2 numbers were measured that way.
+    `inner_user_prefix` (evaluate.inner_user_prefix) reproduces it for the Idefics2 family."""
+    return f"User: {text}" if inner_user_prefix and family == "idefics2" else text
+
+
 def shuffled(options: list[str], rng: np.random.Generator) -> list[str]:
     return [options[i] for i in rng.permutation(len(options))]
 

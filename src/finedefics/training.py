@@ -42,6 +42,7 @@ class FitConfig:
     weight_decay: float
     max_grad_norm: float | None  # None: no clipping
     min_lr_rate: float = 0.0  # the floor of "cosine_with_min_lr", as a share of lr
+    mixed_precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of `step_fn` (fp16 with a gradient scaler)
 
 
 def relaunch(num_processes: int) -> None:
@@ -178,6 +179,15 @@ def fit(
     accum = accumulation(cfg, size)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    device_type = params[0].device.type
+    autocast = torch.autocast(
+        device_type,
+        dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16,
+        enabled=cfg.mixed_precision != "fp32",
+    )
+    # fp16 gradients under-/overflow without loss scaling: scaled, and a step whose gradients are not
+    # finite is skipped with a smaller scale (as the Trainer's fp16); identity unless fp16
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg.mixed_precision == "fp16")
     extra = {"min_lr_rate": cfg.min_lr_rate} if cfg.schedule == "cosine_with_min_lr" else None
     sched = get_scheduler(cfg.schedule, optimizer, cfg.warmup_steps, len(batches), scheduler_specific_kwargs=extra)
     start = 0
@@ -188,6 +198,7 @@ def fit(
             module.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state.get("scaler", {}))
         torch.set_rng_state(state["rng"])
         start = state["step"]
     saved = start or None  # the step of the last checkpoint
@@ -211,11 +222,12 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             problem = None
             for micro in np.array_split(mine, accum):
-                loss, values = step_fn(micro)
+                with autocast:
+                    loss, values = step_fn(micro)
                 problem = _not_finite(loss, values)
                 if problem is not None:
                     break
-                (loss / accum).backward()
+                scaler.scale(loss / accum).backward()
                 for k, v in values.items():
                     logged[k] = logged.get(k, 0.0) + v / accum
             if size > 1:  # every process stops at the same step, or the others would wait in all_reduce
@@ -230,13 +242,15 @@ def fit(
                     p.grad /= size
             if problem is not None:
                 stop(step, problem)
+            scaler.unscale_(optimizer)
             if cfg.max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if not torch.isfinite(norm):
+            if not torch.isfinite(norm) and not scaler.is_enabled():
                 stop(step, f"the gradient norm ({norm.item()})")
-            optimizer.step()
+            scaler.step(optimizer)  # skipped by the fp16 scaler when the gradients are not finite
+            scaler.update()
             sched.step()
             if after_step is not None:
                 after_step()
@@ -261,6 +275,7 @@ def fit(
                     "weights": _trainable_state(modules),
                     "optimizer": optimizer.state_dict(),
                     "schedule": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "rng": torch.get_rng_state(),
                     "step": step + 1,
                 }

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
 from finedefics.config import ModelConfig
 from finedefics.models.families import family_of
@@ -15,14 +15,19 @@ from finedefics.models.representations import unwrap
 
 
 def load_trainable(path: str, cfg: ModelConfig, gradient_checkpointing: bool, device: str = "cpu"):
-    """The model to train: 4-bit NF4 base + LoRA (qlora), LoRA (lora), or every weight (full)."""
+    """The model to train: 4-bit NF4 base + LoRA (qlora), LoRA (lora), or every weight (full).
+    QLoRA goes through peft's `prepare_model_for_kbit_training` when `cfg.prepare_kbit` (it keeps
+    the norms and embeddings in float32); the release skips it."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     path = resolve(path)
     if cfg.finetune == "qlora":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=quant, device_map={"": device})
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        if cfg.prepare_kbit:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        elif gradient_checkpointing:
+            model.gradient_checkpointing_enable()
     else:
         model = AutoModelForImageTextToText.from_pretrained(path).to(device)
         if gradient_checkpointing:
@@ -34,6 +39,7 @@ def load_trainable(path: str, cfg: ModelConfig, gradient_checkpointing: bool, de
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
+        init_lora_weights="gaussian" if cfg.lora.init == "gaussian" else True,
         target_modules=family_of(model).lora_targets(cfg.lora.modules),
     )
     if gradient_checkpointing:
@@ -58,23 +64,27 @@ def dequantized_base(model, base_path: str):
     return base
 
 
-def save_merged(model, finetune: str, base_path: str, processor, out: Path) -> None:
-    """A full checkpoint in `out` that `from_pretrained` loads: adapters merged into the base
-    (for QLoRA into the dequantised base weights), processor beside it."""
+def save_merged(model, cfg: ModelConfig, base_path: str, processor, out: Path) -> None:
+    """A full checkpoint in `out` that `from_pretrained` loads: adapters merged into the base,
+    processor beside it. For QLoRA, `cfg.merge_into` picks the base: `dequantised` (the weights the
+    adapters were trained with) or `original` (the full-precision checkpoint, as the release does,
+    which adds the quantisation error back)."""
     out.mkdir(parents=True, exist_ok=True)
-    if finetune == "full":
+    if cfg.finetune == "full":
         model.save_pretrained(out)
-    elif finetune == "lora":
+    elif cfg.finetune == "lora":
         model.merge_and_unload().save_pretrained(out)
     else:
         from peft import PeftModel
 
         with tempfile.TemporaryDirectory() as adapter_dir:
+            # the adapters are saved before a base is loaded: the other order merges a model whose
+            # outputs are far from the trained one's (measured with peft 0.21 and bitsandbytes 0.50; the
+            # merge test catches it)
             model.save_pretrained(adapter_dir)
-            merged = PeftModel.from_pretrained(dequantized_base(model, base_path), adapter_dir).merge_and_unload()
-            merged.save_pretrained(out)
+            if cfg.merge_into == "dequantised":
+                base = dequantized_base(model, base_path)
+            else:
+                base = AutoModelForImageTextToText.from_pretrained(resolve(base_path))
+            PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out)
     processor.save_pretrained(out)
-
-
-def load_processor(path: str):
-    return AutoProcessor.from_pretrained(resolve(path))

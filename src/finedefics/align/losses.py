@@ -2,8 +2,8 @@
 
 Notation of the paper: o (objects), a (attribute descriptions), c (category names) of the batch
 B; A_hn / C_hn the hard-negative descriptions / categories of each object (K per object).
-Similarities are cosines divided by a learnable temperature. The paper's sums over B are means
-here. Same-class entries of the batch other than the positive are left out of the denominators
+Similarities are cosines divided by a temperature. The paper's sums over B are means here.
+Same-class entries of the batch other than the positive are left out of the denominators
 when `mask_same_class` is on (the paper does not say; with several images of a class in a
 batch they would be false negatives).
 """
@@ -18,16 +18,50 @@ import torch.nn.functional as F
 TEMPERATURE_MIN, TEMPERATURE_MAX = 0.001, 0.5
 
 
-class Temperature(torch.nn.Module):
-    """A learnable temperature, clamped to [0.001, 0.5] as in the authors' code; `value` is the
-    initial one (align.temperature)."""
+@dataclass(frozen=True)
+class LossForm:
+    """How the Stage I losses are computed. `mask_same_class`: see above. `ccc`: the form of eq. 7
+    (see category_category). `negatives_scope`: "own", each sample against its own K negatives as in
+    the paper; "batch", against all B*K negatives of the batch, as the authors' release does (its
+    collator concatenates the negatives of a micro-batch)."""
 
-    def __init__(self, value: float):
+    mask_same_class: bool = True
+    ccc: str = "bounded"
+    negatives_scope: str = "own"
+
+    def __post_init__(self):
+        if self.ccc not in ("bounded", "logsumexp", "release") or self.negatives_scope not in ("own", "batch"):
+            raise ValueError(f"unknown loss form {self}")
+
+
+@dataclass(frozen=True)
+class Taus:
+    """The temperatures of one step: `oa` for the object-attribute terms, eq. 7 and every
+    object-category term; `ac` for the attribute-category terms."""
+
+    oa: torch.Tensor
+    ac: torch.Tensor
+
+
+class Temperatures(torch.nn.Module):
+    """The temperatures, clamped to [0.001, 0.5] as in the authors' code, starting at `value`
+    (align.temperature). `two`: separate ones for oa and ac (the release's ia_temp / ac_temp), else
+    one for both. `learn`: parameters, else fixed buffers (the release's PEFT model leaves its
+    temperatures frozen)."""
+
+    def __init__(self, value: float, two: bool, learn: bool):
         super().__init__()
-        self.value = torch.nn.Parameter(torch.tensor(float(value)))
+        self.two = two
+        for name in ("oa", "ac") if two else ("oa",):
+            tensor = torch.tensor(float(value))
+            if learn:
+                self.register_parameter(name, torch.nn.Parameter(tensor))
+            else:
+                self.register_buffer(name, tensor)
 
-    def forward(self) -> torch.Tensor:
-        return self.value.clamp(TEMPERATURE_MIN, TEMPERATURE_MAX)
+    def forward(self) -> Taus:
+        oa = self.oa.clamp(TEMPERATURE_MIN, TEMPERATURE_MAX)
+        return Taus(oa, self.ac.clamp(TEMPERATURE_MIN, TEMPERATURE_MAX) if self.two else oa)
 
 
 def similarity(x: torch.Tensor, y: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -71,49 +105,59 @@ def _pairwise(
     return logits
 
 
-def _hn(x: torch.Tensor, hn: torch.Tensor | None, tau: torch.Tensor) -> torch.Tensor | None:
-    """(B, K): each x_i against its own K negatives."""
+def _hn(x: torch.Tensor, hn: torch.Tensor | None, tau: torch.Tensor, scope: str) -> torch.Tensor | None:
+    """Each x_i against its own K negatives, (B, K), or against all B*K of the batch, (B, B*K)."""
     if hn is None:
         return None
+    if scope == "batch":
+        return similarity(x, hn.flatten(0, 1), tau)
     return torch.einsum("bd,bkd->bk", F.normalize(x, dim=-1), F.normalize(hn, dim=-1)) / tau
 
 
-def category_category(c: torch.Tensor, c_hn: torch.Tensor, tau: torch.Tensor, form: str) -> torch.Tensor:
-    """Eq. 7 in the form `form` (align.ccc). `logsumexp`, as written: log sum_k exp Sim(c_i, c_k)
-    over the K negative categories, unbounded below (it rewards pushing names ever further apart).
-    `bounded`: the same negatives
-    against the name itself as the positive, -log exp Sim(c_i, c_i) / (exp Sim(c_i, c_i) +
-    sum_k exp Sim(c_i, c_k)), which is 0 at best."""
-    hn = _hn(c, c_hn, tau)
-    if form == "logsumexp":
+def category_category(c: torch.Tensor, c_hn: torch.Tensor, tau: torch.Tensor, form: LossForm) -> torch.Tensor:
+    """Eq. 7 in the form `form.ccc`. `logsumexp`, as written: log sum_k exp Sim(c_i, c_k) over the
+    negative categories, unbounded below (it rewards pushing names ever further apart). `bounded`:
+    the same negatives against the name itself as the positive, -log exp Sim(c_i, c_i) /
+    (exp Sim(c_i, c_i) + sum_k exp Sim(c_i, c_k)), which is 0 at best. `release`, what the authors'
+    code computes: every name c_i against [c_1..c_B; all B*K negatives of the batch] with column 0
+    as the target of every row, so rows i > 0 are pulled towards c_1 (whatever the scope)."""
+    if form.ccc == "release":
+        logits = similarity(c, torch.cat([c, c_hn.flatten(0, 1)]), tau)
+        return _nll(logits[:, 0], logits)
+    hn = _hn(c, c_hn, tau, form.negatives_scope)
+    if form.ccc == "logsumexp":
         return torch.logsumexp(hn, dim=1).mean()
     itself = torch.ones_like(hn[:, :1]) / tau  # cosine of a name with itself
     return _nll(itself[:, 0], torch.cat([itself, hn], dim=1))
 
 
-def contrastive_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool, ccc: str) -> dict[str, torch.Tensor]:
+def contrastive_terms(b: Batch, taus: Taus, form: LossForm) -> dict[str, torch.Tensor]:
     """The terms of eqs. 5-7: OA (with negatives), AO, AC (with negatives), CA (with negatives), CCC."""
-    oa = _pairwise(b.o, b.a, b.labels, tau, mask_same_class)  # oa[i, j] = Sim(o_i, a_j)
-    ac = _pairwise(b.a, b.c, b.labels, tau, mask_same_class)  # ac[i, j] = Sim(a_i, c_j)
-    positive_oa, positive_ac = oa.diagonal(), ac.diagonal()
+    oa = _pairwise(b.o, b.a, b.labels, taus.oa, form.mask_same_class)  # oa[i, j] = Sim(o_i, a_j)
+    ac = _pairwise(b.a, b.c, b.labels, taus.ac, form.mask_same_class)  # ac[i, j] = Sim(a_i, c_j)
+    positive_oa, positive_ac, scope = oa.diagonal(), ac.diagonal(), form.negatives_scope
     terms = {
-        "oa": _nll(positive_oa, _with_hn(oa, _hn(b.o, b.a_hn, tau))),  # eq. 5a
+        "oa": _nll(positive_oa, _with_hn(oa, _hn(b.o, b.a_hn, taus.oa, scope))),  # eq. 5a
         "ao": _nll(positive_oa, oa.T),  # eq. 5b: sum over objects o_k for each a_i
-        "ac": _nll(positive_ac, _with_hn(ac, _hn(b.a, b.c_hn, tau))),  # eq. 6a
-        "ca": _nll(positive_ac, _with_hn(ac.T, _hn(b.c, b.a_hn, tau))),  # eq. 6b: Sim(a_j, c_i), Sim(a_w, c_i)
+        "ac": _nll(positive_ac, _with_hn(ac, _hn(b.a, b.c_hn, taus.ac, scope))),  # eq. 6a
+        # eq. 6b: Sim(a_j, c_i), Sim(a_w, c_i)
+        "ca": _nll(positive_ac, _with_hn(ac.T, _hn(b.c, b.a_hn, taus.ac, scope))),
     }
     if b.c_hn is not None:  # eq. 7: -log 1 / sum_k exp Sim(c_i, c_k), c_k in C_hn^i
-        terms["ccc"] = category_category(b.c, b.c_hn, tau, ccc)
+        terms["ccc"] = category_category(b.c, b.c_hn, taus.oa, form)
     return terms
 
 
-def object_category_terms(b: Batch, tau: torch.Tensor, mask_same_class: bool, ccc: str) -> dict[str, torch.Tensor]:
-    """Objects against categories directly, no attributes (Table 3b "CL (obj.-cat.)")."""
-    oc = _pairwise(b.o, b.c, b.labels, tau, mask_same_class)
+def object_category_terms(b: Batch, taus: Taus, form: LossForm) -> dict[str, torch.Tensor]:
+    """Objects against categories directly, no attributes (Table 3b "CL (obj.-cat.)"); all at taus.oa."""
+    oc = _pairwise(b.o, b.c, b.labels, taus.oa, form.mask_same_class)
     positive = oc.diagonal()
-    terms = {"oc": _nll(positive, _with_hn(oc, _hn(b.o, b.c_hn, tau))), "co": _nll(positive, oc.T)}
+    terms = {
+        "oc": _nll(positive, _with_hn(oc, _hn(b.o, b.c_hn, taus.oa, form.negatives_scope))),
+        "co": _nll(positive, oc.T),
+    }
     if b.c_hn is not None:
-        terms["ccc"] = category_category(b.c, b.c_hn, tau, ccc)
+        terms["ccc"] = category_category(b.c, b.c_hn, taus.oa, form)
     return terms
 
 

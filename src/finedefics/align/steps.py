@@ -8,30 +8,41 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from finedefics.align.losses import Batch, Temperature, contrastive_terms, gather, object_category_terms, stage1_total
+from finedefics.align.losses import (
+    Batch,
+    LossForm,
+    Temperatures,
+    contrastive_terms,
+    gather,
+    object_category_terms,
+    stage1_total,
+)
 from finedefics.models.mllm import MLLM
-from finedefics.models.representations import Representations, pixels
+from finedefics.models.representations import Representations, pixels, text_ids
 from finedefics.models.sft import ChatExample, answer_loss, encode
 from finedefics.protocol import describe_question
 
 
 def lm_loss(mllm: MLLM, examples: list[ChatExample]) -> torch.Tensor:
-    """The token-mean cross-entropy of the answers of a batch of chat examples (as the release)."""
+    """The token-mean cross-entropy of the labelled tokens of a batch of chat examples (as the release)."""
     return answer_loss(mllm.model, encode(mllm, examples), per_example=False)
 
 
 @dataclass
 class Stage1:
     """Stage I (eq. 8) over rows of stage1.parquet: `objective` obj-att-cat | obj-cat | none;
-    `negatives` False drops the hard-negative terms (negatives: none)."""
+    `negatives` False drops the hard-negative terms (negatives: none). The other fields are the
+    align.* and train.generation_loss switches between our form and the release's."""
 
     mllm: MLLM  # the model being trained (PEFT-wrapped or not) with its processor
-    temperature: Temperature
+    temperature: Temperatures
     objective: str
     negatives: bool
-    mask_same_class: bool
     class_index: dict[str, int]  # category name -> id, for same-class masking
-    ccc: str  # the form of eq. 7 (align.ccc)
+    form: LossForm = LossForm()  # align.mask_same_class, align.ccc, align.negatives_scope
+    gathered: bool = True  # align.contrastive_batch global: the denominators hold every process's batch
+    text_bos: bool = False  # align.text_bos
+    whole_sequence: bool = False  # train.generation_loss sequence: L_G on every token, not the answer alone
     one_pass: bool = True  # all texts of a step in one padded pass (False: one pass per kind, for checks)
 
     @property
@@ -39,7 +50,7 @@ class Stage1:
         return Representations(self.mllm.model, self.mllm.tokenizer.eos_token_id)
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
-        return self.mllm.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return text_ids(self.mllm.tokenizer, texts, self.text_bos)
 
     def representations(self, rows: pd.DataFrame) -> Batch:
         """ô, â, ĉ (and the negatives' â, ĉ) of a micro-batch."""
@@ -80,40 +91,51 @@ class Stage1:
         """L_G^att: the description as the answer to "Describe this {super_category} in detail."."""
         return lm_loss(
             self.mllm,
-            [ChatExample(describe_question(r.super_category), r.description, r.path) for r in rows.itertuples()],
+            [
+                ChatExample(describe_question(r.super_category), r.description, r.path, whole=self.whole_sequence)
+                for r in rows.itertuples()
+            ],
         )
 
     def loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
-        tau = self.temperature()
+        taus = self.temperature()
         terms: dict[str, torch.Tensor] = {}
         if self.objective != "none":
-            batch = gather(self.representations(rows))
+            batch = self.representations(rows)
+            batch = gather(batch) if self.gathered else batch
             if self.objective == "obj-att-cat":
-                terms = contrastive_terms(batch, tau, self.mask_same_class, self.ccc)
+                terms = contrastive_terms(batch, taus, self.form)
             else:
-                terms = object_category_terms(batch, tau, self.mask_same_class, self.ccc)
+                terms = object_category_terms(batch, taus, self.form)
         generation = self.generation_loss(rows) if self.objective != "obj-cat" else None
         total = stage1_total(terms, generation)
         values = {f"loss_{k}": v.item() for k, v in terms.items()}
         if generation is not None:
             values["loss_generation"] = generation.item()
-        values.update({"loss": total.item(), "temperature": tau.item()})
+        values.update({"loss": total.item(), "temperature": taus.oa.item()})
+        if taus.ac is not taus.oa:  # align.temperatures: two
+            values["temperature_ac"] = taus.ac.item()
         return total, values
 
 
 @dataclass
 class Stage2:
-    """Stage II (eq. 9): the generation loss of classification-centred instruction data."""
+    """Stage II (eq. 9): the generation loss of classification-centred instruction data, on the
+    answer or (`whole_sequence`, train.generation_loss sequence) on every token."""
 
     mllm: MLLM
+    whole_sequence: bool = False
 
     def loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = lm_loss(self.mllm, [ChatExample(r.question, r.answer, r.path) for r in rows.itertuples()])
+        examples = [ChatExample(r.question, r.answer, r.path, whole=self.whole_sequence) for r in rows.itertuples()]
+        loss = lm_loss(self.mllm, examples)
         return loss, {"loss": loss.item(), "loss_classification": loss.item()}
 
 
 @torch.no_grad()
-def alignment(mllm: MLLM, images: list[str], categories: list[str], batch_size: int = 32) -> dict[str, float]:
+def alignment(
+    mllm: MLLM, images: list[str], categories: list[str], text_bos: bool, batch_size: int = 32
+) -> dict[str, float]:
     """Object-category alignment of test images (Table 8), from the global representations:
     `alignment` the mean cosine of each object with its category name (the paper's measure);
     `alignment_margin` that cosine minus the mean cosine with the other category names (immune
@@ -122,7 +144,7 @@ def alignment(mllm: MLLM, images: list[str], categories: list[str], batch_size: 
     reader = Representations(mllm.model, mllm.tokenizer.eos_token_id)
     device = next(mllm.model.parameters()).device
     names = sorted(set(categories))
-    c = F.normalize(reader.encode_texts(mllm.tokenizer(names, add_special_tokens=False)["input_ids"]).float(), dim=-1)
+    c = F.normalize(reader.encode_texts(text_ids(mllm.tokenizer, names, text_bos)).float(), dim=-1)
     own = torch.tensor([names.index(n) for n in categories], device=device)
     sims = []
     for start in range(0, len(images), batch_size):

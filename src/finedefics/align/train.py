@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from finedefics.align.finetune import load_processor, load_trainable, save_merged
-from finedefics.align.losses import Temperature
+from finedefics.align.finetune import load_trainable, save_merged
+from finedefics.align.losses import LossForm, Temperatures
 from finedefics.align.steps import Stage1, Stage2, alignment
 from finedefics.artefacts import STAGE1, STAGE2
 from finedefics.config import Params, StageTrainConfig
 from finedefics.io import atomic_path, write_json
-from finedefics.models.mllm import MLLM
+from finedefics.models.mllm import MLLM, load_processor
 from finedefics.models.paths import resolve
 from finedefics.training import FitConfig, fit, model_fingerprint, plan, process, resume_dir
 
@@ -61,11 +61,12 @@ def fit_config(params: Params, stage: StageTrainConfig) -> FitConfig:
         lr=stage.lr,
         warmup_steps=stage.warmup_steps,
         batch_size=stage.batch_size,
-        per_device_batch_size=params.train.per_device_batch_size,
+        per_device_batch_size=stage.per_device_batch_size or params.train.per_device_batch_size,
         checkpoint_every=params.train.checkpoint_every,
         schedule="linear",  # the transformers Trainer's default, as in the authors' release
-        weight_decay=0.0,
+        weight_decay=params.train.weight_decay,
         max_grad_norm=1.0,
+        mixed_precision=params.train.mixed_precision,
     )
 
 
@@ -76,20 +77,23 @@ def train(
     device, main = process()
     torch.manual_seed(params.train.seed)  # LoRA initialisation and dropout; `plan` below orders the data
     model = load_trainable(source, params.model, params.train.gradient_checkpointing, device)
-    mllm = MLLM(model, load_processor(source))
-    temperature = Temperature(params.align.temperature)
+    mllm = MLLM(model, load_processor(resolve(source), params.model.image_splitting))
+    align, sequence = params.align, params.train.generation_loss == "sequence"
+    temperature = Temperatures(align.temperature, two=align.temperatures == "two", learn=align.learn_temperature)
     s1, s2 = STAGE1.read(inputs.stage1), STAGE2.read(inputs.stage2)
     names = sorted(set(s1.category) | {c for cs in s1.negative_categories for c in cs})
     stage1 = Stage1(
         mllm,
         temperature,
-        params.align.objective,
+        align.objective,
         bool(s1.negative_categories.str.len().max()),
-        params.align.mask_same_class,
         {n: i for i, n in enumerate(names)},
-        ccc=params.align.ccc,
+        LossForm(align.mask_same_class, align.ccc, align.negatives_scope),
+        gathered=align.contrastive_batch == "global",
+        text_bos=align.text_bos,
+        whole_sequence=sequence,
     )
-    stage2 = Stage2(mllm)
+    stage2 = Stage2(mllm, whole_sequence=sequence)
     if task is Task.STAGE1:
         n, step, cfg = len(s1), lambda idx: stage1.loss(s1.iloc[idx]), params.train.stage1
     elif task is Task.STAGE2:
@@ -106,9 +110,14 @@ def train(
 
         n, cfg = len(s1), params.train.stage2
     aligned = task is not Task.STAGE2  # Stage I's alignment before and after (Table 8)
+
+    def measured(when: str) -> dict[str, float]:
+        found = alignment(mllm, inputs.test_paths, inputs.test_categories, align.text_bos)
+        return {f"{k}_{when}": v for k, v in found.items()}
+
     metrics: dict[str, float] = {}
     if aligned and main:
-        metrics.update({f"{k}_start": v for k, v in alignment(mllm, inputs.test_paths, inputs.test_categories).items()})
+        metrics.update(measured("start"))
     data = inputs.stage2 if task is Task.STAGE2 else inputs.stage1
     # the base's weights, not its path: a base rebuilt at the same path must not resume the old one's run
     base = model_fingerprint(resolve(source))
@@ -119,12 +128,13 @@ def train(
     )
     if main:
         if aligned:
-            metrics.update(
-                {f"{k}_end": v for k, v in alignment(mllm, inputs.test_paths, inputs.test_categories).items()}
-            )
-            metrics["temperature"] = float(temperature())
+            metrics.update(measured("end"))
+            taus = temperature()
+            metrics["temperature"] = float(taus.oa)
+            if taus.ac is not taus.oa:
+                metrics["temperature_ac"] = float(taus.ac)
         with atomic_path(out) as tmp:
-            save_merged(model, params.model.finetune, source, mllm.processor, tmp)
+            save_merged(model, params.model, source, mllm.processor, tmp)
             write_json(tmp / "training.json", {"stage": task.value, "source": resolve(source), **metrics})
         shutil.rmtree(resume, ignore_errors=True)  # finished: nothing to resume
     return metrics

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from finedefics.models.mllm import MLLM
-from finedefics.models.representations import Representations, last, mean, pixels
+from finedefics.models.representations import Representations, last, mean, pixels, text_ids
 
 
 @dataclass
@@ -33,8 +33,8 @@ def objects(mllm: MLLM, paths: list[str], batch_size: int = 32) -> Features:
 
 
 @torch.no_grad()
-def texts(mllm: MLLM, items: list[str], batch_size: int = 64) -> Features:
-    """Each text's tokens and EOS, through the LLM (right-padded)."""
+def texts(mllm: MLLM, items: list[str], bos: bool, batch_size: int = 64) -> Features:
+    """Each text's tokens and EOS (BOS first when `bos`, align.text_bos), through the LLM (right-padded)."""
     reader = Representations(mllm.model, mllm.tokenizer.eos_token_id)
-    ids = mllm.tokenizer(items, add_special_tokens=False)["input_ids"]
+    ids = text_ids(mllm.tokenizer, items, bos)
     return _collect([reader.text_states(ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)])

@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from finedefics.models.mllm import MLLM
-from finedefics.protocol import LETTERS, mc_question, open_question, parse_choice, query
+from finedefics.protocol import LETTERS, foci_user_text, mc_question, open_question, parse_choice, query
 from finedefics.stats import wilson
 
 UNREADABLE = "<unreadable image>"
@@ -79,15 +79,22 @@ def _answers(
 
 
 def evaluate(
-    mllm: MLLM, plural: str, entries: list[Item], batch_size: int = 32, max_new_tokens: int = 5, desc: str = "evaluate"
+    mllm: MLLM,
+    plural: str,
+    entries: list[Item],
+    inner_user_prefix: bool = False,
+    batch_size: int = 32,
+    max_new_tokens: int = 5,
+    desc: str = "evaluate",
 ) -> list[dict]:
     """One prediction per entry in FOCI's results format: `predicted` the chosen class name (or
     "NA ### <raw output>", a generation failure), `correct` the ground-truth class name; the
-    option order's index as the extra key `permutation`. Unreadable images count as failures."""
+    option order's index as the extra key `permutation`. Unreadable images count as failures.
+    `inner_user_prefix`: FOCI's extra "User: " for Idefics2 (`protocol.foci_user_text`)."""
     question = query(plural)
     raw = _answers(
         mllm,
-        [mc_question(question, e.options) for e in entries],
+        [foci_user_text(mc_question(question, e.options), mllm.family, inner_user_prefix) for e in entries],
         [e.path for e in entries],
         batch_size,
         max_new_tokens,

@@ -28,9 +28,10 @@ def train_prompt(name: str, super_category: str) -> str:
     return f"a photo of a {name}, a type of {super_category}."
 
 
-def class_prompt(name: str) -> str:
-    """The text side of mining (and of FOCI's option generation)."""
-    return f"a photo of a {name}."
+def class_prompt(name: str, template: str) -> str:
+    """The text side of mining and of the world's option sets: `template` (model.clip_prompt) with
+    the class name; FOCI generated its options with "an image of a {name}"."""
+    return template.format(name=name)
 
 
 def tiny_model_config(cfg: TinyCLIPConfig, image_size: int) -> dict:
@@ -156,7 +157,7 @@ def save_local_dir(model: torch.nn.Module, cfg: TinyCLIPConfig, image_size: int,
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
 
 
-def zero_shot_accuracy(clip: Clip, paths: list[str], labels: list[int], names: list[str]) -> float:
+def zero_shot_accuracy(clip: Clip, paths: list[str], labels: list[int], names: list[str], template: str) -> float:
     images = clip.embed_images(paths, desc="zero-shot")
-    texts = clip.embed_texts([class_prompt(n) for n in names])
+    texts = clip.embed_texts([class_prompt(n, template) for n in names])
     return float(np.mean((images @ texts.T).argmax(1) == np.asarray(labels)))

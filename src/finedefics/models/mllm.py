@@ -17,17 +17,29 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from finedefics.models.families import FAMILIES
 
 
+def set_image_splitting(processor, image_splitting: bool):
+    """Idefics2's image splitting set explicitly (the hub's idefics2-8b splits each image into 4
+    crops + the whole: 320 visual tokens instead of 64); other families have no such setting."""
+    if hasattr(processor.image_processor, "do_image_splitting"):
+        processor.image_processor.do_image_splitting = image_splitting
+    return processor
+
+
+def load_processor(path: str | Path, image_splitting: bool = False):
+    """The processor saved with a model, image splitting set (`set_image_splitting`)."""
+    return set_image_splitting(AutoProcessor.from_pretrained(str(path)), image_splitting)
+
+
 @dataclass
 class MLLM:
     model: torch.nn.Module
     processor: object
 
     @classmethod
-    def load(cls, path: str | Path, dtype: torch.dtype | None = None) -> MLLM:
-        processor = AutoProcessor.from_pretrained(str(path))
+    def load(cls, path: str | Path, image_splitting: bool = False, dtype: torch.dtype | None = None) -> MLLM:
         model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
         model.eval()
-        return cls(model, processor)
+        return cls(model, load_processor(path, image_splitting))
 
     @property
     def family(self) -> str:

@@ -75,6 +75,13 @@ class Representations:
         return last(*self.text_states(ids))
 
 
+def text_ids(tokenizer, texts: list[str], bos: bool) -> list[list[int]]:
+    """The texts' token ids for the representation pass: no special tokens, or BOS first when `bos`
+    (align.text_bos; the release's tokenizer adds BOS, and the EOS this module appends)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [[tokenizer.bos_token_id, *t] for t in ids] if bos else ids
+
+
 def last(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The state of each right-padded sequence's last real element."""
     return states[torch.arange(len(states)), mask.sum(1) - 1]
