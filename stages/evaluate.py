@@ -57,7 +57,12 @@ def main() -> None:
             except ValueError as err:
                 sys.exit(f"evaluate: {name}: {err}")
             predictions = evaluate(
-                mllm, dataset.plural, entries, params.evaluate.inner_user_prefix, desc=f"{which} on {name}"
+                mllm,
+                dataset.plural,
+                entries,
+                params.evaluate.inner_user_prefix,
+                max_new_tokens=params.evaluate.max_new_tokens,
+                desc=f"{which} on {name}",
             )
             scores = score(predictions)
             images[name] = np.array(list(per_image(predictions).values()))

@@ -131,6 +131,7 @@ def test_paper_scale_bootstrap_records_local_weights(tmp_path, tiny_models):
     base = json.loads((root / "models" / "base" / "base.json").read_text())
     weights = tiny_models["vlm"] / "model.safetensors"
     assert base["model_type"] == "idefics2" and base["files"] == {"model.safetensors": sha256(weights)}
+    assert base["image_splitting"] is False  # what every stage's processor is set to (model.image_splitting)
     clip = json.loads((root / "models" / "clip" / "clip.json").read_text())
     assert clip["files"] == {"open_clip_model.safetensors": sha256(clip_dir / "open_clip_model.safetensors")}
     assert sorted(p.name for p in (root / "models" / "base").iterdir()) == ["base.json"]  # nothing heavy

@@ -192,6 +192,7 @@ class EvaluateConfig(Schema):
     permutations: int = Field(3, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"  # the weights while decoding (FOCI as run: bfloat16)
     inner_user_prefix: bool = False  # FOCI's extra "User: " before an Idefics question (as the release ran)
+    max_new_tokens: int = Field(5, ge=1)  # the letter is the answer's first character (FOCI: 10; the release: 1000)
 
 
 class TinyMLLMConfig(Schema):
