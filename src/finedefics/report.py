@@ -152,6 +152,8 @@ EXTRA = (
         "Beyond the paper: the authors' release as it ran",
         (
             Row("ours (default)", None),
+            Row("the release's eq. 7 alone", None, {"align.ccc": "release"}),
+            Row("the release's generation loss on every token alone", None, {"train.generation_loss": "sequence"}),
             Row("the release's loss forms (eq. 7, shared negatives, frozen temperatures, ...)", None, RELEASE),
         ),
         "Not a table of the paper: the release's eq. 7, negative scope, two frozen temperatures, no same-class "
