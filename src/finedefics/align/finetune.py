@@ -78,9 +78,10 @@ def save_merged(model, cfg: ModelConfig, base_path: str, processor, out: Path) -
         from peft import PeftModel
 
         with tempfile.TemporaryDirectory() as adapter_dir:
-            # the adapters are saved before a base is loaded: the other order merges a model whose
-            # outputs are far from the trained one's (measured with peft 0.21 and bitsandbytes 0.50; the
-            # merge test catches it)
+            # the adapters are saved before the base is built. Measured on CPU (peft 0.21, bitsandbytes
+            # 0.50): saving a 4-bit PEFT model moves its own outputs (by ~0.1 on the test's tiny model),
+            # and a base built before that save merges into a model far from the trained one; the
+            # merge test in tests/test_training.py catches the other order
             model.save_pretrained(adapter_dir)
             if cfg.merge_into == "dequantised":
                 base = dequantized_base(model, base_path)
