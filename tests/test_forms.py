@@ -263,12 +263,14 @@ def test_per_device_batch_per_stage():
 
 
 @pytest.mark.parametrize("init", ["default", "gaussian"])
-def test_lora_init(tiny_models, init):
+def test_lora_init_and_dropout(tiny_models, init):
     """PEFT's gaussian init draws A from N(0, 1/r); its default is Kaiming-uniform (std
     1/sqrt(3 fan_in)). B starts at zero in both, so the model starts as the base."""
     r = 4
-    cfg = ModelConfig(finetune="lora", lora=LoraConfig(r=r, alpha=8, dropout=0.0, init=init))
+    cfg = ModelConfig(finetune="lora", lora=LoraConfig(r=r, alpha=8, dropout=0.2, init=init))
     model = load_trainable(str(tiny_models["vlm"]), cfg, False)
+    dropouts = {m.p for n, m in model.named_modules() if n.endswith("lora_dropout.default")}
+    assert dropouts == {0.2}  # model.lora.dropout (the release: 0.2)
     a = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])
     b = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_B" in n])
     assert b.abs().max().item() == 0

@@ -13,8 +13,8 @@ from finedefics.align.losses import (
     Taus,
     Temperatures,
     category_category,
+    contrastive_set,
     contrastive_terms,
-    gather,
     object_category_terms,
     stage1_total,
 )
@@ -279,17 +279,22 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         x[share].clone().requires_grad_(x.is_floating_point())
         for x in (full.o, full.a, full.c, full.labels, full.a_hn, full.c_hn)
     ]
-    terms = contrastive_terms(gather(Batch(*local)), taus(), LossForm(ccc="logsumexp"))
+    form = LossForm(ccc="logsumexp")
+    terms = contrastive_terms(contrastive_set(Batch(*local), form), taus(), form)
     loss = stage1_total(terms, None)
     loss.backward()
-    queue.put((rank, loss.item(), local[0].grad.tolist()))  # plain data: the process exits next
+    device = LossForm(ccc="logsumexp", contrastive_batch="device")  # the release: no gathering
+    own = contrastive_terms(contrastive_set(Batch(*[x.detach() for x in local]), device), taus(), device)
+    own = {k: v.item() for k, v in own.items()}
+    queue.put((rank, loss.item(), local[0].grad.tolist(), own))  # plain data: the process exits next
     dist.destroy_process_group()
 
 
 def test_two_processes_see_the_negatives_of_both():
     """Gathered with gradient (gloo), the loss equals the single-process loss on the global batch,
     and each process's features get the gradient of the global loss summed over processes (DDP's
-    average over processes then gives the global gradient)."""
+    average over processes then gives the global gradient). With `contrastive_batch: device` (the
+    release) each process's terms are those of its own micro-batch, by hand."""
     full = toy_batch(B=8, labels=(0, 1, 1, 2, 3, 3, 4, 0))
     o = full.o.clone().requires_grad_(True)
     loss = stage1_total(
@@ -308,8 +313,11 @@ def test_two_processes_see_the_negatives_of_both():
     results = sorted(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
-    for rank, value, grad in results:
+    for rank, value, grad, own in results:
         assert value == pytest.approx(loss.item(), rel=1e-12)
+        half = Batch(*(x[rank * 4 : rank * 4 + 4] for x in (full.o, full.a, full.c, full.labels, full.a_hn, full.c_hn)))
+        want = ref_terms(half, mask=True)  # contrastive_batch device: this process's micro-batch alone
+        assert own == pytest.approx(want, rel=1e-9)
         torch.testing.assert_close(
             torch.tensor(grad, dtype=torch.float64), 2 * o.grad[rank * 4 : rank * 4 + 4], rtol=1e-10, atol=1e-12
         )

@@ -122,8 +122,7 @@ def test_the_release_forms_train_the_adapters_and_leave_the_temperatures(workdir
         "obj-att-cat",
         True,
         {n: i for i, n in enumerate(names)},
-        LossForm(mask_same_class=False, ccc="release", negatives_scope="batch"),
-        gathered=False,
+        LossForm(mask_same_class=False, ccc="release", negatives_scope="batch", contrastive_batch="device"),
         text_bos=True,
         whole_sequence=True,
     )

@@ -23,14 +23,20 @@ class LossForm:
     """How the Stage I losses are computed. `mask_same_class`: see above. `ccc`: the form of eq. 7
     (see category_category). `negatives_scope`: "own", each sample against its own K negatives as in
     the paper; "batch", against all B*K negatives of the batch, as the authors' release does (its
-    collator concatenates the negatives of a micro-batch)."""
+    collator concatenates the negatives of a micro-batch). `contrastive_batch`: see `contrastive_set`."""
 
     mask_same_class: bool = True
     ccc: str = "bounded"
     negatives_scope: str = "own"
+    contrastive_batch: str = "global"
 
     def __post_init__(self):
-        if self.ccc not in ("bounded", "logsumexp", "release") or self.negatives_scope not in ("own", "batch"):
+        known = (
+            self.ccc in ("bounded", "logsumexp", "release")
+            and self.negatives_scope in ("own", "batch")
+            and self.contrastive_batch in ("global", "device")
+        )
+        if not known:
             raise ValueError(f"unknown loss form {self}")
 
 
@@ -170,6 +176,12 @@ def stage1_total(terms: dict[str, torch.Tensor], generation: torch.Tensor | None
         contrastive = (terms["oc"] + terms["co"]) / 2
     total = (contrastive + terms.get("ccc", 0.0)) / 2
     return total if generation is None else generation + total
+
+
+def contrastive_set(b: Batch, form: LossForm) -> Batch:
+    """The batch the contrastive terms see: `global`, every process's micro-batch (`gather`);
+    `device`, this process's alone, as the release (no gathering; one process: the same)."""
+    return gather(b) if form.contrastive_batch == "global" else b
 
 
 def gather(b: Batch) -> Batch:

@@ -12,8 +12,8 @@ from finedefics.align.losses import (
     Batch,
     LossForm,
     Temperatures,
+    contrastive_set,
     contrastive_terms,
-    gather,
     object_category_terms,
     stage1_total,
 )
@@ -39,8 +39,7 @@ class Stage1:
     objective: str
     negatives: bool
     class_index: dict[str, int]  # category name -> id, for same-class masking
-    form: LossForm = LossForm()  # align.mask_same_class, align.ccc, align.negatives_scope
-    gathered: bool = True  # align.contrastive_batch global: the denominators hold every process's batch
+    form: LossForm = LossForm()  # align.mask_same_class, .ccc, .negatives_scope, .contrastive_batch
     text_bos: bool = False  # align.text_bos
     whole_sequence: bool = False  # train.generation_loss sequence: L_G on every token, not the answer alone
     one_pass: bool = True  # all texts of a step in one padded pass (False: one pass per kind, for checks)
@@ -101,8 +100,7 @@ class Stage1:
         taus = self.temperature()
         terms: dict[str, torch.Tensor] = {}
         if self.objective != "none":
-            batch = self.representations(rows)
-            batch = gather(batch) if self.gathered else batch
+            batch = contrastive_set(self.representations(rows), self.form)
             if self.objective == "obj-att-cat":
                 terms = contrastive_terms(batch, taus, self.form)
             else:

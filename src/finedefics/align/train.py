@@ -88,8 +88,7 @@ def train(
         align.objective,
         bool(s1.negative_categories.str.len().max()),
         {n: i for i, n in enumerate(names)},
-        LossForm(align.mask_same_class, align.ccc, align.negatives_scope),
-        gathered=align.contrastive_batch == "global",
+        LossForm(align.mask_same_class, align.ccc, align.negatives_scope, align.contrastive_batch),
         text_bos=align.text_bos,
         whole_sequence=sequence,
     )
