@@ -1,6 +1,7 @@
 """Faults a user meets (issue 15): non-finite training, Ctrl-C and SIGTERM, MLflow runs of killed
 stages, resuming onto a rebuilt base, and a SIGKILL at a random step that a re-run repairs."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -87,10 +88,11 @@ def last_line(stderr: str) -> str:
 # --- item 2: a loss or gradient norm that is not finite stops training ------------------------------
 
 
-def tiny_fit(step_fn, resume: Path | None, steps: int = 5, max_grad_norm: float | None = 1.0):
+def tiny_fit(step_fn, resume: Path | None, steps: int = 5, max_grad_norm: float | None = 1.0, **cfg):
+    """A Linear(3, 1) trained by `fit` at lr 0.1 on one input x; `cfg` overrides FitConfig fields."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(3, 1)
-    cfg = FitConfig(
+    defaults = FitConfig(
         lr=0.1,
         warmup_steps=0,
         batch_size=2,
@@ -100,6 +102,7 @@ def tiny_fit(step_fn, resume: Path | None, steps: int = 5, max_grad_norm: float 
         weight_decay=0.0,
         max_grad_norm=max_grad_norm,
     )
+    cfg = dataclasses.replace(defaults, **cfg)
     x = torch.arange(6.0).reshape(2, 3)
     return layer, lambda: fit([layer], plan(2 * steps, 2, 1, 0), lambda idx: step_fn(layer, x), cfg, resume, "tiny")
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO
 from PIL import Image
+from test_faults import tiny_fit
 from transformers import AutoProcessor
 from typer.testing import CliRunner
 
@@ -27,7 +28,6 @@ from finedefics.models.mllm import MLLM, load_processor
 from finedefics.models.representations import Representations, text_ids
 from finedefics.models.sft import ChatExample, encode
 from finedefics.protocol import foci_user_text, mc_question, query
-from finedefics.training import FitConfig, fit
 
 # configs/release.yaml against the release's files (README: Paper, release, ours)
 RELEASE = {
@@ -201,55 +201,59 @@ def test_text_bos_puts_bos_before_each_text(tiny_models):
         assert not torch.allclose(reader.encode_texts(with_bos), reader.encode_texts(plain))
 
 
-def _fit(mixed_precision: str, steps: int, x: float, weight_decay: float = 0.0, zero_grad: bool = False):
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(4, 4)
-    start = layer.weight.detach().clone()
-    seen = []
+def _autocast_seen(mixed_precision: str) -> set:
+    seen = set()
 
-    def step(idx):
-        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
-        out = layer(torch.full((1, 4), x))
-        loss = (layer.weight * 0).sum() if zero_grad else out.float().mean()
+    def step(layer, x):
+        seen.add((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        loss = layer(x).float().mean()
         return loss, {"loss": loss.item()}
 
-    cfg = FitConfig(
-        lr=0.1,
-        warmup_steps=0,
-        batch_size=1,
-        per_device_batch_size=1,
-        checkpoint_every=100,
-        schedule="constant",
-        weight_decay=weight_decay,
-        max_grad_norm=None,
-        mixed_precision=mixed_precision,
-    )
-    fit([layer], [[0]] * steps, step, cfg, resume=None, desc=mixed_precision)
-    return start, layer.weight.detach(), seen
+    tiny_fit(step, None, steps=2, mixed_precision=mixed_precision)[1]()
+    return seen
 
 
 def test_mixed_precision_autocasts_the_step():
-    assert set(_fit("bf16", 2, 1.0)[2]) == {(True, torch.bfloat16)}
-    assert set(_fit("fp16", 2, 1.0)[2]) == {(True, torch.float16)}
-    assert {enabled for enabled, _ in _fit("fp32", 2, 1.0)[2]} == {False}
+    assert _autocast_seen("bf16") == {(True, torch.bfloat16)}
+    assert _autocast_seen("fp16") == {(True, torch.float16)}
+    assert {enabled for enabled, _ in _autocast_seen("fp32")} == {False}
+
+
+def _weights_after(mixed_precision: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(layer, x):
+        loss = layer(x).float().mean()
+        return loss, {"loss": loss.item()}
+
+    layer, run = tiny_fit(step, None, steps=steps, mixed_precision=mixed_precision)
+    start = layer.weight.detach().clone()
+    run()
+    return start, layer.weight.detach()
 
 
 def test_fp16_skips_a_step_whose_scaled_gradients_overflow():
-    """Loss scaling as the Trainer's fp16: the first scale (2^16) makes the fp16 weight gradient
-    2^16 / 4 * 10 > 65504 (inf), so the step is skipped, not stopped, and the scale halves until
-    the gradients fit (2^12 / 4 * 10 < 65504): later steps train."""
-    start, after_one, _ = _fit("fp16", 1, 10.0)
+    """Loss scaling as the Trainer's fp16: at the first scale (2^16) the fp16 weight gradient of the
+    mean output over x = [[0, 1, 2], [3, 4, 5]] reaches 2^16 * 3.5 > 65504 (inf), so the step is
+    skipped, not stopped, and the scale halves until the gradients fit (2^14 * 3.5 < 65504): later
+    steps train."""
+    start, after_one = _weights_after("fp16", 1)
     assert torch.equal(start, after_one)
-    start, after_six, _ = _fit("fp16", 6, 10.0)
-    assert not torch.equal(start, after_six) and torch.isfinite(after_six).all()
-    start, fp32_one, _ = _fit("fp32", 1, 10.0)
+    start, after_five = _weights_after("fp16", 5)
+    assert not torch.equal(start, after_five) and torch.isfinite(after_five).all()
+    start, fp32_one = _weights_after("fp32", 1)
     assert not torch.equal(start, fp32_one)
 
 
 def test_weight_decay_shrinks_the_weights_as_adamw_by_hand():
     """With zero gradients Adam's step is 0, and AdamW's decoupled decay is w <- w (1 - lr wd)."""
-    start, after, _ = _fit("fp32", 3, 1.0, weight_decay=0.01, zero_grad=True)
-    assert torch.allclose(after, start * (1 - 0.1 * 0.01) ** 3, atol=1e-7)
+
+    def step(layer, x):
+        loss = (layer.weight * 0).sum()
+        return loss, {"loss": loss.item()}
+
+    layer, run = tiny_fit(step, None, steps=3, weight_decay=0.01)
+    start = layer.weight.detach().clone()
+    run()
+    assert torch.allclose(layer.weight.detach(), start * (1 - 0.1 * 0.01) ** 3, atol=1e-7)
     params = Params().model_copy(update={"train": Params().train.model_copy(update={"weight_decay": 0.01})})
     assert fit_config(params, params.train.stage1).weight_decay == 0.01
 
