@@ -1,11 +1,13 @@
-"""Stage I step time: every text of a step in one padded pass against separate passes, same model.
+"""Stage I step time: the step's texts in grouped passes against separate passes, same model.
 
     python benchmarks/stage1_step.py [--batch 16] [--steps 5]
 
 A Stage I step encodes, besides the images, the batch's descriptions and category names and each
 object's K=3 negative descriptions and categories (finedefics.align.steps.Stage1). The library
-puts all of them through the LLM in one right-padded pass, with category names deduplicated
-within the step. Baselines on the same model and batch: one pass per kind of text (descriptions,
+puts them through the LLM in two right-padded passes, the step's distinct descriptions and its
+distinct category names (a name is not padded to a description's length), and runs the vision
+tower once for the representations and the generation loss. Baselines on the same model and
+batch: one pass per kind of text (descriptions,
 negative descriptions, categories, negative categories; no deduplication), and one pass per
 text (as a loop over examples does). A step is forward + backward of the whole eq. 8 loss. The
 world and the model are built here (the default bootstrap sizes, random weights); reports the
@@ -92,7 +94,7 @@ def main() -> None:
         names = sorted(set(rows.category) | {c for cs in rows.negative_categories for c in cs})
         index = {n: i for i, n in enumerate(names)}
 
-        def timed(kind, one_pass=True):
+        def timed(kind, grouped=True):
             stage = kind(
                 mllm,
                 Temperatures(0.07, two=False, learn=True),
@@ -100,7 +102,7 @@ def main() -> None:
                 True,
                 index,
                 LossForm(),
-                one_pass=one_pass,
+                grouped=grouped,
             )
             times, loss = [], None
             for step in range(args.steps + 1):  # the first step warms up
@@ -121,7 +123,7 @@ def main() -> None:
         f"batch {args.batch} images, K=3 negatives: {texts} texts per step ({len(names)} distinct names); "
         f"tiny Idefics2 of the default bootstrap sizes, torch threads 2, median of {args.steps} steps"
     )
-    print(f"one padded pass:   {one * 1000:8.1f} ms/step  (loss {loss_one:.6f})")
+    print(f"grouped passes:    {one * 1000:8.1f} ms/step  (loss {loss_one:.6f})")
     print(f"one pass per kind: {per_kind * 1000:8.1f} ms/step  (loss {loss_kind:.6f})")
     print(f"one pass per text: {per_text * 1000:8.1f} ms/step  (loss {loss_text:.6f})")
     print(f"ratio vs per kind: {per_kind / one:.2f}x; vs per text: {per_text / one:.2f}x")

@@ -86,7 +86,7 @@ def workdir(tmp_path_factory, tiny_models):
     return root
 
 
-def stage1_for(mllm: MLLM, rows: pd.DataFrame, objective="obj-att-cat", negatives=True, one_pass=True) -> Stage1:
+def stage1_for(mllm: MLLM, rows: pd.DataFrame, objective="obj-att-cat", negatives=True, grouped=True) -> Stage1:
     names = sorted(set(rows.category) | {c for cs in rows.negative_categories for c in cs})
     return Stage1(
         mllm,
@@ -95,7 +95,7 @@ def stage1_for(mllm: MLLM, rows: pd.DataFrame, objective="obj-att-cat", negative
         negatives,
         {n: i for i, n in enumerate(names)},
         LossForm(),
-        one_pass=one_pass,
+        grouped=grouped,
     )
 
 
@@ -295,12 +295,12 @@ def test_resumed_training_equals_an_uninterrupted_run(workdir, tiny_models, tmp_
         torch.testing.assert_close(resumed[n], whole[n], rtol=1e-5, atol=1e-6)
 
 
-def test_one_padded_pass_equals_separate_passes(workdir, tiny_models):
+def test_grouped_passes_equal_separate_passes(workdir, tiny_models):
     mllm = MLLM.load(tiny_models["vlm"])
     rows = rows_of(workdir, n=6)
     with torch.no_grad():
-        one, v1 = stage1_for(mllm, rows, one_pass=True).loss(rows)
-        sep, v2 = stage1_for(mllm, rows, one_pass=False).loss(rows)
+        one, v1 = stage1_for(mllm, rows, grouped=True).loss(rows)
+        sep, v2 = stage1_for(mllm, rows, grouped=False).loss(rows)
     assert abs(one.item() - sep.item()) < 1e-5
     for k in v1:
         assert abs(v1[k] - v2[k]) < 1e-5, k
@@ -396,3 +396,62 @@ def test_llava_trains_a_step(tiny_models, workdir, tmp_path):
         )
     )
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("family", ["idefics2", "llava"])
+def test_stage1_shares_the_vision_pass_with_the_same_loss_and_gradients(tiny_models, workdir, tmp_path, family):
+    """Stage I runs the vision tower once per step; its generation loss, fed those visual tokens as
+    input embeddings, equals the model's own forward on the pixels, and so do the vision tower's
+    gradients."""
+    from transformers import AutoTokenizer
+
+    from finedefics.align.steps import lm_loss
+    from finedefics.models.representations import pixels
+    from finedefics.models.tiny import TinySizes, build_llava
+    from finedefics.protocol import describe_question
+
+    if family == "llava":
+        model, processor = build_llava(AutoTokenizer.from_pretrained(tiny_models["lm"]), TinySizes())
+        model.save_pretrained(tmp_path)
+        processor.save_pretrained(tmp_path)
+        source = tmp_path
+    else:
+        source = tiny_models["vlm"]
+    rows = rows_of(workdir)
+    grads = []
+    for shared in (True, False):
+        mllm = trainable(source, "full")
+        stage = stage1_for(mllm, rows)
+        if shared:
+            loss = stage.generation_loss(rows, stage.reader.visual(pixels(mllm, list(rows.path))))
+        else:
+            examples = [
+                ChatExample(describe_question(r.super_category), r.description, r.path) for r in rows.itertuples()
+            ]
+            loss = lm_loss(mllm, examples)
+        loss.backward()
+        vision = {n: p.grad for n, p in mllm.model.named_parameters() if stage.reader.family.vision in n}
+        assert any(g is not None and g.abs().sum() > 0 for g in vision.values())
+        grads.append((loss.item(), vision))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    for n, g in grads[0][1].items():
+        torch.testing.assert_close(g, grads[1][1][n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_example", [True, False])
+def test_a_batch_run_in_length_groups_has_the_one_pass_loss(tiny_models, workdir, per_example):
+    from finedefics.models.sft import answer_loss, by_length, chat_loss
+    from finedefics.protocol import describe_question
+
+    mllm = MLLM.load(tiny_models["vlm"])
+    rows = rows_of(workdir, n=6)
+    long = [ChatExample(describe_question(r.super_category), r.description, r.path) for r in rows.itertuples()]
+    short = [ChatExample("Which one? A. x B. y", "B", r.path) for r in rows.itertuples()]
+    mixed = [e for pair in zip(long, short) for e in pair]
+    groups = by_length(mixed)
+    assert sorted(map(sorted, groups)) == [list(range(0, 12, 2)), list(range(1, 12, 2))]  # captions apart
+    assert by_length(long) == [list(range(6))]  # similar lengths: one pass
+    with torch.no_grad():
+        split = chat_loss(mllm, mixed, per_example)
+        one = answer_loss(mllm.model, encode(mllm, mixed), per_example)
+    assert split.item() == pytest.approx(one.item(), rel=1e-5)

@@ -18,14 +18,14 @@ from finedefics.align.losses import (
     stage1_total,
 )
 from finedefics.models.mllm import MLLM
-from finedefics.models.representations import Representations, pixels, text_ids
-from finedefics.models.sft import ChatExample, answer_loss, encode
+from finedefics.models.representations import Representations, last, pixels, text_ids
+from finedefics.models.sft import ChatExample, answer_loss, chat_loss, encode
 from finedefics.protocol import describe_question
 
 
 def lm_loss(mllm: MLLM, examples: list[ChatExample]) -> torch.Tensor:
     """The token-mean cross-entropy of the labelled tokens of a batch of chat examples (as the release)."""
-    return answer_loss(mllm.model, encode(mllm, examples), per_example=False)
+    return chat_loss(mllm, examples, per_example=False)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Stage1:
     form: LossForm = LossForm()  # align.mask_same_class, .ccc, .negatives_scope, .contrastive_batch
     text_bos: bool = False  # align.text_bos
     whole_sequence: bool = False  # train.generation_loss sequence: L_G on every token, not the answer alone
-    one_pass: bool = True  # all texts of a step in one padded pass (False: one pass per kind, for checks)
+    grouped: bool = True  # distinct descriptions, then distinct names, a pass each (False: a pass per kind)
 
     @property
     def reader(self) -> Representations:
@@ -51,25 +51,27 @@ class Stage1:
     def _ids(self, texts: list[str]) -> list[list[int]]:
         return text_ids(self.mllm.tokenizer, texts, self.text_bos)
 
-    def representations(self, rows: pd.DataFrame) -> Batch:
-        """ô, â, ĉ (and the negatives' â, ĉ) of a micro-batch."""
+    def _distinct(self, texts: list[str]) -> torch.Tensor:
+        """The representation of each text, each distinct text run through the LLM once (a hard
+        negative's description or name recurs within a step)."""
+        where = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+        reps = self.reader.encode_texts(self._ids(list(where)))
+        return reps[torch.tensor([where[t] for t in texts], device=reps.device)]
+
+    def representations(self, rows: pd.DataFrame, visual: torch.Tensor) -> Batch:
+        """ô, â, ĉ (and the negatives' â, ĉ) of a micro-batch whose images' visual tokens are `visual`."""
         reader, B = self.reader, len(rows)
-        device = next(self.mllm.model.parameters()).device
-        o = reader.encode_objects(pixels(self.mllm, list(rows.path)))
+        device = visual.device
+        o = last(*reader.visual_states(visual))
         descriptions = list(rows.description)
         neg_descriptions = [d for ds in rows.negative_descriptions for d in ds] if self.negatives else []
         categories = list(rows.category)
         neg_categories = [c for cs in rows.negative_categories for c in cs] if self.negatives else []
         K = len(neg_categories) // B if B else 0
-        if self.one_pass:  # categories deduplicated within the step
-            names = list(dict.fromkeys(categories + neg_categories))
-            texts = (descriptions + neg_descriptions if self.objective == "obj-att-cat" else []) + names
-            reps = reader.encode_texts(self._ids(texts))
-            n_desc = len(texts) - len(names)
-            by_name = dict(zip(names, reps[n_desc:]))
-            a_all = reps[:n_desc]
-            c = torch.stack([by_name[n] for n in categories])
-            c_hn = torch.stack([by_name[n] for n in neg_categories]).view(B, K, -1) if K else None
+        if self.grouped:  # two padded passes, each text once: the 80-token descriptions, then the names
+            c_all = self._distinct(categories + neg_categories)
+            c, c_hn = c_all[:B], c_all[B:].view(B, K, -1) if K else None
+            a_all = self._distinct(descriptions + neg_descriptions) if self.objective == "obj-att-cat" else None
         else:
             encode = lambda texts: reader.encode_texts(self._ids(texts)) if texts else None  # noqa: E731
             a_all = (
@@ -86,26 +88,27 @@ class Stage1:
         labels = torch.tensor([self.class_index[n] for n in categories], device=device)
         return Batch(o, a, c, labels, a_hn, c_hn)
 
-    def generation_loss(self, rows: pd.DataFrame) -> torch.Tensor:
-        """L_G^att: the description as the answer to "Describe this {super_category} in detail."."""
-        return lm_loss(
-            self.mllm,
-            [
-                ChatExample(describe_question(r.super_category), r.description, r.path, whole=self.whole_sequence)
-                for r in rows.itertuples()
-            ],
-        )
+    def generation_loss(self, rows: pd.DataFrame, visual: torch.Tensor) -> torch.Tensor:
+        """L_G^att: the description as the answer to "Describe this {super_category} in detail.", the
+        images' visual tokens (`visual`) shared with the representations."""
+        examples = [
+            ChatExample(describe_question(r.super_category), r.description, r.path, whole=self.whole_sequence)
+            for r in rows.itertuples()
+        ]
+        batch = self.reader.with_visual(encode(self.mllm, examples), visual)
+        return answer_loss(self.mllm.model, batch, per_example=False)
 
     def loss(self, rows: pd.DataFrame) -> tuple[torch.Tensor, dict[str, float]]:
         taus = self.temperature()
+        visual = self.reader.visual(pixels(self.mllm, list(rows.path)))  # the vision tower once per step
         terms: dict[str, torch.Tensor] = {}
         if self.objective != "none":
-            batch = contrastive_set(self.representations(rows), self.form)
+            batch = contrastive_set(self.representations(rows, visual), self.form)
             if self.objective == "obj-att-cat":
                 terms = contrastive_terms(batch, taus, self.form)
             else:
                 terms = object_category_terms(batch, taus, self.form)
-        generation = self.generation_loss(rows) if self.objective != "obj-cat" else None
+        generation = self.generation_loss(rows, visual) if self.objective != "obj-cat" else None
         total = stage1_total(terms, generation)
         values = {f"loss_{k}": v.item() for k, v in terms.items()}
         if generation is not None:

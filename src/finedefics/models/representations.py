@@ -46,13 +46,30 @@ class Representations:
         """The LLM's last-layer states of right-padded input embeddings."""
         return self.text_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 
+    def visual(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(images, tokens, hidden): the connector's output for the image processor's tensors."""
+        return self.family.visual_tokens(unwrap(self.model), pixels)
+
     def object_states(self, pixels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(states, mask) of each image's visual tokens followed by an EOS embedding."""
-        visual = self.family.visual_tokens(unwrap(self.model), pixels)
+        return self.visual_states(self.visual(pixels))
+
+    def visual_states(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`object_states` of visual tokens already computed (`visual`)."""
         eos = self.embed(torch.full((len(visual), 1), self.eos_id, dtype=torch.long, device=visual.device))
         embeds = torch.cat([visual, eos.to(visual.dtype)], dim=1)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=visual.device)
         return self.states(embeds, mask), mask
+
+    def with_visual(self, batch: dict[str, torch.Tensor], visual: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A processor batch (one image per sample) with its pixels replaced by input embeddings
+        that carry `visual` in the image-token slots: the model's forward without the vision tower."""
+        batch = {k: v for k, v in batch.items() if k not in ("pixel_values", "pixel_attention_mask")}
+        ids = batch.pop("input_ids").to(visual.device)
+        embeds = self.embed(ids)
+        slots = (ids == unwrap(self.model).config.image_token_id)[..., None]
+        batch["inputs_embeds"] = embeds.masked_scatter(slots, visual.to(embeds.dtype))
+        return batch
 
     def text_states(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(states, mask) of each token sequence with EOS appended, in one right-padded pass."""

@@ -43,11 +43,8 @@ def encode(mllm: MLLM, examples: list[ChatExample]) -> dict[str, torch.Tensor]:
     return dict(batch)
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool) -> torch.Tensor:
-    """The cross-entropy of the labelled tokens (the answers). `per_example`: averaged per
-    example, then over examples, so that a one-letter answer weighs as much as a sixty-token
-    caption (pre-training mixes both); else the token mean over the batch, what the model's own
-    `loss` computes and what the authors' release trains both stages with."""
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy of each labelled next token, 0 elsewhere; the number labelled per example)."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
@@ -55,11 +52,45 @@ def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool) -> tor
     per_token = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
     )
-    per_token = per_token.view(targets.shape)
-    counts = (targets != -100).sum(1)
-    if not per_example:
-        return per_token.sum() / counts.sum().clamp(min=1)
-    return (per_token.sum(1) / counts.clamp(min=1)).mean()
+    return per_token.view(targets.shape), (targets != -100).sum(1)
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool) -> torch.Tensor:
+    """The cross-entropy of the labelled tokens (the answers). `per_example`: averaged per
+    example, then over examples, so that a one-letter answer weighs as much as a sixty-token
+    caption (pre-training mixes both); else the token mean over the batch, what the model's own
+    `loss` computes and what the authors' release trains both stages with."""
+    return _combine([token_losses(model, batch)], per_example)
+
+
+def _combine(parts: list[tuple[torch.Tensor, torch.Tensor]], per_example: bool) -> torch.Tensor:
+    if per_example:
+        return torch.cat([t.sum(1) / n.clamp(min=1) for t, n in parts]).mean()
+    return sum(t.sum() for t, _ in parts) / sum(n.sum() for _, n in parts).clamp(min=1)
+
+
+def by_length(examples: list[ChatExample], min_saving: float = 0.2) -> list[list[int]]:
+    """The examples' indices in one group, or in two (short, long) where padding each group to its
+    own longest example saves at least `min_saving` of the padded length (characters stand in for
+    tokens): a one-letter answer is not padded to a sixty-token caption."""
+    lengths = [len(e.question) + len(e.answer) for e in examples]
+    order = sorted(range(len(examples)), key=lengths.__getitem__)
+    whole = len(order) * lengths[order[-1]]
+    best, cut = 0, 0
+    for k in range(1, len(order)):  # order[:k] padded to lengths[order[k - 1]]
+        saved = k * (lengths[order[-1]] - lengths[order[k - 1]])
+        if saved > best:
+            best, cut = saved, k
+    if best < min_saving * whole:
+        return [list(range(len(examples)))]
+    return [order[:cut], order[cut:]]
+
+
+def chat_loss(mllm: MLLM, examples: list[ChatExample], per_example: bool) -> torch.Tensor:
+    """`answer_loss` of a batch of chat examples, run in length groups (`by_length`): the same value
+    as one padded pass, with less padding."""
+    parts = [token_losses(mllm.model, encode(mllm, [examples[i] for i in g])) for g in by_length(examples)]
+    return _combine(parts, per_example)
 
 
 def batches(examples: list[ChatExample], batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -92,7 +123,7 @@ def train(
     losses: list[float] = []
 
     def step(idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = answer_loss(mllm.model, encode(mllm, [examples[i] for i in idx]), per_example=True)
+        loss = chat_loss(mllm, [examples[i] for i in idx], per_example=True)
         losses.append(loss.item())
         return loss, {"loss": losses[-1]}
 
