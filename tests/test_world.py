@@ -48,6 +48,17 @@ def test_same_params_same_bytes(tmp_path):
     assert digest(out_c) != digest(out_a) and c.dataset.categories != a.dataset.categories
 
 
+def test_drawing_on_several_cores_gives_the_same_bytes(tmp_path, monkeypatch):
+    import finedefics.data.prepare as prepare
+
+    a, out_a = run(tmp_path / "a")  # 30 images: drawn in this process
+    monkeypatch.setattr(prepare, "IMAGES_PER_WORKER", 8)
+    monkeypatch.setattr(prepare.os, "cpu_count", lambda: 3)
+    b, out_b = run(tmp_path / "b")  # 3 worker processes
+    assert digest(out_a) == digest(out_b)
+    assert a.dataset.images.equals(b.dataset.images)
+
+
 def test_manifest_has_ground_truth_and_splits(tmp_path):
     prepared, _ = run(tmp_path, "toy-flower", FLOWER)
     m = prepared.dataset.images

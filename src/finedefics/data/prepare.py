@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -27,20 +30,41 @@ def is_world(source: str) -> bool:
     return source.endswith((".yaml", ".yml"))
 
 
+IMAGES_PER_WORKER = 128  # fewer images are drawn in this process (a worker costs more than it saves)
+
+
+def _draw(item: world.WorldImage, spec: world.WorldSpec, cfg: WorldConfig, seed: int, name: str, out: Path) -> str:
+    """Draw one image of the plan into `out`; its scene description as JSON."""
+    image, scene = world.draw_image(spec, item, cfg, seed, name)
+    image.save(out / _image_id(item), format="PNG")
+    return json.dumps(scene, sort_keys=True)
+
+
+def _image_id(item: world.WorldImage) -> str:
+    return f"images/{item.split}/{item.label:03d}_{item.index:03d}.png"
+
+
 def prepare_world(name: str, spec_file: Path, cfg: WorldConfig, seed: int, out: Path, final: Path) -> Prepared:
-    """Draw the world's images into `out/images`; manifest paths point into `final`."""
+    """Draw the world's images into `out/images` (on every core: each image is seeded by itself);
+    manifest paths point into `final`."""
     spec = world.WorldSpec.load(spec_file)
     classes = world.make_classes(spec, cfg, world.dataset_rng(seed, name, 0))
     plan = world.image_plan(spec, classes, cfg, seed, name)
+    for split in {item.split for item in plan}:
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    draw = partial(_draw, spec=spec, cfg=cfg, seed=seed, name=name, out=out)
+    workers = min(os.cpu_count() or 1, len(plan) // IMAGES_PER_WORKER)
+    bar = partial(tqdm, total=len(plan), desc=f"draw {name}", unit="img")
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            scenes = list(bar(pool.map(draw, plan, chunksize=16)))
+    else:
+        scenes = list(bar(map(draw, plan)))
     images, extra = [], {}
-    for item in tqdm(plan, desc=f"draw {name}", unit="img"):
-        image_id = f"images/{item.split}/{item.label:03d}_{item.index:03d}.png"
-        file = out / image_id
-        file.parent.mkdir(parents=True, exist_ok=True)
-        image, scene = world.draw_image(spec, item, cfg, seed, name)
-        image.save(file, format="PNG")
+    for item, scene in zip(plan, scenes):
+        image_id = _image_id(item)
         images.append(SourceImage(item.split, image_id, item.label, image_id, item.attributes))
-        extra[image_id] = {"deviation": item.deviation, "scene": json.dumps(scene, sort_keys=True)}
+        extra[image_id] = {"deviation": item.deviation, "scene": scene}
     source = Source(out, [c.name for c in classes], images)
     manifest, rejected = build_manifest(
         source, spec.super_category, extra, location=lambda f: str(final / f.relative_to(out))
