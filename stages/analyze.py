@@ -116,15 +116,15 @@ def describe(mllm, names: list[str], seed: int) -> list[list[str]]:
     torch.manual_seed(seed)
     tok = mllm.tokenizer
     tok.padding_side = "left"
-    out = []
-    for name in names:
-        prompt = mllm.prompt(DESCRIBE.format(name=name), image=False)
-        inputs = tok([prompt] * PER_CLASS, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            ids = mllm.model.generate(**inputs, max_new_tokens=40, do_sample=True, temperature=1.0, top_k=0)
-        texts = tok.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        out.append([t.replace(name, "this").strip() or "this" for t in texts])
-    return out
+    prompts = [mllm.prompt(DESCRIBE.format(name=name), image=False) for name in names for _ in range(PER_CLASS)]
+    inputs = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():  # every category's samples in one batch
+        ids = mllm.model.generate(**inputs, max_new_tokens=40, do_sample=True, temperature=1.0, top_k=0)
+    texts = tok.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [
+        [t.replace(name, "this").strip() or "this" for t in texts[i * PER_CLASS : (i + 1) * PER_CLASS]]
+        for i, name in enumerate(names)
+    ]
 
 
 if __name__ == "__main__":

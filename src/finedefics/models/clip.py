@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from finedefics.config import TinyCLIPConfig
 from finedefics.io import load_image
-from finedefics.training import FitConfig, fit, plan
 
 TINY_NAME = "finedefics-tiny-clip"
 TINY_DIR = Path("models/clip")
@@ -114,6 +113,8 @@ def train_tiny(
 ) -> Clip:
     """Train the tiny open_clip model with open_clip's contrastive loss on (image, text) pairs:
     AdamW at a constant rate, the logit scale clamped to [0, log 100] as open_clip trains it."""
+    from finedefics.training import FitConfig, fit, plan  # here: `embed` and `mine` only read a CLIP
+
     register_tiny(cfg, image_size, folder)
     torch.manual_seed(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(TINY_NAME, output_dict=True)
