@@ -1,0 +1,76 @@
+"""Does a change of the training recipe learn as well? Two sets of DVC experiments (before and after,
+one per training seed), their final models' multiple-choice average with the 95% t-interval over
+seeds, Stage I's alignment rise, and the difference after - before paired on the same test images
+and seeds (two-level bootstrap, `finedefics.stats.paired`).
+
+    python benchmarks/learning.py --before default-s0 default-s1 default-s2 --after fast-s0 fast-s1 fast-s2
+
+The experiments are read from this repository (`dvc exp show`), their predictions from DVC's cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from finedefics.report import Experiment, dvc_exp_show, dvc_scores, experiments
+from finedefics.stats import across_seeds, paired
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pick(exps: list[Experiment], names: list[str]) -> list[Experiment]:
+    by_name = {}
+    for e in exps:  # newest first
+        by_name.setdefault(e.name, e)
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise SystemExit(f"no finished experiment named {', '.join(missing)} (see `dvc exp show`)")
+    return [by_name[n] for n in names]
+
+
+def summary(label: str, runs: list[Experiment]) -> list[float]:
+    averages = [e.metrics["metrics/eval.json"]["average"]["accuracy"] for e in runs]
+    s = across_seeds(averages)
+    stage1 = [e.metrics.get("metrics/train_stage1.json", {}) for e in runs]
+    start = np.mean([m.get("alignment_start", np.nan) for m in stage1])
+    end = across_seeds([m.get("alignment_end", np.nan) for m in stage1])
+    margin = across_seeds([m.get("alignment_margin_end", np.nan) for m in stage1])
+    print(
+        f"{label}: multiple-choice average {100 * s.mean:.1f} [{100 * s.low:.1f}, {100 * s.high:.1f}] over "
+        f"{len(runs)} seeds ({', '.join(f'{100 * a:.1f}' for a in averages)}); Stage I alignment "
+        f"{start:.3f} -> {end.mean:.3f} [{end.low:.3f}, {end.high:.3f}], margin {margin.mean:.3f} "
+        f"[{margin.low:.3f}, {margin.high:.3f}]"
+    )
+    return averages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--before", nargs="+", required=True, help="experiment names, one per training seed")
+    parser.add_argument("--after", nargs="+", required=True, help="experiment names, in the same seed order")
+    args = parser.parse_args()
+    exps = experiments(dvc_exp_show(REPO))
+    before, after = pick(exps, args.before), pick(exps, args.after)
+    datasets = [k for k in before[0].metrics["metrics/eval.json"] if k != "average"]
+    summary("before", before)
+    summary("after ", after)
+    scores = dvc_scores(REPO, datasets)
+
+    def per_dataset(runs: list[Experiment]) -> list[np.ndarray]:
+        seeds = [scores(e, "finedefics") for e in runs]
+        if any(s is None for s in seeds):
+            raise SystemExit("predictions of an experiment are not in DVC's cache")
+        return [np.array([[s[d][image] for image in sorted(s[d])] for s in seeds]) for d in range(len(datasets))]
+
+    c = paired(per_dataset(after), per_dataset(before))
+    print(
+        f"after - before, paired on {c.seeds} seeds x the same test images: {100 * c.difference:+.1f} "
+        f"[{100 * c.low:+.1f}, {100 * c.high:+.1f}], p {c.p:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
