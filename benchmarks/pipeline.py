@@ -50,7 +50,7 @@ def environment(repo: Path) -> dict[str, str]:
     of another tree must not win."""
     env = os.environ | {"PYTHONPATH": str(repo / "src"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     where = subprocess.run(
-        [sys.executable, "-c", "import finedefics; print(finedefics.__file__)"],
+        [sys.executable, "-c", "import finedefics; print(list(finedefics.__path__)[0])"],  # a namespace package
         env=env,
         cwd=repo,
         capture_output=True,
