@@ -31,7 +31,7 @@ def pick(exps: list[Experiment], names: list[str]) -> list[Experiment]:
     return [by_name[n] for n in names]
 
 
-def summary(label: str, runs: list[Experiment]) -> list[float]:
+def summary(label: str, runs: list[Experiment]) -> None:
     averages = [e.metrics["metrics/eval.json"]["average"]["accuracy"] for e in runs]
     s = across_seeds(averages)
     stage1 = [e.metrics.get("metrics/train_stage1.json", {}) for e in runs]
@@ -44,7 +44,6 @@ def summary(label: str, runs: list[Experiment]) -> list[float]:
         f"{start:.3f} -> {end.mean:.3f} [{end.low:.3f}, {end.high:.3f}], margin {margin.mean:.3f} "
         f"[{margin.low:.3f}, {margin.high:.3f}]"
     )
-    return averages
 
 
 def main() -> None:

@@ -30,6 +30,14 @@ def load_processor(path: str | Path, image_splitting: bool = False):
     return set_image_splitting(AutoProcessor.from_pretrained(str(path)), image_splitting)
 
 
+def embed_with_visual(model, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """The input embeddings of `input_ids` (a transformers model, not PEFT-wrapped) with `visual`, the
+    connector's output in order, in the image-token slots: the model's input without its vision tower."""
+    embeds = model.get_input_embeddings()(input_ids)
+    slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(slots, visual.to(embeds.dtype))
+
+
 @dataclass
 class MLLM:
     model: torch.nn.Module
@@ -93,10 +101,7 @@ class MLLM:
         self.tokenizer.padding_side = "left"
         inputs = self.processor(text=prompts, images=[[image]] * len(prompts), return_tensors="pt", padding=True)
         features = self.visual_tokens([image])[0]
-        embeds = self.model.get_input_embeddings()(inputs["input_ids"])
-        mask = (inputs["input_ids"] == self.model.config.image_token_id).unsqueeze(-1)
-        shared = features.to(embeds.dtype).repeat(len(prompts), 1)
-        embeds = embeds.masked_scatter(mask, shared)
+        embeds = embed_with_visual(self.model, inputs["input_ids"], features.repeat(len(prompts), 1))
         out = self.model.generate(
             inputs_embeds=embeds,
             attention_mask=inputs["attention_mask"],

@@ -14,6 +14,7 @@ import torch
 
 from finedefics.io import load_image
 from finedefics.models.families import Family, family_of
+from finedefics.models.mllm import embed_with_visual
 
 
 def unwrap(model):
@@ -66,9 +67,7 @@ class Representations:
         that carry `visual` in the image-token slots: the model's forward without the vision tower."""
         batch = {k: v for k, v in batch.items() if k not in ("pixel_values", "pixel_attention_mask")}
         ids = batch.pop("input_ids").to(visual.device)
-        embeds = self.embed(ids)
-        slots = (ids == unwrap(self.model).config.image_token_id)[..., None]
-        batch["inputs_embeds"] = embeds.masked_scatter(slots, visual.to(embeds.dtype))
+        batch["inputs_embeds"] = embed_with_visual(unwrap(self.model), ids, visual)
         return batch
 
     def text_states(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
