@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Queue the paper's ablations (Tables 3a-c, 5, 6a-e) and Table 4's LLaVA-1.5 as DVC experiments on the committed params,
+# Queue the paper's ablations (Tables 3a-c, 5, 6a-e) and Table 4's LLaVA-1.5 and Qwen2.5-VL as DVC experiments on the committed params,
 # run them one after another, then write reports/results.md:
 #   scripts/ablations.sh                       # queue, run, report (one training seed per row)
 #   scripts/ablations.sh --seeds 3             # train.seed 0, 1, 2 for every row (experiments named <row>-s<seed>)
@@ -47,6 +47,7 @@ queue_all() {
   q t6e-upper      -S attributes.construction=ground-truth
   q t6e-tag        -S attributes.construction=tag-based
   q t4-llava       -S model.base=tiny-llava                          # Table 4: both rows (base and + A^3)
+  q t4-qwen        -S model.base=tiny-qwen2.5-vl                     # Table 4, beyond the paper: Qwen2.5-VL
   q x-ccc-logsumexp -S align.ccc=logsumexp                           # not in the paper: eq. 7 as written
   # the release's forms that apply to the world's full fine-tuning (README: Paper, release, ours)
   q x-release-ccc -S align.ccc=release                                # the release's eq. 7 alone

@@ -27,7 +27,7 @@ def main() -> None:
     from finedefics.evaluate import analysis as an
     from finedefics.evaluate import features
     from finedefics.io import read_json, write_json
-    from finedefics.models.mllm import MLLM
+    from finedefics.models.mllm import MLLM, ImageSettings
     from finedefics.models.paths import Role, model_path
     from finedefics.tracking import stage_run
 
@@ -37,7 +37,7 @@ def main() -> None:
         for role in Role:
             which = role.value
             torch.manual_seed(params.seed)
-            mllm = MLLM.load(model_path(params.model, role), params.model.image_splitting)
+            mllm = MLLM.load(model_path(params.model, role), ImageSettings.of(params.model))
             results[which] = {}
             for name in params.datasets:
                 dataset = load_prepared(name)

@@ -1,11 +1,13 @@
 """DVC stage `bootstrap`: the base MLLM and the CLIP model for mining.
 
 Embedded default (`model.base: tiny`, `model.clip: tiny`): trains a tokenizer on the world's text,
-builds a tiny Idefics2 and pre-trains it on captions (attribute values, never category names) and
-text-only category knowledge; trains a tiny open_clip model on train images and class names;
-writes models/base/, models/clip/ and metrics/bootstrap.json (the paper's diagnosis, measured).
+builds a tiny Idefics2 (LLaVA-1.5 / Qwen2.5-VL: `tiny-llava` / `tiny-qwen2.5-vl`) and pre-trains it
+on captions (attribute values, never category names) and text-only category knowledge; trains a
+tiny open_clip model on train images and class names, and a second one with another seed for the
+CLIP baseline (`model.clip_baseline: tiny`); writes models/base/, models/clip/,
+models/clip_baseline/ and metrics/bootstrap.json (the paper's diagnosis, measured).
 Paper scale: finds the configured models offline, checks them, and records exactly which weights
-are used (models/base/base.json, models/clip/clip.json); nothing heavy is written.
+are used (models/base/base.json, models/clip/clip.json, models/clip_baseline/clip.json); nothing heavy is written.
 """
 
 import json
@@ -15,7 +17,8 @@ from pathlib import Path
 from finedefics.config import load_or_exit
 from finedefics.io import run_main
 
-BASE, CLIP, METRICS = Path("models/base"), Path("models/clip"), Path("metrics/bootstrap.json")
+BASE, METRICS = Path("models/base"), Path("metrics/bootstrap.json")
+CLIP, CLIP_BASELINE = Path("models/clip"), Path("models/clip_baseline")
 
 
 def main() -> None:
@@ -25,16 +28,20 @@ def main() -> None:
 
     from finedefics.data.prepare import is_world
     from finedefics.data.prepared import load_prepared
-    from finedefics.io import atomic_path, write_json
+    from finedefics.io import atomic_path, load_image, write_json
     from finedefics.models.families import TINY_BASES
-    from finedefics.models.resolve import ModelNotAvailable, check_clip, check_mllm
+    from finedefics.models.resolve import ModelNotAvailable, check_mllm
     from finedefics.tracking import stage_run
 
     torch.manual_seed(params.seed)
     world = {n: s for n, s in params.datasets.items() if is_world(s)}
     tiny = [
         k
-        for k, v in (("model.base", params.model.base), ("model.clip", params.model.clip))
+        for k, v in (
+            ("model.base", params.model.base),
+            ("model.clip", params.model.clip),
+            ("model.clip_baseline", params.model.clip_baseline),
+        )
         if v in ("tiny", *TINY_BASES)
     ]
     if tiny and len(world) != len(params.datasets):
@@ -51,16 +58,19 @@ def main() -> None:
             if params.model.base in TINY_BASES:
                 from finedefics.models import sft
                 from finedefics.models.bootstrap import build_base, diagnose
-                from finedefics.models.mllm import set_image_splitting
+                from finedefics.models.mllm import ImageSettings
 
                 datasets = [load_prepared(n) for n in world]
                 cfg = params.bootstrap.mllm
                 family = TINY_BASES[params.model.base].name
-                mllm, examples = build_base(datasets, cfg, params.world.image_size, params.seed, family)
-                set_image_splitting(mllm.processor, params.model.image_splitting)
+                images = ImageSettings.of(params.model)
+                mllm, examples = build_base(datasets, cfg, params.world.image_size, params.seed, family, images.pixels)
+                images.apply(mllm.processor)
                 n_params = sum(p.numel() for p in mllm.model.parameters())
+                visual_tokens = mllm.visual_token_count(load_image(datasets[0].train.path.iloc[0]))
                 print(
-                    f"tiny {family}: {n_params / 1e6:.2f}M parameters, {len(examples)} pre-training examples, vocabulary {len(mllm.tokenizer)}"
+                    f"tiny {family}: {n_params / 1e6:.2f}M parameters, {visual_tokens} visual tokens per image, "
+                    f"{len(examples)} pre-training examples, vocabulary {len(mllm.tokenizer)}"
                 )
                 sft.train(
                     mllm,
@@ -81,50 +91,32 @@ def main() -> None:
                             "model": params.model.base,
                             "parameters": n_params,
                             "examples": len(examples),
+                            "visual_tokens_per_image": visual_tokens,
                             "image_splitting": params.model.image_splitting,
+                            "qwen_pixels": list(images.pixels),
                         },
                     )
                 diagnosis, samples = diagnose(mllm, datasets, params.seed)
-                metrics.update(diagnosis)
+                metrics.update(diagnosis, visual_tokens_per_image=visual_tokens)
                 for name, (caption, knowledge, choice) in samples.items():
                     print(
                         f"{name}: caption of a test image: {caption}\n{name}: knowledge: {knowledge}\n{name}: multiple choice answer: {choice!r}"
                     )
             else:
-                record = {**check_mllm(params.model.base), "image_splitting": params.model.image_splitting}
+                record = {
+                    **check_mllm(params.model.base),
+                    "image_splitting": params.model.image_splitting,
+                    "qwen_pixels": [params.model.qwen_pixels.min, params.model.qwen_pixels.max],
+                }
                 with atomic_path(BASE) as tmp:
                     tmp.mkdir()
                     write_json(tmp / "base.json", record)
                 print(f"base MLLM: {record['model']} ({record.get('revision') or 'local files hashed'})")
-            if params.model.clip == "tiny":
-                from finedefics.models.clip import train_prompt, train_tiny, zero_shot_accuracy
-
-                images, texts = [], []
-                data = {n: load_prepared(n) for n in world}
-                for ds in data.values():
-                    images += list(ds.train.path)
-                    texts += [train_prompt(ds.names[label], ds.super_category) for label in ds.train.label]
-                with atomic_path(CLIP) as tmp:
-                    clip = train_tiny(
-                        params.bootstrap.clip,
-                        params.world.image_size,
-                        images,
-                        texts,
-                        params.seed,
-                        tmp,
-                        log=run.every(10, prefix="clip_"),
-                    )
-                for name, ds in data.items():
-                    acc = zero_shot_accuracy(
-                        clip, list(ds.test.path), list(ds.test.label), ds.names, params.model.clip_prompt
-                    )
-                    metrics[f"{name}/clip_zero_shot_accuracy"] = acc
-            else:
-                record = check_clip(params.model.clip)
-                with atomic_path(CLIP) as tmp:
-                    tmp.mkdir()
-                    write_json(tmp / "clip.json", record)
-                print(f"CLIP: {record['model']}")
+            for spec, folder, seed, role in (
+                (params.model.clip, CLIP, params.seed, "mining"),
+                (params.model.clip_baseline, CLIP_BASELINE, params.seed + 1, "baseline"),
+            ):
+                metrics.update(clip(params, spec, folder, seed, role, world, run))
             write_json(METRICS, metrics)
             run.log_metrics(metrics)
     except (ModelNotAvailable, ValueError, OSError) as err:
@@ -132,6 +124,41 @@ def main() -> None:
         raise SystemExit(1) from None
     if metrics:
         print(json.dumps(metrics, indent=2))
+
+
+def clip(params, spec: str, folder: Path, seed: int, role: str, world: list[str], run) -> dict[str, float]:
+    """A tiny CLIP trained on the world's train images with `seed` (its zero-shot top-1 over every
+    class returned), or a published one's record; `role` the CLIP that mines (`mining`) or the
+    baseline of evaluate@clip that does not (`baseline`)."""
+    from finedefics.data.prepared import load_prepared
+    from finedefics.io import atomic_path, write_json
+    from finedefics.models.resolve import check_clip
+
+    if spec != "tiny":
+        record = check_clip(spec, "model.clip" if role == "mining" else "model.clip_baseline")
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            write_json(tmp / "clip.json", record)
+        print(f"CLIP ({role}): {record['model']}")
+        return {}
+    from finedefics.models.clip import train_prompt, train_tiny, zero_shot_accuracy
+
+    images, texts = [], []
+    data = {n: load_prepared(n) for n in world}
+    for ds in data.values():
+        images += list(ds.train.path)
+        texts += [train_prompt(ds.names[label], ds.super_category) for label in ds.train.label]
+    prefix = "clip_" if role == "mining" else "clip_baseline_"
+    with atomic_path(folder) as tmp:
+        model = train_tiny(
+            params.bootstrap.clip, params.world.image_size, images, texts, seed, tmp, log=run.every(10, prefix=prefix)
+        )
+    return {
+        f"{name}/{prefix}zero_shot_accuracy": zero_shot_accuracy(
+            model, list(ds.test.path), list(ds.test.label), ds.names, params.model.clip_prompt
+        )
+        for name, ds in data.items()
+    }
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def stage_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Paths of a tiny Idefics2 ("vlm") and a tiny Mistral ("lm") sharing one trained tokenizer."""
+    """Paths of a tiny Idefics2 ("vlm") and a tiny Mistral ("lm") sharing one trained tokenizer, and a
+    tiny Qwen2.5-VL ("qwen")."""
     from tiny_models import build
 
     return build(tmp_path_factory.mktemp("tiny_models"))

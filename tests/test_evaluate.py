@@ -56,6 +56,12 @@ def test_prompt_is_byte_equal_to_foci():
         ("llava", "D ASSISTANT: A", "D"),
         ("llava", "ASSISTANT: B", None),
         ("llava", "1", None),
+        # Qwen2.5-VL: FOCI keeps what precedes a repeated "assistant" marker
+        ("qwen2_5_vl", "B", "B"),
+        ("qwen2_5_vl", "C. Sooty_Albatross", "C"),
+        ("qwen2_5_vl", "Answer: C", "A"),
+        ("qwen2_5_vl", "D\nassistant\nA", "D"),
+        ("qwen2_5_vl", "assistant\nB", None),
     ],
 )
 def test_parser_reads_answers_as_foci_does_per_family(family, output, want):
@@ -193,6 +199,24 @@ def test_unreadable_images_are_counted_as_failures_not_skipped(tiny_models, tmp_
     assert all(r["predicted"] == f"NA ### {UNREADABLE}" and r["correct"] == "a" for r in results[1:3])
     assert results[0]["predicted_raw"] == results[3]["predicted_raw"]  # batching and padding do not change answers
     assert score(results).failure_rate >= 0.5
+
+
+def test_qwen_answers_its_chat_template_and_writes_foci_predictions(tiny_models, tmp_path):
+    """The tiny Qwen2.5-VL evaluates through its ChatML template (the FOCI question in the user turn
+    after the image, the answer after "assistant\\n"); every prediction is an option or a failure."""
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), "red").save(image)
+    mllm = MLLM.load(tiny_models["qwen"])
+    prompt = mllm.prompt(mc_question(query("birds"), ["a", "b", "c", "d"]))
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert "<|vision_start|><|image_pad|><|vision_end|>Which of these birds" in prompt
+    entries = [Item(f"img{i}", str(image), "a", options) for i, options in enumerate([list("abcd"), list("dcba")])]
+    results = evaluate(mllm, "birds", entries, batch_size=2)
+    assert all(r["predicted"] in r["options"] or r["predicted"].startswith("NA ### ") for r in results)
+    for r in results:
+        letter = parse_choice(r["predicted_raw"], "qwen2_5_vl")
+        assert r["predicted"] == (r["options"]["ABCD".index(letter)] if letter else "NA ### " + r["predicted_raw"])
+    assert score(results).n == 2
 
 
 def test_normalised_names():

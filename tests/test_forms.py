@@ -24,7 +24,7 @@ from finedefics.align.train import fit_config
 from finedefics.cli import app
 from finedefics.config import ConfigError, LoraConfig, ModelConfig, Params, load_params, parse_params
 from finedefics.models.clip import class_prompt
-from finedefics.models.mllm import MLLM, load_processor
+from finedefics.models.mllm import MLLM, ImageSettings, load_processor
 from finedefics.models.representations import Representations, text_ids
 from finedefics.models.sft import ChatExample, encode
 from finedefics.protocol import foci_user_text, mc_question, query
@@ -115,7 +115,7 @@ def hub_like(tiny_models, tmp_path_factory):
     """The tiny Idefics2 with its processor saved as the hub's idefics2-8b ships it: splitting on."""
     folder = tmp_path_factory.mktemp("hub") / "idefics2"
     shutil.copytree(tiny_models["vlm"], folder)
-    load_processor(folder, image_splitting=True).save_pretrained(folder)
+    load_processor(folder, ImageSettings(image_splitting=True)).save_pretrained(folder)
     assert AutoProcessor.from_pretrained(folder).image_processor.do_image_splitting
     return folder
 
@@ -124,7 +124,7 @@ def test_idefics2_processors_load_with_image_splitting_off(hub_like):
     image = Image.new("RGB", (64, 64), "red")
     crops = {}
     for splitting in (False, True):
-        processor = load_processor(hub_like, splitting)
+        processor = load_processor(hub_like, ImageSettings(splitting))
         prompt = MLLM(None, processor).prompt("Which bird?")
         batch = processor(text=[prompt], images=[[image]], return_tensors="pt")
         crops[splitting] = batch["pixel_values"].shape[1]
@@ -136,10 +136,10 @@ def test_idefics2_processors_load_with_image_splitting_off(hub_like):
     assert load_params(REPO / "configs" / "release.yaml").model.image_splitting is False
 
 
-def test_every_processor_is_loaded_through_the_splitting_switch():
+def test_every_processor_is_loaded_through_the_image_settings():
     """Training, merging (the processor saved with the merged model), evaluation, analysis and
     `predict` load processors only through `load_processor` / `MLLM.load`, and the stages pass
-    `model.image_splitting`."""
+    `model.image_splitting` and `model.qwen_pixels` (`ImageSettings.of(params.model)`)."""
     sources = {p: p.read_text() for p in [*(REPO / "src").rglob("*.py"), *(REPO / "stages").glob("*.py")]}
     direct = {p.name for p, text in sources.items() if "AutoProcessor.from_pretrained(" in text}
     assert direct == {"mllm.py", "resolve.py"}  # resolve: an offline check that the processor loads
@@ -150,7 +150,7 @@ def test_every_processor_is_loaded_through_the_splitting_switch():
         if "def " not in line
     ]
     staged = [(name, args) for name, args in calls if name in {"evaluate.py", "analyze.py", "train.py"}]
-    assert len(staged) == 3 and all("image_splitting" in args for _, args in staged)
+    assert len(staged) == 3 and all("ImageSettings.of(params.model)" in args for _, args in staged)
 
 
 def _image(tmp_path, colour="red"):

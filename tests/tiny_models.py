@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from finedefics.attributes.prompts import DISCOVER, EXTRACT, SUMMARIZE
-from finedefics.models.tiny import TinySizes, build_causal_lm, build_idefics2
-from finedefics.models.tokenizer import train_tokenizer
+from finedefics.models.tiny import TinySizes, build_causal_lm, build_idefics2, build_qwen2_5_vl
+from finedefics.models.tokenizer import QWEN_FORMAT, train_tokenizer
 
 CORPUS = [
     DISCOVER,
@@ -20,12 +20,16 @@ CORPUS = [
 
 
 def build(root: Path) -> dict[str, Path]:
-    """A tiny Idefics2 (VLM) and a tiny Mistral (LM) with one trained tokenizer, saved under root."""
+    """A tiny Idefics2 (VLM) and a tiny Mistral (LM) with one trained tokenizer, and a tiny
+    Qwen2.5-VL ("qwen") with its own, saved under root."""
     tok = train_tokenizer(CORPUS, vocab_size=400)
     sizes = TinySizes()
     vlm, processor = build_idefics2(tok, sizes)
     lm = build_causal_lm(tok, sizes)
-    paths = {"vlm": root / "vlm", "lm": root / "lm"}
+    qwen, qwen_processor = build_qwen2_5_vl(train_tokenizer(CORPUS, 400, QWEN_FORMAT), sizes, (4096, 4096))
+    paths = {"vlm": root / "vlm", "lm": root / "lm", "qwen": root / "qwen"}
+    qwen.save_pretrained(paths["qwen"])
+    qwen_processor.save_pretrained(paths["qwen"])
     vlm.save_pretrained(paths["vlm"])
     processor.save_pretrained(paths["vlm"])
     lm.save_pretrained(paths["lm"])

@@ -133,23 +133,45 @@ class LoraConfig(Schema):
     modules: list[Literal["text_model", "connector", "vision_model"]] = ["text_model", "connector"]
 
 
-class ModelConfig(Schema):
-    """Base MLLM, CLIP for mining, and how they are fine-tuned (Table 4)."""
+class PixelRange(Schema):
+    """Qwen2.5-VL's processor resizes each image to between `min` and `max` pixels (aspect kept, sides
+    multiples of 28 at paper scale, 16 on the world's tiny base): one visual token per 28x28 pixels."""
 
-    base: str = "tiny"  # "tiny" / "tiny-llava" (built by `bootstrap`, Idefics2 / LLaVA-1.5), a hub id or a local path
+    min: int = Field(4096, ge=256)
+    max: int = Field(4096, ge=256)
+
+    @field_validator("max")
+    @classmethod
+    def _at_least_min(cls, v: int, info: Any) -> int:
+        if v < info.data.get("min", 0):
+            raise ValueError(f"must be at least min ({info.data['min']})")
+        return v
+
+
+class ModelConfig(Schema):
+    """Base MLLM, CLIP for mining, the CLIP baseline, and how they are fine-tuned (Table 4)."""
+
+    # "tiny" / "tiny-llava" / "tiny-qwen2.5-vl" (built by `bootstrap`: Idefics2 / LLaVA-1.5 / Qwen2.5-VL),
+    # or an Idefics2 / LLaVA-1.5 / Qwen2.5-VL hub id or local path
+    base: str = "tiny"
     clip: str = "tiny"  # "tiny" (built by `bootstrap`) or "<open_clip name>:<pretrained tag>"
+    # evaluate@clip's second CLIP, one that did not pick the options: "tiny" (bootstrap trains another
+    # tiny CLIP with seed + 1) or "<open_clip name>:<pretrained tag>" (paper scale: a SigLIP)
+    clip_baseline: str = "tiny"
     finetune: Literal["qlora", "lora", "full"] = "full"  # the world's from-scratch tiny LM needs every weight
     lora: LoraConfig = LoraConfig()
     prepare_kbit: bool = True  # qlora: peft's prepare_model_for_kbit_training (the release does not call it)
     merge_into: Literal["dequantised", "original"] = "dequantised"  # qlora: the base the adapters merge into
     image_splitting: bool = False  # Idefics2's processor: 5 crops per image (the hub's default) or one image
+    qwen_pixels: PixelRange = PixelRange()  # Qwen2.5-VL's processor: fixed so the visual tokens per image are known
     clip_prompt: str = "a photo of a {name}."  # CLIP's text for a class (mining; the world's options)
 
-    @field_validator("base", "clip")
+    @field_validator("base", "clip", "clip_baseline")
     @classmethod
     def _not_blank(cls, v: str, info: Any) -> str:
         if not v.strip():
-            wanted = {"base": "a hub id (org/name) or a local folder", "clip": "<architecture>:<pretrained tag>"}
+            clip = "<architecture>:<pretrained tag>"
+            wanted = {"base": "a hub id (org/name) or a local folder", "clip": clip, "clip_baseline": clip}
             raise ValueError(f"must not be empty: tiny, {wanted[info.field_name]}")
         return v
 

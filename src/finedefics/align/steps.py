@@ -18,7 +18,7 @@ from finedefics.align.losses import (
     stage1_total,
 )
 from finedefics.models.mllm import MLLM
-from finedefics.models.representations import Representations, last, pixels, text_ids
+from finedefics.models.representations import Representations, Visual, last, pixels, text_ids
 from finedefics.models.sft import ChatExample, answer_loss, chat_loss, encode
 from finedefics.protocol import describe_question
 
@@ -58,10 +58,10 @@ class Stage1:
         reps = self.reader.encode_texts(self._ids(list(where)))
         return reps[torch.tensor([where[t] for t in texts], device=reps.device)]
 
-    def representations(self, rows: pd.DataFrame, visual: torch.Tensor) -> Batch:
+    def representations(self, rows: pd.DataFrame, visual: Visual) -> Batch:
         """ô, â, ĉ (and the negatives' â, ĉ) of a micro-batch whose images' visual tokens are `visual`."""
         reader, B = self.reader, len(rows)
-        device = visual.device
+        device = visual.tokens[0].device
         o = last(*reader.visual_states(visual))
         descriptions = list(rows.description)
         neg_descriptions = [d for ds in rows.negative_descriptions for d in ds] if self.negatives else []
@@ -88,7 +88,7 @@ class Stage1:
         labels = torch.tensor([self.class_index[n] for n in categories], device=device)
         return Batch(o, a, c, labels, a_hn, c_hn)
 
-    def generation_loss(self, rows: pd.DataFrame, visual: torch.Tensor) -> torch.Tensor:
+    def generation_loss(self, rows: pd.DataFrame, visual: Visual) -> torch.Tensor:
         """L_G^att: the description as the answer to "Describe this {super_category} in detail.", the
         images' visual tokens (`visual`) shared with the representations."""
         examples = [

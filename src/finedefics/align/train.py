@@ -16,7 +16,7 @@ from finedefics.align.steps import Stage1, Stage2, alignment
 from finedefics.artefacts import STAGE1, STAGE2
 from finedefics.config import Params, StageTrainConfig
 from finedefics.io import atomic_path, write_json
-from finedefics.models.mllm import MLLM, load_processor
+from finedefics.models.mllm import MLLM, ImageSettings, load_processor
 from finedefics.models.paths import resolve
 from finedefics.training import FitConfig, fit, model_fingerprint, plan, process, resume_dir
 
@@ -77,7 +77,7 @@ def train(
     device, main = process()
     torch.manual_seed(params.train.seed)  # LoRA initialisation and dropout; `plan` below orders the data
     model = load_trainable(source, params.model, params.train.gradient_checkpointing, device)
-    mllm = MLLM(model, load_processor(resolve(source), params.model.image_splitting))
+    mllm = MLLM(model, load_processor(resolve(source), ImageSettings.of(params.model)))
     align, sequence = params.align, params.train.generation_loss == "sequence"
     temperature = Temperatures(align.temperature, two=align.temperatures == "two", learn=align.learn_temperature)
     s1, s2 = STAGE1.read(inputs.stage1), STAGE2.read(inputs.stage2)

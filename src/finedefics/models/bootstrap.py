@@ -21,8 +21,8 @@ from finedefics.io import load_image
 from finedefics.models import world_text as wt
 from finedefics.models.mllm import MLLM
 from finedefics.models.sft import ChatExample, iterate
-from finedefics.models.tiny import TinySizes, build_idefics2, build_llava
-from finedefics.models.tokenizer import CHAT_TEMPLATE, train_tokenizer
+from finedefics.models.tiny import TinySizes, build_idefics2, build_llava, build_qwen2_5_vl
+from finedefics.models.tokenizer import IDEFICS2_FORMAT, QWEN_FORMAT, ChatFormat, train_tokenizer
 from finedefics.protocol import describe_question, mc_question, open_question, parse_choice, query, shuffled
 
 
@@ -71,13 +71,15 @@ def pretraining_examples(datasets: list[PreparedDataset], seed: int, knowledge_r
     return examples
 
 
-def tokenizer_corpus(datasets: list[PreparedDataset], examples: list[ChatExample]) -> list[str]:
+def tokenizer_corpus(
+    datasets: list[PreparedDataset], examples: list[ChatExample], fmt: ChatFormat = IDEFICS2_FORMAT
+) -> list[str]:
     """Everything the pipeline will say in the world, as chat turns: the examples, the FOCI
     prompt, open-set questions and the train images' scenes (the test set's size must not change
-    the base). Rendered through the chat template, so that
+    the base). Rendered through `fmt`'s chat template, so that
     "User" and "Assistant" become single tokens (split in pieces, "Assistant" starts with the
     letter A, which confuses the one-letter answers of multiple choice)."""
-    template = Environment().from_string(CHAT_TEMPLATE)
+    template = Environment().from_string(fmt.template)
     turns = [(e.question, e.answer) for e in examples]
     for ds in datasets:
         names = ds.names
@@ -91,14 +93,24 @@ def tokenizer_corpus(datasets: list[PreparedDataset], examples: list[ChatExample
 
 
 def build_base(
-    datasets: list[PreparedDataset], cfg: TinyMLLMConfig, image_size: int, seed: int, family: str = "idefics2"
+    datasets: list[PreparedDataset],
+    cfg: TinyMLLMConfig,
+    image_size: int,
+    seed: int,
+    family: str = "idefics2",
+    pixels: tuple[int, int] | None = None,
 ) -> tuple[MLLM, list[ChatExample]]:
-    """The tokenizer trained on the world's text and a randomly initialised tiny Idefics2 (or
-    LLaVA-1.5, `family="llava"`, for Table 4)."""
+    """The tokenizer trained on the world's text and a randomly initialised tiny Idefics2 (or, for
+    Table 4, LLaVA-1.5: `family="llava"`; Qwen2.5-VL: `"qwen2_5_vl"`, images resized to `pixels`
+    = (min, max) pixels, the whole image by default)."""
     examples = pretraining_examples(datasets, seed)
-    tok = train_tokenizer(tokenizer_corpus(datasets, examples), cfg.vocab_size)
-    build = {"idefics2": build_idefics2, "llava": build_llava}[family]
-    model, processor = build(tok, TinySizes.of(cfg, image_size), seed)
+    fmt = QWEN_FORMAT if family == "qwen2_5_vl" else IDEFICS2_FORMAT
+    tok = train_tokenizer(tokenizer_corpus(datasets, examples, fmt), cfg.vocab_size, fmt)
+    sizes = TinySizes.of(cfg, image_size)
+    if family == "qwen2_5_vl":
+        model, processor = build_qwen2_5_vl(tok, sizes, pixels or (image_size**2, image_size**2), seed)
+    else:
+        model, processor = {"idefics2": build_idefics2, "llava": build_llava}[family](tok, sizes, seed)
     return MLLM(model, processor), examples
 
 

@@ -1,8 +1,9 @@
 """A loaded multimodal model with its processor: chat prompts, batched generation, visual tokens.
 
-The families of `models.families` (Idefics2, LLaVA-1.5) expose their visual tokens (the connector's output), so one image can be
-encoded once and shared by a batch of questions; other image-text-to-text models (BLIP-2, ...)
-fall back to a plain batch with the image repeated.
+The families of `models.families` expose their visual tokens (the connector's output). Where the
+LLM takes them with its default positions (Idefics2, LLaVA-1.5), one image is encoded once and
+shared by a batch of questions; Qwen2.5-VL (3D positions) and other image-text-to-text models
+(BLIP-2, ...) answer a plain batch with the image repeated.
 """
 
 from __future__ import annotations
@@ -17,17 +18,33 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from finedefics.models.families import FAMILIES
 
 
-def set_image_splitting(processor, image_splitting: bool):
-    """Idefics2's image splitting set explicitly (the hub's idefics2-8b splits each image into 4
-    crops + the whole: 320 visual tokens instead of 64); other families have no such setting."""
-    if hasattr(processor.image_processor, "do_image_splitting"):
-        processor.image_processor.do_image_splitting = image_splitting
-    return processor
+@dataclass(frozen=True)
+class ImageSettings:
+    """How a processor sizes images, set explicitly so the visual tokens per image are known:
+    Idefics2's image splitting (the hub's idefics2-8b splits each image into 4 crops + the whole:
+    320 visual tokens instead of 64) and Qwen2.5-VL's pixel range (model.qwen_pixels: each image is
+    resized to between min and max pixels, one visual token per 28x28 at paper scale)."""
+
+    image_splitting: bool = False
+    pixels: tuple[int, int] | None = None  # (min, max); None keeps the processor's own
+
+    @classmethod
+    def of(cls, cfg) -> ImageSettings:
+        """The settings of a `ModelConfig`."""
+        return cls(cfg.image_splitting, (cfg.qwen_pixels.min, cfg.qwen_pixels.max))
+
+    def apply(self, processor):
+        images = processor.image_processor
+        if hasattr(images, "do_image_splitting"):
+            images.do_image_splitting = self.image_splitting
+        if self.pixels is not None and type(images).__name__.startswith("Qwen2VL"):
+            images.size = {"shortest_edge": self.pixels[0], "longest_edge": self.pixels[1]}
+        return processor
 
 
-def load_processor(path: str | Path, image_splitting: bool = False):
-    """The processor saved with a model, image splitting set (`set_image_splitting`)."""
-    return set_image_splitting(AutoProcessor.from_pretrained(str(path)), image_splitting)
+def load_processor(path: str | Path, images: ImageSettings = ImageSettings()):
+    """The processor saved with a model, its image sizing set (`ImageSettings`)."""
+    return images.apply(AutoProcessor.from_pretrained(str(path)))
 
 
 def embed_with_visual(model, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
@@ -44,10 +61,10 @@ class MLLM:
     processor: object
 
     @classmethod
-    def load(cls, path: str | Path, image_splitting: bool = False, dtype: torch.dtype | None = None) -> MLLM:
+    def load(cls, path: str | Path, images: ImageSettings = ImageSettings(), dtype: torch.dtype | None = None) -> MLLM:
         model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
         model.eval()
-        return cls(model, load_processor(path, image_splitting))
+        return cls(model, load_processor(path, images))
 
     @property
     def family(self) -> str:
@@ -69,6 +86,11 @@ class MLLM:
             return text  # BLIP-2 style: the raw "Question: ... Answer:" prompt
         content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def visual_token_count(self, image: Image.Image) -> int:
+        """How many image-token slots the processor gives `image` in a prompt."""
+        ids = self.processor(text=[self.prompt("")], images=[[image]], return_tensors="pt")["input_ids"]
+        return int((ids == self.model.config.image_token_id).sum())
 
     @torch.no_grad()
     def visual_tokens(self, images: list[Image.Image]) -> list[torch.Tensor]:
@@ -96,7 +118,7 @@ class MLLM:
     @torch.no_grad()
     def generate_shared_image(self, prompts: list[str], image: Image.Image, max_new_tokens: int) -> list[str]:
         """Answers to several questions about one image, encoding the image once where possible."""
-        if self.family not in FAMILIES:
+        if self.family not in FAMILIES or FAMILIES[self.family].rotary_3d:
             return self.generate(prompts, [image] * len(prompts), max_new_tokens)
         self.tokenizer.padding_side = "left"
         inputs = self.processor(text=prompts, images=[[image]] * len(prompts), return_tensors="pt", padding=True)

@@ -2,8 +2,9 @@
 
 An object is its visual tokens (the connector's output) followed by an EOS embedding, run through
 the LLM; a text is its tokens and an appended EOS. The representation is the last-layer state at
-that EOS (or, for the analyses, the states averaged over the sequence). Everything goes through the
-models' public submodules; nothing in the libraries is patched.
+that EOS (or, for the analyses, the states averaged over the sequence). Qwen2.5-VL's visual tokens
+keep the 3D rotary positions its own forward gives an image at the start of a sequence. Everything
+goes through the models' public submodules; nothing in the libraries is patched.
 """
 
 from __future__ import annotations
@@ -15,6 +16,19 @@ import torch
 from finedefics.io import load_image
 from finedefics.models.families import Family, family_of
 from finedefics.models.mllm import embed_with_visual
+
+
+@dataclass
+class Visual:
+    """The connector's output for a batch of images: a (tokens, hidden) tensor per image (Qwen2.5-VL's
+    count depends on the image's size), and the image grids where the family has them."""
+
+    tokens: list[torch.Tensor]
+    grid: torch.Tensor | None = None  # Qwen2.5-VL's image_grid_thw
+
+    def flat(self) -> torch.Tensor:
+        """Every visual token in order: what fills the image-token slots of a batch."""
+        return torch.cat(self.tokens)
 
 
 def unwrap(model):
@@ -43,32 +57,55 @@ class Representations:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return unwrap(self.model).get_input_embeddings()(ids)
 
-    def states(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def states(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The LLM's last-layer states of right-padded input embeddings."""
-        return self.text_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return self.text_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
 
-    def visual(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(images, tokens, hidden): the connector's output for the image processor's tensors."""
-        return self.family.visual_tokens(unwrap(self.model), pixels)
+    def visual(self, pixels: dict[str, torch.Tensor]) -> Visual:
+        """The connector's output for the image processor's tensors."""
+        return Visual(self.family.visual_tokens(unwrap(self.model), pixels), pixels.get("image_grid_thw"))
 
     def object_states(self, pixels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(states, mask) of each image's visual tokens followed by an EOS embedding."""
         return self.visual_states(self.visual(pixels))
 
-    def visual_states(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`object_states` of visual tokens already computed (`visual`)."""
-        eos = self.embed(torch.full((len(visual), 1), self.eos_id, dtype=torch.long, device=visual.device))
-        embeds = torch.cat([visual, eos.to(visual.dtype)], dim=1)
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=visual.device)
-        return self.states(embeds, mask), mask
+    def visual_states(self, visual: Visual) -> tuple[torch.Tensor, torch.Tensor]:
+        """`object_states` of visual tokens already computed (`visual`), right-padded."""
+        model = unwrap(self.model)
+        counts = [len(t) for t in visual.tokens]
+        width = max(counts) + 1
+        device = visual.tokens[0].device
+        image_id = model.config.image_token_id
+        ids = torch.full((len(counts), width), self.eos_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, n in enumerate(counts):
+            ids[i, :n] = image_id
+            mask[i, : n + 1] = 1
+        embeds = embed_with_visual(model, ids, visual.flat())
+        positions = self.family.positions(
+            model,
+            {
+                "input_ids": ids,
+                "mm_token_type_ids": (ids == image_id).int(),
+                "image_grid_thw": visual.grid,
+                "attention_mask": mask,
+            },
+        )
+        return self.states(embeds, mask, positions), mask
 
-    def with_visual(self, batch: dict[str, torch.Tensor], visual: torch.Tensor) -> dict[str, torch.Tensor]:
+    def with_visual(self, batch: dict[str, torch.Tensor], visual: Visual) -> dict[str, torch.Tensor]:
         """A processor batch (one image per sample) with its pixels replaced by input embeddings
-        that carry `visual` in the image-token slots: the model's forward without the vision tower."""
-        batch = {k: v for k, v in batch.items() if k not in ("pixel_values", "pixel_attention_mask")}
-        ids = batch.pop("input_ids").to(visual.device)
-        batch["inputs_embeds"] = embed_with_visual(unwrap(self.model), ids, visual)
-        return batch
+        that carry `visual` in the image-token slots (and, for Qwen2.5-VL, the positions its forward
+        would derive): the model's forward without the vision tower."""
+        model = unwrap(self.model)
+        device = visual.tokens[0].device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        positions = self.family.positions(model, batch)
+        out = {k: v for k, v in batch.items() if k in ("attention_mask", "labels")}
+        out["inputs_embeds"] = embed_with_visual(model, batch["input_ids"], visual.flat())
+        if positions is not None:
+            out["position_ids"] = positions
+        return out
 
     def text_states(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(states, mask) of each token sequence with EOS appended, in one right-padded pass."""

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-MLLM_TYPES = ("idefics2", "llava")
+MLLM_TYPES = ("idefics2", "llava", "qwen2_5_vl")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 

@@ -31,7 +31,8 @@ def encode(mllm: MLLM, examples: list[ChatExample]) -> dict[str, torch.Tensor]:
     images = {"images": [[load_image(e.image)] for e in examples]} if with_image else {}
     prompts = [mllm.prompt(e.question, image=with_image) for e in examples]
     end = mllm.turn_end
-    full = [f"{p} {e.answer}{end}" for p, e in zip(prompts, examples)]
+    # the answer after a space ("Assistant: A"), or straight after a prompt ending in a newline (Qwen's)
+    full = [p + ("" if p.endswith("\n") else " ") + e.answer + end for p, e in zip(prompts, examples)]
     mllm.tokenizer.padding_side = "right"
     batch = mllm.processor(text=full, return_tensors="pt", padding=True, **images)
     prompt_lens = mllm.processor(text=prompts, return_tensors="pt", padding=True, **images)["attention_mask"].sum(1)

@@ -164,3 +164,69 @@ def build_llava(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0):
         num_additional_image_tokens=1,
     )
     return model, processor
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Qwen2.5-VL's split of a head's rotary frequencies over (time, height, width); the hub's
+    [16, 24, 24] for 128-wide heads, scaled to `head_dim`."""
+    half = head_dim // 2
+    spatial = (half - half // 4) // 2
+    return [half - 2 * spatial, spatial, spatial]
+
+
+def build_qwen2_5_vl(tok: PreTrainedTokenizerFast, sizes: TinySizes, pixels: tuple[int, int], seed: int = 0):
+    """A randomly initialised tiny Qwen2.5-VL (windowed ViT, 2x2 patch merger, Qwen2 LM with
+    multimodal rotary positions) and its processor, resizing images to `pixels` = (min, max) pixels."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from finedefics.models.tokenizer import QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_END, QWEN_VISION_START
+
+    ids = tok.convert_tokens_to_ids
+    text = _text_config(tok, sizes).to_dict()
+    text.update(
+        bos_token_id=None,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": _mrope_section(sizes.hidden // sizes.heads),
+        },
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(
+            depth=sizes.vision_layers,
+            hidden_size=sizes.vision_hidden,
+            intermediate_size=2 * sizes.vision_hidden,
+            num_heads=sizes.heads,
+            patch_size=sizes.patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=sizes.image_size,  # one attention window per image at the world's size
+            fullatt_block_indexes=[sizes.vision_layers - 1],
+            out_hidden_size=sizes.hidden,
+        ),
+        image_token_id=ids(QWEN_IMAGE),
+        video_token_id=ids(QWEN_VIDEO),
+        vision_start_token_id=ids(QWEN_VISION_START),
+        vision_end_token_id=ids(QWEN_VISION_END),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tok.eos_token_id, tok.pad_token_id], pad_token_id=tok.pad_token_id, do_sample=False
+    )
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=pixels[0], max_pixels=pixels[1], patch_size=sizes.patch, merge_size=2, temporal_patch_size=2
+    )
+    video_processor = Qwen2VLVideoProcessor(patch_size=sizes.patch, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=tok.chat_template
+    )
+    return model, processor
