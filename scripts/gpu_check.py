@@ -4,8 +4,12 @@
    steps on a small world: step time and peak memory.
 2. One Stage I forward + backward of the full-width Idefics2-8b architecture (random weights,
    4-bit) with 2 and 4 LLM layers at per-device batch 2, extrapolated linearly to 32 layers.
+3. The same for Qwen2.5-VL-7B-Instruct's architecture (32-block windowed ViT, patch merger, Qwen2-7B
+   width) on 448x448 images (256 visual tokens, configs/qwen2.5-vl.yaml), extrapolated to 28 layers.
+`--only idefics2` or `--only qwen2.5-vl` runs one of 2 and 3 (1 always runs).
 """
 
+import argparse
 import json
 import sys
 import tempfile
@@ -15,7 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+from transformers import (
+    Idefics2Config,
+    Idefics2ForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -101,7 +110,64 @@ def idefics2_8b(layers: int, image_token_id: int) -> Idefics2Config:
     )
 
 
+def qwen2_5_vl_7b(layers: int, tokens: dict[str, int]) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-7B-Instruct's published architecture with `layers` LLM layers; `tokens` the special
+    token ids of the tiny tokenizer the check runs with (all below the 7B vocabulary)."""
+    return Qwen2_5_VLConfig(
+        vision_config={
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "out_hidden_size": 3584,
+        },
+        text_config={
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "vocab_size": 152064,
+            "max_position_embeddings": 128000,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+            "tie_word_embeddings": False,
+        },
+        tie_word_embeddings=False,
+        **tokens,
+    )
+
+
+def full_width(name: str, build, processor, folder: Path, rows: pd.DataFrame, last: int) -> dict:
+    """Peak memory of a Stage I step at per-device batch 2 with 2 and 4 LLM layers of the model that
+    `build(layers)` configures, extrapolated to `last` layers."""
+    peaks = {}
+    for layers in (2, 4):
+        where = folder / f"{name}-{layers}"
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            build(layers).to(torch.bfloat16).save_pretrained(where)
+        torch.cuda.empty_cache()
+        processor.save_pretrained(where)
+        peaks[layers] = qlora_steps(where, rows, batch=2, steps=2)
+        print(name, layers, json.dumps(peaks[layers]), flush=True)
+    per_layer = (peaks[4]["peak_gib"] - peaks[2]["peak_gib"]) / 2
+    return {
+        "peak_gib_2_layers": peaks[2]["peak_gib"],
+        "peak_gib_4_layers": peaks[4]["peak_gib"],
+        f"peak_gib_{last}_layers_extrapolated": peaks[2]["peak_gib"] + (last - 2) * per_layer,
+        "step_s_4_layers": peaks[4]["step_s"],
+    }
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", choices=["idefics2", "qwen2.5-vl"])
+    only = parser.parse_args().only
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     from tiny_models import build
 
@@ -112,30 +178,32 @@ def main() -> None:
         rows = stage1_rows(tmp / "world")
         report["smoke_qlora_bf16"] = qlora_steps(models["vlm"], rows, batch=8, steps=6)
         print(json.dumps(report["smoke_qlora_bf16"]), flush=True)
-        processor = load_processor(str(models["vlm"]))
-        peaks = {}
-        for layers in (2, 4):
-            folder = tmp / f"idefics2-8b-{layers}"
-            torch.manual_seed(0)
+        if only != "idefics2":
+            processor = load_processor(str(models["qwen"]))
+            ids = processor.tokenizer.convert_tokens_to_ids
+            tokens = {
+                "image_token_id": ids("<|image_pad|>"),
+                "video_token_id": ids("<|video_pad|>"),
+                "vision_start_token_id": ids("<|vision_start|>"),
+                "vision_end_token_id": ids("<|vision_end|>"),
+            }
+            processor.image_processor.patch_size = 14  # the 7B's patches and its merger's 2x2
+            processor.image_processor.size = {"shortest_edge": 448 * 448, "longest_edge": 448 * 448}
+            model = lambda layers: Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_7b(layers, tokens))  # noqa: E731
+            report["qwen2_5_vl_7b"] = {
+                **full_width("qwen2.5-vl-7b", model, processor, tmp, rows, 28),
+                "image_pixels": "448x448 (model.qwen_pixels of configs/qwen2.5-vl.yaml: 256 visual tokens)",
+            }
+        if only != "qwen2.5-vl":
+            processor = load_processor(str(models["vlm"]))
             image_token = processor.tokenizer.convert_tokens_to_ids("<image>")  # the tiny tokenizer: ids below 32003
-            with torch.device("cuda"):
-                Idefics2ForConditionalGeneration(idefics2_8b(layers, image_token)).to(torch.bfloat16).save_pretrained(
-                    folder
-                )
-            torch.cuda.empty_cache()
             processor.image_seq_len = 64  # the 8b perceiver's latents
             processor.image_processor.size = {"longest_edge": 980, "shortest_edge": 378}  # Idefics2-8b's: 378x378 here
-            processor.save_pretrained(folder)
-            peaks[layers] = qlora_steps(folder, rows, batch=2, steps=2)
-            print(layers, json.dumps(peaks[layers]), flush=True)
-        per_layer = (peaks[4]["peak_gib"] - peaks[2]["peak_gib"]) / 2
-        report["idefics2_8b"] = {
-            "peak_gib_2_layers": peaks[2]["peak_gib"],
-            "peak_gib_4_layers": peaks[4]["peak_gib"],
-            "peak_gib_32_layers_extrapolated": peaks[2]["peak_gib"] + 30 * per_layer,
-            "step_s_4_layers": peaks[4]["step_s"],
-            "image_pixels": "378x378 (square world images at Idefics2-8b's shortest edge), no image splitting",
-        }
+            config = lambda layers: Idefics2ForConditionalGeneration(idefics2_8b(layers, image_token))  # noqa: E731
+            report["idefics2_8b"] = {
+                **full_width("idefics2-8b", model, processor, tmp, rows, 32),
+                "image_pixels": "378x378 (square world images at Idefics2-8b's shortest edge), no image splitting",
+            }
     print(json.dumps(report, indent=2))
 
 

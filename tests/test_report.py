@@ -10,7 +10,17 @@ from conftest import REPO
 from typer.testing import CliRunner
 
 from finedefics.cli import app
-from finedefics.report import EXTRA, TABLES, Row, Table, committed_params, experiments, find, table_md
+from finedefics.report import (
+    EXTRA,
+    TABLES,
+    Row,
+    Table,
+    committed_params,
+    experiments,
+    find,
+    main_table,
+    table_md,
+)
 
 DEFAULT_TREE = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -91,7 +101,7 @@ def seeded_scores(offsets: dict[str, float], n: int = 400):
     drawn = {name: (rng.uniform(size=n) < base + shift).astype(float) for name, shift in offsets.items()}
 
     def scores(e, model_dir):
-        key = e.name if model_dir == "finedefics" else "base"
+        key = e.name if model_dir == "finedefics" else model_dir
         return [{f"i{k}": v for k, v in enumerate(drawn[key])}] * 2
 
     return scores
@@ -130,6 +140,25 @@ def test_a_row_is_resolved_only_when_its_paired_difference_survives_holm_with_se
     assert one[3] == "70.0 [66.0, 74.0]" and one[4] == "1" and one[7] == "no (one seed)"
     assert base[7].startswith("yes") and base[5].startswith("-") and base[9] == "`d0` (base model)"
     assert ours[5] == "(the reference)" and ours[9] == "`d0`, `d1`, `d2`"
+
+
+def test_table2_pairs_the_base_and_both_clips_with_the_final_model():
+    """Table 2's CLIP rows come from the one default experiment that has `metrics/eval_clip.json` (the
+    CLIPs do not depend on the training seed) and are paired with every seed of the final model."""
+    default = committed_params(REPO / "params.yaml")
+    runs = [exp(f"d{s}", {"train.seed": s}, 0.5, f"t{s}") for s in range(3)]
+    clip = {"toy-bird": {"accuracy": 0.7}, "toy-flower": {"accuracy": 0.7}, "average": {"accuracy": 0.7}}
+    weak = {"toy-bird": {"accuracy": 0.5}, "toy-flower": {"accuracy": 0.5}, "average": {"accuracy": 0.5}}
+    runs[2]["revs"][0]["data"]["metrics"]["metrics/eval_clip.json"] = {"data": {"mining": clip, "baseline": weak}}
+    offsets = {f"d{s}": 0.0 for s in range(3)} | {"base": -0.3, "clip/mining": 0.2, "clip/baseline": -0.2}
+    text = main_table(experiments(show(*runs)), default, ["toy-bird", "toy-flower"], seeded_scores(offsets))
+    lines = text.splitlines()
+    row = lambda label: [c.strip() for c in next(x for x in lines if x.startswith(f"| {label}")).split("|")[1:-1]]  # noqa: E731
+    mining, baseline = row("CLIP that mined"), row("CLIP (zero-shot")
+    assert mining[3] == "70.0" and mining[4] == "1" and mining[7].startswith("yes (Holm p")
+    assert float(mining[5].split(" ")[0]) > 10  # +20 points drawn, paired with each of the 3 seeds
+    assert baseline[3] == "50.0" and baseline[5].startswith("-") and baseline[7].startswith("yes (Holm p")
+    assert row("**Finedefics")[5] == "(the reference)" and row("Base model")[7].startswith("yes")
 
 
 def test_report_fills_cells_and_marks_missing_ones(tmp_path):

@@ -63,6 +63,7 @@ MODEL_METRICS = {
     "clip_baseline": ("metrics/eval_clip.json", "baseline"),
 }
 SEEDLESS = ("base", "clip", "clip_baseline")  # models that do not depend on train.seed
+PREDICTIONS = {"final": "finedefics", "base": "base", "clip": "clip/mining", "clip_baseline": "clip/baseline"}
 
 TABLES = (
     Table(
@@ -313,9 +314,10 @@ def _mean(values: list[float | None]) -> float | None:
 
 def compare(row: Row, runs: list[Experiment], reference: list[Experiment], scores: Scores) -> Comparison | None:
     """`row`'s runs against the default's final models, paired on test images and training seeds
-    (a base model, the same for every seed, is paired with each of the default's seeds)."""
-    if row.model == "base":
-        theirs = [scores(e, "base") for e in runs[:1]] * len(reference)
+    (a base model or a CLIP, the same for every seed, is paired with each of the default's seeds)."""
+    if row.model in SEEDLESS:
+        runs = [e for e in runs if metrics_of(e, row.model)]
+        theirs = [scores(e, PREDICTIONS[row.model]) for e in runs[:1]] * len(reference)
     else:
         theirs = [scores(e, "finedefics") for e in runs]
     ours = [scores(e, "finedefics") for e in reference]
@@ -362,20 +364,29 @@ def table_md(table: Table, exps: list[Experiment], default: dict[str, Any], data
     return "\n".join(lines)
 
 
-def main_table(exps: list[Experiment], default: dict[str, Any], datasets: list[str]) -> str:
+def main_table(exps: list[Experiment], default: dict[str, Any], datasets: list[str], scores: Scores) -> str:
     runs = find(exps, default, {})
     lines = ["### Table 2: main result (4-way multiple choice, FOCI protocol, accuracy %)", ""]
-    head = ["Model", *datasets, "Avg. [95% CI]", "seeds"]
+    head = ["Model", *datasets, "Avg. [95% CI]", "seeds", "vs Finedefics [95% CI]", "McNemar p", "resolved"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     rows = (
-        ("Base model (zero-shot)", "base"),
-        ("**Finedefics (ours)**", "final"),
-        ("CLIP that mined the options (zero-shot, 4-way)", "clip"),
-        ("CLIP (zero-shot, 4-way), independent of the options", "clip_baseline"),
+        Row("Base model (zero-shot)", None, model="base"),
+        Row("**Finedefics (ours)**", None),
+        Row("CLIP that mined the options (zero-shot, 4-way)", None, model="clip"),
+        Row("CLIP (zero-shot, 4-way), independent of the options", None, model="clip_baseline"),
     )
-    for label, model in rows:
-        x = cell(runs, model, datasets)
-        lines.append("| " + " | ".join([label, *map(fmt, x.per_dataset), x.text(), str(x.seeds)]) + " |")
+    comparisons = [None if r.model == "final" or not runs else compare(r, runs, runs, scores) for r in rows]
+    adjusted = iter(holm([c.p for c in comparisons if c is not None]))
+    for row, c in zip(rows, comparisons):
+        x = cell(runs, row.model, datasets)
+        diff, p, mark = ("(the reference)", "", "") if row.model == "final" else ("missing", "", "")
+        if c is not None:
+            adj = next(adjusted)
+            diff = f"{100 * c.difference:+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}]"
+            p = ", ".join(f"{v:.2g}" for v in c.mcnemar)
+            mark = f"{'yes' if resolved(c, adj) else 'no'} (Holm p {adj:.2g})" if c.seeds > 1 else "no (one seed)"
+        cells = [row.label, *map(fmt, x.per_dataset), x.text(), str(x.seeds), diff, p, mark]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "The CLIP rows score each image's 4 options by image-text similarity (`evaluate@clip`). The first is "
@@ -459,7 +470,7 @@ def render(
         f"Experiments from commit(s) {', '.join(used) or 'none'}; machine: {platform.machine()}, {platform.platform()}.",
         header,
         "",
-        main_table(exps, default, datasets),
+        main_table(exps, default, datasets, scores),
         "",
         *(part for t in (*TABLES, *EXTRA) for part in (table_md(t, exps, default, datasets, scores), "")),
         alignment_table(exps, default, datasets),
