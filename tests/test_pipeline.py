@@ -93,7 +93,10 @@ def fresh(reproduced, tmp_path) -> Path:
 DATASETS = ("toy-bird", "toy-flower")
 METRICS = {
     f"metrics/{stage}/{name}.json" for stage in ("prepare", "extract", "summarize", "mine") for name in DATASETS
-} | {f"metrics/{name}.json" for name in ("bootstrap", "train_stage1", "train_stage2", "eval_base", "eval", "analysis")}
+} | {
+    f"metrics/{name}.json"
+    for name in ("bootstrap", "train_stage1", "train_stage2", "eval_base", "eval", "eval_clip", "analysis")
+}
 
 
 @pytest.mark.slow
@@ -138,6 +141,14 @@ def test_dvc_repro_prepares_the_default_datasets(reproduced, fresh):
         results = json.loads((clone / "results" / "predictions" / which / "toy-bird.json").read_text())
         assert len(results["predictions"]) == 10 * 3  # test images x option orders (evaluate.permutations)
         assert set(results) == {"metrics", "predictions", "config"}
+    clip = json.loads((clone / "metrics" / "eval_clip.json").read_text())
+    assert set(clip) == {"mining", "baseline"} and all(
+        set(m) == {"toy-bird", "toy-flower", "average"} for m in clip.values()
+    )
+    for role in clip:
+        results = json.loads((clone / "results" / "predictions" / "clip" / role / "toy-bird.json").read_text())
+        assert len(results["predictions"]) == 10 * 3 and results["config"]["clip"] == role
+    assert (clone / "models" / "clip_baseline" / "open_clip_model.safetensors").is_file()
     analysis = json.loads((clone / "metrics" / "analysis.json").read_text())
     assert set(analysis) == {"base", "finedefics"} and "probe_object_last" in analysis["base"]["toy-bird"]
     assert (clone / "plots" / "analysis" / "finedefics" / "toy-bird" / "confusion.png").is_file()
