@@ -199,7 +199,7 @@ def main() -> None:
             image_token = processor.tokenizer.convert_tokens_to_ids("<image>")  # the tiny tokenizer: ids below 32003
             processor.image_seq_len = 64  # the 8b perceiver's latents
             processor.image_processor.size = {"longest_edge": 980, "shortest_edge": 378}  # Idefics2-8b's: 378x378 here
-            config = lambda layers: Idefics2ForConditionalGeneration(idefics2_8b(layers, image_token))  # noqa: E731
+            model = lambda layers: Idefics2ForConditionalGeneration(idefics2_8b(layers, image_token))  # noqa: E731
             report["idefics2_8b"] = {
                 **full_width("idefics2-8b", model, processor, tmp, rows, 32),
                 "image_pixels": "378x378 (square world images at Idefics2-8b's shortest edge), no image splitting",

@@ -18,7 +18,6 @@ from finedefics.config import load_or_exit
 from finedefics.io import run_main
 
 BASE, METRICS = Path("models/base"), Path("metrics/bootstrap.json")
-CLIP, CLIP_BASELINE = Path("models/clip"), Path("models/clip_baseline")
 
 
 def main() -> None:
@@ -112,11 +111,11 @@ def main() -> None:
                     tmp.mkdir()
                     write_json(tmp / "base.json", record)
                 print(f"base MLLM: {record['model']} ({record.get('revision') or 'local files hashed'})")
-            for spec, folder, seed, role in (
-                (params.model.clip, CLIP, params.seed, "mining"),
-                (params.model.clip_baseline, CLIP_BASELINE, params.seed + 1, "baseline"),
+            for spec, seed, role in (
+                (params.model.clip, params.seed, "mining"),
+                (params.model.clip_baseline, params.seed + 1, "baseline"),
             ):
-                metrics.update(clip(params, spec, folder, seed, role, world, run))
+                metrics.update(build_clip(params, spec, seed, role, list(world), run))
             write_json(METRICS, metrics)
             run.log_metrics(metrics)
     except (ModelNotAvailable, ValueError, OSError) as err:
@@ -126,13 +125,16 @@ def main() -> None:
         print(json.dumps(metrics, indent=2))
 
 
-def clip(params, spec: str, folder: Path, seed: int, role: str, world: list[str], run) -> dict[str, float]:
-    """A tiny CLIP trained on the world's train images with `seed` (its zero-shot top-1 over every
-    class returned), or a published one's record; `role` the CLIP that mines (`mining`) or the
-    baseline of evaluate@clip that does not (`baseline`)."""
+def build_clip(params, spec: str, seed: int, role: str, world: list[str], run) -> dict[str, float]:
+    """In CLIP_DIRS[role]: a tiny CLIP trained on the world datasets' train images with `seed` (its
+    zero-shot top-1 over every class returned), or a published one's record; `role` the CLIP that
+    mines (`mining`) or the baseline of evaluate@clip that does not (`baseline`)."""
     from finedefics.data.prepared import load_prepared
     from finedefics.io import atomic_path, write_json
+    from finedefics.models.paths import CLIP_DIRS
     from finedefics.models.resolve import check_clip
+
+    folder = CLIP_DIRS[role]
 
     if spec != "tiny":
         record = check_clip(spec, "model.clip" if role == "mining" else "model.clip_baseline")

@@ -21,7 +21,6 @@ METRICS = {
     "base": Path("metrics/eval_base.json"),
     "clip": Path("metrics/eval_clip.json"),
 }
-CLIP_DIRS = {"mining": Path("models/clip"), "baseline": Path("models/clip_baseline")}
 
 
 def main() -> None:
@@ -33,6 +32,7 @@ def main() -> None:
     import torch
 
     from finedefics.io import atomic_path, write_json
+    from finedefics.models.paths import CLIP_DIRS
     from finedefics.tracking import stage_run
 
     torch.manual_seed(params.seed)
@@ -177,6 +177,7 @@ def evaluate_clip(params, role: str, out: Path) -> dict[str, dict]:
     model.clip_baseline) choosing among each image's options."""
     from finedefics.evaluate.clip_baseline import choose
     from finedefics.models.clip import Clip
+    from finedefics.models.paths import CLIP_DIRS
 
     spec = params.model.clip if role == "mining" else params.model.clip_baseline
     clip = Clip.load(spec, CLIP_DIRS[role])

@@ -103,34 +103,31 @@ def test_mllm_checkpoint_reloads_with_identical_outputs(world, tmp_path, monkeyp
 
 def test_clip_baseline_chooses_the_most_similar_option_and_its_own_options_give_its_top1(world, tmp_path, monkeypatch):
     """evaluate@clip: each option set's choice is the option with the highest image-text cosine; with
-    options that the same CLIP mined (its 3 most similar wrong classes per image), 4-way accuracy
-    equals its top-1 over every class, the bias the stage reports a second CLIP against."""
+    the option sets `mine` writes from the same CLIP (its 3 most similar wrong classes per image),
+    4-way accuracy equals its top-1 over every class, the bias the stage reports a second CLIP against."""
     from finedefics.evaluate.clip_baseline import choose
-    from finedefics.evaluate.mc import FAILURE, Item, score
+    from finedefics.evaluate.mc import FAILURE, Item, items, score
+    from finedefics.mining import Embeddings, eval_options
     from finedefics.models.clip import class_prompt
 
     root, ds = world
     monkeypatch.chdir(root)
-    train, names = ds.train, ds.names
+    train, names, test = ds.train, ds.names, ds.test
     cfg = TinyCLIPConfig(embed_dim=16, width=32, layers=1, epochs=3, batch_size=4)
     texts = [train_prompt(names[label], "bird") for label in train.label]
     clip = train_tiny(cfg, 64, list(train.path), texts, 0, tmp_path / "clip")
-    test = ds.test
-    sims = (
-        clip.embed_images(list(test.path))
-        @ clip.embed_texts([class_prompt(n, "a photo of a {name}.") for n in names]).T
-    )
-    entries = []
-    for i, (path, label) in enumerate(zip(test.path, test.label)):
-        wrong = [j for j in np.argsort(-sims[i]) if j != label][:3]
-        entries.append(Item(f"img{i}", path, names[label], [names[j] for j in [*wrong[:2], label, wrong[2]]]))
+    images = clip.embed_images(list(test.path))
+    classes = clip.embed_texts([class_prompt(n, "a photo of a {name}.") for n in names])
+    options = eval_options(test, names, Embeddings(list(test.image_id), images, classes))  # what `mine` writes
+    entries = items(options, dict(zip(test.foci_key, test.path)), names, seed=0, permutations=2)
     entries.append(Item("gone", str(tmp_path / "missing.png"), names[0], names[:4]))
     predictions = choose(clip, entries, "a photo of a {name}.")
-    for p, row in zip(predictions, sims):
-        assert p["predicted"] == names[max((names.index(o) for o in p["options"]), key=lambda j: row[j])]
+    sims = dict(zip(test.path, images @ classes.T))
+    for p, e in zip(predictions[:-1], entries):
+        assert p["predicted"] == max(p["options"], key=lambda o: sims[e.path][names.index(o)])
         assert p["predicted_raw"] == "ABCD"[p["options"].index(p["predicted"])] and len(p["similarities"]) == 4
     assert predictions[-1]["predicted"].startswith(FAILURE)
-    top1 = float(np.mean(sims.argmax(1) == np.asarray(test.label)))
+    top1 = float(np.mean((images @ classes.T).argmax(1) == np.asarray(test.label)))
     assert score(predictions[:-1]).accuracy == pytest.approx(top1)
 
 

@@ -212,7 +212,6 @@ def test_qwen_answers_its_chat_template_and_writes_foci_predictions(tiny_models,
     assert "<|vision_start|><|image_pad|><|vision_end|>Which of these birds" in prompt
     entries = [Item(f"img{i}", str(image), "a", options) for i, options in enumerate([list("abcd"), list("dcba")])]
     results = evaluate(mllm, "birds", entries, batch_size=2)
-    assert all(r["predicted"] in r["options"] or r["predicted"].startswith("NA ### ") for r in results)
     for r in results:
         letter = parse_choice(r["predicted_raw"], "qwen2_5_vl")
         assert r["predicted"] == (r["options"]["ABCD".index(letter)] if letter else "NA ### " + r["predicted_raw"])

@@ -457,31 +457,38 @@ def test_a_batch_run_in_length_groups_has_the_one_pass_loss(tiny_models, workdir
     assert split.item() == pytest.approx(one.item(), rel=1e-5)
 
 
-def test_qwen_object_representation_is_its_own_forward_of_an_image_then_eos(tiny_models, workdir):
+def test_qwen_object_representation_is_its_own_forward_of_an_image_then_eos(tiny_models, workdir, tmp_path):
     """Qwen2.5-VL's object representation: the image's visual tokens with the 3D rotary positions
     its own forward gives an image at the start of a sequence, then EOS; the same states as the
-    model's forward on the pixels and those token ids. 1D positions would differ."""
+    model's forward on that image alone, also in a batch whose images have different token counts
+    (a 64x48 image gets 20, a square one 16). 1D positions would differ."""
+    from PIL import Image
+
     from finedefics.models.representations import Representations, last, pixels
 
     mllm = MLLM.load(tiny_models["qwen"])
     reader = Representations(mllm.model, mllm.tokenizer.eos_token_id)
-    batch = pixels(mllm, list(rows_of(workdir, n=2).path))
-    visual = reader.visual(batch)
-    assert [len(t) for t in visual.tokens] == [16, 16]  # 64x64 pixels, 8x8 patches merged 2x2
+    square = rows_of(workdir, n=1).path.iloc[0]
+    wide = str(tmp_path / "wide.png")
+    Image.open(square).convert("RGB").resize((64, 48)).save(wide)
+    visual = reader.visual(pixels(mllm, [square, wide]))
+    assert [len(t) for t in visual.tokens] == [16, 20]  # 8x8 patches merged 2x2; 8x10 for 64x48 scaled up
+    image_id = mllm.model.config.image_token_id
     with torch.no_grad():
         ours = last(*reader.visual_states(visual))
-        ids = torch.tensor([[mllm.model.config.image_token_id] * 16 + [mllm.tokenizer.eos_token_id]] * 2)
-        own = mllm.model.model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            mm_token_type_ids=(ids == mllm.model.config.image_token_id).int(),
-            **batch,
-        ).last_hidden_state[:, -1]
+        for i, path in enumerate([square, wide]):
+            ids = torch.tensor([[image_id] * len(visual.tokens[i]) + [mllm.tokenizer.eos_token_id]])
+            own = mllm.model.model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                mm_token_type_ids=(ids == image_id).int(),
+                **pixels(mllm, [path]),
+            ).last_hidden_state[:, -1]
+            torch.testing.assert_close(ours[i : i + 1], own, rtol=1e-5, atol=1e-5)
         flat = reader.states(
-            torch.cat([torch.stack(visual.tokens), reader.embed(ids[:, -1:])], 1), torch.ones_like(ids)
+            torch.cat([visual.tokens[0][None], reader.embed(ids[:, -1:])], 1), torch.ones(1, 17, dtype=torch.long)
         )[:, -1]
-    torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-5)
-    assert (flat - own).abs().max() > 1e-3
+    assert (flat - ours[:1]).abs().max() > 1e-3
 
 
 def test_qwen_lora_targets_the_language_model_and_the_merger(tiny_models):

@@ -134,8 +134,9 @@ class LoraConfig(Schema):
 
 
 class PixelRange(Schema):
-    """Qwen2.5-VL's processor resizes each image to between `min` and `max` pixels (aspect kept, sides
-    multiples of 28 at paper scale, 16 on the world's tiny base): one visual token per 28x28 pixels."""
+    """Qwen2.5-VL's processor resizes each image to between `min` and `max` pixels, aspect kept, sides
+    multiples of patch x 2: one visual token per 28x28 pixels at paper scale, per 16x16 on the world's
+    tiny base. Square images then all get the same number of visual tokens; other shapes vary."""
 
     min: int = Field(4096, ge=256)
     max: int = Field(4096, ge=256)

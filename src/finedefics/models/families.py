@@ -19,14 +19,14 @@ class Family:
     text_model: str  # module path of the LLM body inside the model
     connector: str  # regex alternatives naming the connector's modules
     vision: str
-    connector_layers: tuple[str, ...] = ()  # connector Linear names beyond LORA_PROJECTIONS (regexes)
+    extra_layers: tuple[str, ...] = ()  # Linear names beyond LORA_PROJECTIONS (regexes)
     rotary_3d: bool = False  # the LLM places visual tokens by (time, height, width): Qwen2.5-VL's M-RoPE
 
     def lora_targets(self, modules: list[str]) -> str:
         """A PEFT `target_modules` regex over the chosen parts."""
         parts = {"text_model": self.text_model.split(".")[-1], "connector": self.connector, "vision_model": self.vision}
         chosen = "|".join(parts[m] for m in modules)
-        return rf".*({chosen}).*({'|'.join(LORA_PROJECTIONS + self.connector_layers)})$"
+        return rf".*({chosen}).*({'|'.join(LORA_PROJECTIONS + self.extra_layers)})$"
 
     def visual_tokens(self, model, pixels: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """A (tokens, hidden) tensor per image: what the connector of `model` (unwrapped) feeds its LLM."""
@@ -68,7 +68,7 @@ FAMILIES = {
         "model.language_model",
         "merger",
         "visual",
-        connector_layers=(r"mlp\.0", r"mlp\.2"),  # the patch merger's two Linear layers
+        extra_layers=(r"mlp\.0", r"mlp\.2", r"attn\.qkv", r"attn\.proj"),  # the merger's Linears, the ViT's attention
         rotary_3d=True,
     ),
 }

@@ -37,7 +37,7 @@ class ImageSettings:
         images = processor.image_processor
         if hasattr(images, "do_image_splitting"):
             images.do_image_splitting = self.image_splitting
-        if self.pixels is not None and type(images).__name__.startswith("Qwen2VL"):
+        if self.pixels is not None and hasattr(images, "merge_size"):  # Qwen2-VL's image processors
             images.size = {"shortest_edge": self.pixels[0], "longest_edge": self.pixels[1]}
         return processor
 
@@ -98,7 +98,7 @@ class MLLM:
         if self.family not in FAMILIES:
             raise NotImplementedError(f"visual tokens of {self.family} models")
         pixels = self.processor.image_processor([[im] for im in images], return_tensors="pt")  # one image per sample
-        return list(FAMILIES[self.family].visual_tokens(self.model, pixels))
+        return FAMILIES[self.family].visual_tokens(self.model, pixels)
 
     def _decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -12,6 +12,8 @@ from finedefics.models.families import TINY_BASES
 
 BASE = Path("models/base")  # the tiny base `bootstrap` builds (or its record of a published one)
 STAGE1 = Path("models/stage1")
+# the CLIPs `bootstrap` writes: the one that mines (`model.clip`) and evaluate@clip's other one (`model.clip_baseline`)
+CLIP_DIRS = {"mining": Path("models/clip"), "baseline": Path("models/clip_baseline")}
 FINAL = Path("models/finedefics")
 POINTER = "same_as.json"  # a stage that passes its input through writes only this file
 

@@ -99,7 +99,7 @@ class Representations:
         would derive): the model's forward without the vision tower."""
         model = unwrap(self.model)
         device = visual.tokens[0].device
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items() if k not in ("pixel_values", "pixel_attention_mask")}
         positions = self.family.positions(model, batch)
         out = {k: v for k, v in batch.items() if k in ("attention_mask", "labels")}
         out["inputs_embeds"] = embed_with_visual(model, batch["input_ids"], visual.flat())
@@ -131,6 +131,8 @@ class Representations:
 def text_ids(tokenizer, texts: list[str], bos: bool) -> list[list[int]]:
     """The texts' token ids for the representation pass: no special tokens, or BOS first when `bos`
     (align.text_bos; the release's tokenizer adds BOS, and the EOS this module appends)."""
+    if bos and tokenizer.bos_token_id is None:
+        raise ValueError("align.text_bos is true, but this model's tokenizer has no BOS token (Qwen2.5-VL's has none)")
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [[tokenizer.bos_token_id, *t] for t in ids] if bos else ids
 

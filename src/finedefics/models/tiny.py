@@ -190,7 +190,6 @@ def build_qwen2_5_vl(tok: PreTrainedTokenizerFast, sizes: TinySizes, pixels: tup
     ids = tok.convert_tokens_to_ids
     text = _text_config(tok, sizes).to_dict()
     text.update(
-        bos_token_id=None,
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 10000.0,
