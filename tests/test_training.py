@@ -187,22 +187,33 @@ def test_qlora_trains_on_cpu_and_its_loss_falls(workdir, tiny_models):
     assert len(losses) == 12 and losses[-1] < 0.95 * losses[0]
 
 
-def _tuned(tiny_models, workdir, finetune):
+def _tuned(tiny_models, workdir, finetune, model="vlm", steps=None, initial=None):
+    """`tiny_models[model]` after 3 Stage I steps; each step's loss values are appended to `steps`
+    and the trainable parameters before training put in `initial`, where given."""
     torch.manual_seed(0)  # the LoRA initialisation: fixed, whichever tests ran before
-    mllm = trainable(tiny_models["vlm"], finetune)
+    mllm = trainable(tiny_models[model], finetune)
+    if initial is not None:
+        initial.update({n: p.detach().clone() for n, p in mllm.model.named_parameters() if p.requires_grad})
     rows = rows_of(workdir)
     stage = stage1_for(mllm, rows)
+
+    def step(idx):
+        loss, values = stage.loss(rows)
+        if steps is not None:
+            steps.append(values)
+        return loss, values
+
     fit_steps(
         [mllm.model, stage.temperature],
         4,
-        lambda idx: stage.loss(rows),
+        step,
         epochs=3,
         lr=1e-2,
         batch_size=4,
         per_device_batch_size=4,
         checkpoint_every=100,
         resume=None,
-        desc=finetune,
+        desc=f"{model} {finetune}",
     )
     return mllm, rows
 
@@ -510,29 +521,8 @@ def test_qwen_trains_stage1_and_merges_into_a_checkpoint_with_its_logits(tiny_mo
     0.080 to 0.095 with random adapters under seeds 0-2, merged into the dequantised or the original
     base alike); the test asks that the merged model be at least 3x closer to the adapter model than
     the unmerged base is."""
-    mllm = trainable(tiny_models["qwen"], finetune)
-    rows = rows_of(workdir)
-    stage = stage1_for(mllm, rows)
-    before = {n: p.detach().clone() for n, p in mllm.model.named_parameters() if p.requires_grad}
-    losses = []
-
-    def step(idx):
-        loss, values = stage.loss(rows)
-        losses.append(values)
-        return loss, values
-
-    fit_steps(
-        [mllm.model, stage.temperature],
-        4,
-        step,
-        epochs=3,
-        lr=1e-2,
-        batch_size=4,
-        per_device_batch_size=4,
-        checkpoint_every=100,
-        resume=None,
-        desc=f"qwen {finetune}",
-    )
+    before, losses = {}, []
+    mllm, rows = _tuned(tiny_models, workdir, finetune, model="qwen", steps=losses, initial=before)
     assert {"loss_oa", "loss_ac", "loss_generation"} <= set(losses[0])
     changed = [n for n, p in mllm.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any("lora_B" in n and "merger" in n for n in changed)
