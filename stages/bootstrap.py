@@ -29,7 +29,7 @@ def main() -> None:
     from finedefics.data.prepared import load_prepared
     from finedefics.io import atomic_path, load_image, write_json
     from finedefics.models.families import TINY_BASES
-    from finedefics.models.resolve import ModelNotAvailable, check_mllm
+    from finedefics.models.resolve import ModelNotAvailable, check_clip, check_mllm
     from finedefics.tracking import stage_run
 
     torch.manual_seed(params.seed)
@@ -54,6 +54,12 @@ def main() -> None:
     metrics: dict[str, float] = {}
     try:
         with stage_run("bootstrap", params) as run:
+            # published CLIPs are found offline before anything trains: a wrong spec fails in seconds
+            clips = (
+                ("mining", "model.clip", params.model.clip),
+                ("baseline", "model.clip_baseline", params.model.clip_baseline),
+            )
+            records = {role: check_clip(spec, key) for role, key, spec in clips if spec != "tiny"}
             if params.model.base in TINY_BASES:
                 from finedefics.models import sft
                 from finedefics.models.bootstrap import build_base, diagnose
@@ -111,11 +117,8 @@ def main() -> None:
                     tmp.mkdir()
                     write_json(tmp / "base.json", record)
                 print(f"base MLLM: {record['model']} ({record.get('revision') or 'local files hashed'})")
-            for spec, seed, role in (
-                (params.model.clip, params.seed, "mining"),
-                (params.model.clip_baseline, params.seed + 1, "baseline"),
-            ):
-                metrics.update(build_clip(params, spec, seed, role, list(world), run))
+            for role, seed in (("mining", params.seed), ("baseline", params.seed + 1)):
+                metrics.update(build_clip(params, records.get(role), seed, role, list(world), run))
             write_json(METRICS, metrics)
             run.log_metrics(metrics)
     except (ModelNotAvailable, ValueError, OSError) as err:
@@ -125,19 +128,16 @@ def main() -> None:
         print(json.dumps(metrics, indent=2))
 
 
-def build_clip(params, spec: str, seed: int, role: str, world: list[str], run) -> dict[str, float]:
-    """In CLIP_DIRS[role]: a tiny CLIP trained on the world datasets' train images with `seed` (its
-    zero-shot top-1 over every class returned), or a published one's record; `role` the CLIP that
-    mines (`mining`) or the baseline of evaluate@clip that does not (`baseline`)."""
+def build_clip(params, record: dict | None, seed: int, role: str, world: list[str], run) -> dict[str, float]:
+    """In CLIP_DIRS[role]: a published CLIP's `record` (its `check_clip`), or without one a tiny CLIP
+    trained on the world datasets' train images with `seed` (its zero-shot top-1 over every class
+    returned); `role` the CLIP that mines (`mining`) or the baseline of evaluate@clip (`baseline`)."""
     from finedefics.data.prepared import load_prepared
     from finedefics.io import atomic_path, write_json
     from finedefics.models.paths import CLIP_DIRS
-    from finedefics.models.resolve import check_clip
 
     folder = CLIP_DIRS[role]
-
-    if spec != "tiny":
-        record = check_clip(spec, "model.clip" if role == "mining" else "model.clip_baseline")
+    if record is not None:
         with atomic_path(folder) as tmp:
             tmp.mkdir()
             write_json(tmp / "clip.json", record)

@@ -235,3 +235,20 @@ def test_tiny_models_need_the_world(tmp_path):
     set_params(root, **{"datasets": {"bird-200": "data/raw/bird-200"}})
     proc = run_stage(root, "bootstrap.py")
     assert proc.returncode == 2 and "tiny is built from the synthetic world" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("nonsense", "expected tiny, <architecture>:<pretrained tag or file> or local-dir:<folder>"),
+        ("No-Such-Arch:laion2b", "unknown open_clip architecture 'No-Such-Arch'"),
+    ],
+)
+def test_a_wrong_clip_baseline_fails_in_one_line_before_anything_trains(tmp_path, spec, says):
+    root = make_world_workdir(tmp_path)
+    set_params(root, **{"model.clip_baseline": spec})
+    proc = run_stage(root, "bootstrap.py")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and lines[-1].startswith(f"error: bootstrap: model.clip_baseline {spec!r}: ")
+    assert says in lines[-1]
+    assert not (root / "models").exists()  # failed before the base or a CLIP was built
