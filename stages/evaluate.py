@@ -72,11 +72,21 @@ def option_sets(params, name: str):
     return dataset, entries
 
 
-def summary(name: str, predictions: list[dict], k: int) -> dict:
-    """The metrics every evaluation reports for one dataset's predictions."""
+def unseen_names(params, dataset) -> set[str]:
+    """The names of the categories training never showed (`world.unseen`; world datasets only)."""
+    from finedefics.data.prepare import is_world
+
+    if not is_world(params.datasets[dataset.name]):
+        return set()
+    return {dataset.names[label] for label in dataset.unseen(params.world.unseen, params.seed)}
+
+
+def summary(name: str, predictions: list[dict], k: int, unseen: set[str]) -> dict:
+    """The metrics every evaluation reports for one dataset's predictions; with `unseen` classes,
+    the accuracy on the test images of the seen and of the unseen ones."""
     import numpy as np
 
-    from finedefics.evaluate.mc import UNREADABLE, positions, score
+    from finedefics.evaluate.mc import UNREADABLE, positions, score, seen_unseen
 
     scores = score(predictions)
     unreadable = sum(p["predicted_raw"] == UNREADABLE for p in predictions) // k
@@ -96,6 +106,7 @@ def summary(name: str, predictions: list[dict], k: int) -> dict:
         "failure_rate": scores.failure_rate,
         "n": scores.n,
         "unreadable": unreadable,
+        **seen_unseen(predictions, unseen),
         "position": positions(predictions),
     }
 
@@ -107,6 +118,7 @@ def average(metrics: dict[str, dict], predictions: dict[str, list[dict]], keys: 
     from finedefics.evaluate.mc import per_image
     from finedefics.stats import average_ci
 
+    keys += tuple(k for k in ("seen_accuracy", "unseen_accuracy") if all(k in m for m in metrics.values()))
     out = {key: float(np.mean([m[key] for m in metrics.values()])) for key in keys}
     images = [np.array(list(per_image(p).values())) for p in predictions.values()]
     out["accuracy_low"], out["accuracy_high"] = average_ci(images)
@@ -118,6 +130,7 @@ def report(label: str, name: str, m: dict, k: int) -> None:
         f"{label} on {name}: accuracy {m['accuracy']:.3f} [{m['accuracy_low']:.3f}, {m['accuracy_high']:.3f}] "
         f"over {m.get('n', '-')} images x {k} option orders, failures {m['failure_rate']:.3f}"
         + (f", open-set {m['open_set_accuracy']:.3f}" if "open_set_accuracy" in m else "")
+        + (f", seen {m['seen_accuracy']:.3f}, unseen {m['unseen_accuracy']:.3f}" if "unseen_accuracy" in m else "")
     )
 
 
@@ -148,7 +161,8 @@ def evaluate_mllm(params, which: str, out: Path) -> dict[str, dict]:
         )
         test = dataset.test
         opened = [o["correct"] for o in open_set(mllm, dataset.super_category, list(test.path), list(test.category))]
-        m = summary(name, predictions[name], k)
+        unseen = unseen_names(params, dataset)
+        m = summary(name, predictions[name], k, unseen)
         m["open_set_accuracy"] = float(np.mean(opened))
         m["open_set_low"], m["open_set_high"] = wilson(sum(opened), len(opened))
         metrics[name] = m
@@ -163,6 +177,7 @@ def evaluate_mllm(params, which: str, out: Path) -> dict[str, dict]:
             "inner_user_prefix": params.evaluate.inner_user_prefix,
             "dtype": params.evaluate.dtype,
             "visual_tokens_per_image": visual_tokens(mllm, entries),
+            "unseen_classes": sorted(unseen),
         }
         write_results(out / f"{name}.json", predictions[name], m, config)
         report(which, name, m, k)
@@ -186,9 +201,10 @@ def evaluate_clip(params, role: str, out: Path) -> dict[str, dict]:
     metrics: dict[str, dict] = {}
     predictions: dict[str, list[dict]] = {}
     for name in params.datasets:
-        _, entries = option_sets(params, name)
+        dataset, entries = option_sets(params, name)
+        unseen = unseen_names(params, dataset)
         predictions[name] = choose(clip, entries, params.model.clip_prompt)
-        metrics[name] = summary(name, predictions[name], k)
+        metrics[name] = summary(name, predictions[name], k, unseen)
         config = {
             "dataset": name,
             "model": spec,
@@ -197,6 +213,7 @@ def evaluate_clip(params, role: str, out: Path) -> dict[str, dict]:
             "task": "mc",
             "seed": params.seed,
             "permutations": k,
+            "unseen_classes": sorted(unseen),
         }
         write_results(out / f"{name}.json", predictions[name], metrics[name], config)
         report(f"CLIP ({role})", name, metrics[name], k)

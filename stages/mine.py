@@ -2,7 +2,7 @@
 
 Writes data/negatives/<dataset>.parquet (per train image: the negatives `negatives` asks for,
 each with one train image and its description, and the 3 most CLIP-similar wrong classes as
-Stage II distractors), data/eval_options/<dataset>.json (FOCI format; the published FOCI sets
+Stage II distractors; the `world.unseen` classes are left out of all of it), data/eval_options/<dataset>.json (FOCI format; the published FOCI sets
 as they are for the six real datasets) and metrics/mine/<dataset>.json, which counts the train
 images without a description (failed attribute extraction), the classes without a described
 train image and the negatives left with an empty description (see `finedefics.mining`).
@@ -42,7 +42,8 @@ def main() -> None:
     try:
         with stage_run("mine", params, run_name=f"mine@{name}") as run:
             described = dict(zip(descriptions.image_id, descriptions.description))
-            negatives = mine(train, names, described, emb, params.negatives, params.seed)
+            unseen = dataset.unseen(params.world.unseen, params.seed) if is_world(params.datasets[name]) else []
+            negatives = mine(train, names, described, emb, params.negatives, params.seed, unseen)
             NEGATIVES.write(Path("data/negatives") / f"{name}.parquet", negatives)
             if is_world(params.datasets[name]):
                 options = eval_options(test, names, emb)
@@ -56,6 +57,7 @@ def main() -> None:
             stats = {
                 "train_images": len(negatives),
                 "negatives_per_image": float(negatives.negatives.str.len().mean()),
+                "unseen_classes": len(unseen),
                 **description_coverage(train, described, negatives),
             }
             if dataset.categories[0].cluster is not None:
@@ -74,6 +76,8 @@ def main() -> None:
     print(
         f"{name}: negatives ({params.negatives}) for {len(negatives)} train images; option sets for {len(test)} test images"
     )
+    if unseen:
+        print(f"{name}: training never shows {', '.join(names[u] for u in unseen)} (world.unseen; test images only)")
 
 
 if __name__ == "__main__":

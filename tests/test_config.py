@@ -96,6 +96,11 @@ def test_world_cluster_cannot_exceed_categories():
     assert "world.cluster_size" in msg
 
 
+def test_world_unseen_must_leave_four_seen_categories():
+    msg = error_for(world__unseen=9)
+    assert "world.unseen" in msg and "at least 4 seen" in msg
+
+
 @pytest.mark.parametrize("key", ["base", "clip"])
 @pytest.mark.parametrize("value", ["", "  "])
 def test_an_empty_model_name_is_refused(key, value):

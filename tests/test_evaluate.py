@@ -10,7 +10,17 @@ from conftest import stage_env
 from PIL import Image
 
 from finedefics.evaluate import analysis as an
-from finedefics.evaluate.mc import UNREADABLE, Item, evaluate, items, normalise, positions, score, score_results
+from finedefics.evaluate.mc import (
+    UNREADABLE,
+    Item,
+    evaluate,
+    items,
+    normalise,
+    positions,
+    score,
+    score_results,
+    seen_unseen,
+)
 from finedefics.models.mllm import MLLM
 from finedefics.protocol import mc_question, parse_choice, query
 
@@ -147,6 +157,20 @@ def test_an_image_in_several_option_orders_counts_once_in_n():
     s = score(predictions)
     assert (s.accuracy, s.n, s.predictions) == (pytest.approx(2 / 3), 2, 3)
     assert (s.ci_low, s.ci_high) == pytest.approx(wilson_by_hand(1.5, 2))
+
+
+def test_accuracy_is_split_between_seen_and_unseen_classes_by_ground_truth():
+    shown = list("abcd")
+    predictions = [
+        foci_prediction("x", shown, "a", "A"),  # seen, right
+        foci_prediction("y", shown, "b", "A"),  # seen, wrong
+        foci_prediction("z", shown, "c", "C"),  # unseen, right
+        foci_prediction("w", shown, "c", "D"),  # unseen, wrong
+        foci_prediction("v", shown, "d", "D"),  # unseen, right
+    ]
+    split = seen_unseen(predictions, {"c", "d"})
+    assert split == {"seen_accuracy": pytest.approx(1 / 2), "unseen_accuracy": pytest.approx(2 / 3)}
+    assert seen_unseen(predictions, set()) == {}
 
 
 def test_position_audit_shows_a_model_that_always_answers_a():

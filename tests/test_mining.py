@@ -250,3 +250,36 @@ def test_mine_and_build_instructions_stages_count_images_without_a_description(t
     s1 = pd.read_parquet(root / "data" / "instructions" / "stage1.parquet")
     s2 = pd.read_parquet(root / "data" / "instructions" / "stage2.parquet")
     assert len(s1) == len(dataset.train) - 3 and set(s2.image_id) == set(dataset.train.image_id)
+
+
+def test_unseen_classes_are_never_anchors_negatives_or_distractors():
+    manifest, names, descriptions, emb = toy(n_classes=10)
+    train = manifest[manifest.split == "train"]
+    unseen = [2, 7]
+    labels = dict(zip(manifest.image_id, manifest.label))
+    for strategy in ("hard", "simple"):
+        out = mine(train, names, descriptions, emb, strategy, seed=0, unseen=unseen)
+        assert set(out.label) == set(range(10)) - set(unseen)
+        assert len(out) == (~train.label.isin(unseen)).sum()
+        for row in out.itertuples():
+            assert not set(row.negatives) & set(unseen) and not set(row.distractors) & set(unseen)
+            assert not {labels[i] for i in row.negative_image_ids} & set(unseen)
+            assert len(set(row.distractors)) == 3 and row.label not in row.distractors
+    with pytest.raises(ValueError, match="more than 3 seen classes"):
+        mine(train, names, descriptions, emb, "hard", seed=0, unseen=list(range(7)))
+
+
+def test_unseen_categories_spread_over_clusters_and_are_seeded(tmp_path):
+    from conftest import make_world_workdir
+
+    from finedefics.data.prepared import load_prepared
+
+    root = make_world_workdir(tmp_path, categories=12, cluster_size=3)
+    dataset = load_prepared("toy-bird", root / "data" / "prepared")
+    cluster = {c.label: c.cluster for c in dataset.categories}
+    four = dataset.unseen(4, seed=0)
+    assert len(four) == 4 and len({cluster[u] for u in four}) == 4  # one per cluster of siblings
+    assert dataset.unseen(4, seed=0) == four and set(dataset.unseen(2, seed=0)) < set(four)
+    assert dataset.unseen(0, seed=0) == []
+    with pytest.raises(ValueError, match="fewer than 4 seen"):
+        dataset.unseen(9, seed=0)

@@ -89,6 +89,42 @@ def test_clusters_are_confusable_and_names_opaque():
         assert len({b.name.split()[1] for b in siblings}) == 1  # siblings share a genus word
 
 
+@pytest.mark.parametrize("gap", [1, 3])
+def test_sibling_distance_bounds_how_many_attributes_separate_siblings(gap):
+    spec = world.WorldSpec.load(BIRD)
+    cfg = WorldConfig(categories=12, cluster_size=3, sibling_distance=gap)
+    classes = world.make_classes(spec, cfg, world.dataset_rng(0, "toy-bird", 0))
+    gaps = [
+        sum(a.profile[k] != b.profile[k] for k in spec.attributes)
+        for a in classes
+        for b in classes
+        if a.label < b.label and a.cluster == b.cluster
+    ]
+    assert len(gaps) == 12 and all(1 <= d <= gap for d in gaps)
+    if gap == 1:
+        assert set(gaps) == {1}
+    with pytest.raises(ValueError, match="sibling_distance 99 exceeds"):
+        world.make_classes(spec, cfg.model_copy(update={"sibling_distance": 99}), world.dataset_rng(0, "toy-bird", 0))
+
+
+def test_test_shift_changes_test_images_only_tilting_and_darkening_them():
+    spec = world.WorldSpec.load(BIRD)
+    classes = world.make_classes(spec, SMALL, world.dataset_rng(0, "toy-bird", 0))
+    plan = world.image_plan(spec, classes, SMALL, 0, "toy-bird")
+    shifted = SMALL.model_copy(update={"test_shift": 1.0})
+    for item in plan[:4] + [i for i in plan if i.split == "test"][:4]:
+        a, _ = world.draw_image(spec, item, SMALL, 0, "toy-bird")
+        b, _ = world.draw_image(spec, item, shifted, 0, "toy-bird")
+        same = np.array_equal(np.asarray(a), np.asarray(b))
+        assert same == (item.split == "train")
+        if item.split == "test":  # the corners are background
+            corners = lambda im: np.asarray(im)[[0, 0, -1, -1], [0, -1, 0, -1]].mean()  # noqa: E731
+            assert corners(b) < corners(a) - 20
+    profile = classes[0].profile
+    tilts = [world.render(spec, profile, 64, np.random.default_rng(i), shift=1.0)[1]["object"] for i in range(2)]
+    assert all(m.any() for m in tilts)
+
+
 def test_deviation_rate_is_respected():
     spec = world.WorldSpec.load(BIRD)
     classes = world.make_classes(spec, SMALL, world.dataset_rng(0, "toy-bird", 0))

@@ -123,14 +123,16 @@ def predict(
 
 @app.command()
 def report(
-    out: Path = typer.Option(Path("reports/results.md"), help="where to write the report"),
+    out: Path = typer.Option(None, help="where to write it (default: reports/results.md, or reports/regimes.md)"),
     params: Path = typer.Option(Path("params.yaml"), help="the committed params the ablations differ from"),
     exp_show: Path = typer.Option(None, help="a saved `dvc exp show --json` (default: run it here)"),
     took: str = typer.Option("", help="how long the queue took, written into the report"),
+    regimes: bool = typer.Option(False, "--regimes", help="the pre-registered regime study (finedefics/regimes.py)"),
 ) -> None:
     """Fill the paper's tables from the DVC experiments (see scripts/ablations.sh)."""
     import json
 
+    from finedefics import regimes as reg
     from finedefics import report as rep
 
     try:
@@ -142,8 +144,15 @@ def report(
     datasets = list(load_params(params).datasets)
     exps = rep.experiments(show)
     header = f"The queue took {took}." if took else ""
+    scores = rep.dvc_scores(Path.cwd(), datasets)
+    if regimes:
+        out = out or Path("reports/regimes.md")
+        text = reg.render(exps, default, datasets, scores, rep.dvc_scores(Path.cwd(), datasets, unseen=True), header)
+    else:
+        out = out or Path("reports/results.md")
+        text = rep.render(exps, default, datasets, scores, header)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(rep.render(exps, default, datasets, rep.dvc_scores(Path.cwd(), datasets), header))
+    out.write_text(text)
     typer.echo(f"{out}: {len(exps)} finished experiment(s)")
 
 

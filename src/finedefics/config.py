@@ -38,6 +38,9 @@ class WorldConfig(Schema):
     test_per_class: int = Field(50, ge=1)  # 50: the 95% CI of the two-dataset average is within +/-3 points
     image_size: int = Field(64, ge=32, le=512)
     deviation_rate: float = Field(0.1, ge=0.0, le=1.0)
+    sibling_distance: int = Field(2, ge=1)  # siblings differ in 1 to this many attributes (1: hardest)
+    test_shift: float = Field(0.0, ge=0.0, le=1.0)  # test images' tilt and background beyond the train images'
+    unseen: int = Field(0, ge=0)  # categories whose images training never shows (test only)
 
     @field_validator("cluster_size")
     @classmethod
@@ -45,6 +48,14 @@ class WorldConfig(Schema):
         categories = info.data.get("categories")
         if categories is not None and v > categories:
             raise ValueError(f"must be at most categories ({categories})")
+        return v
+
+    @field_validator("unseen")
+    @classmethod
+    def _leaves_seen(cls, v: int, info: Any) -> int:
+        categories = info.data.get("categories")
+        if categories is not None and v > categories - 4:
+            raise ValueError(f"must leave at least 4 seen categories of {categories}")
         return v
 
 

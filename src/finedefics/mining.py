@@ -59,13 +59,20 @@ def top_wrong(similarity: np.ndarray, labels: np.ndarray, k: int = K) -> np.ndar
 
 
 def random_wrong(
-    labels: np.ndarray, n_classes: int, rng: np.random.Generator, k: int = K, allowed: np.ndarray | None = None
+    labels: np.ndarray,
+    n_classes: int,
+    rng: np.random.Generator,
+    k: int = K,
+    allowed: np.ndarray | None = None,
+    among: np.ndarray | None = None,
 ) -> np.ndarray:
-    """k distinct wrong classes per row, uniformly at random; among the `allowed` classes (a mask)
-    for a row where at least k of them are wrong classes."""
+    """k distinct wrong classes per row, uniformly at random, never outside `among` (a mask); among
+    the `allowed` classes (a mask) for a row where at least k of them are wrong classes."""
     out = np.empty((len(labels), k), dtype=np.int64)
     for i, label in enumerate(labels):
         candidates = np.delete(np.arange(n_classes), label)
+        if among is not None:
+            candidates = candidates[among[candidates]]
         if allowed is not None and allowed[candidates].sum() >= k:
             candidates = candidates[allowed[candidates]]
         out[i] = rng.choice(candidates, size=k, replace=False)
@@ -89,13 +96,20 @@ def mine(
     emb: Embeddings,
     strategy: str,
     seed: int,
+    unseen: list[int] | None = None,
 ) -> pd.DataFrame:
-    """Negatives per train image, as the `negatives` strategy says, plus the MC distractors."""
-    if len(names) <= K:
-        raise ValueError(f"mining needs more than {K} classes, got {len(names)}")
+    """Negatives per train image, as the `negatives` strategy says, plus the MC distractors. The
+    `unseen` classes (`world.unseen`) are left out: none of their images is an anchor or a
+    negative, and neither their names nor their descriptions are negatives or distractors."""
+    seen = np.ones(len(names), dtype=bool)
+    seen[list(unseen or [])] = False
+    if seen.sum() <= K:
+        raise ValueError(f"mining needs more than {K} seen classes, got {int(seen.sum())}")
+    train = train[seen[train.label.to_numpy()]]
     labels = train.label.to_numpy()
     images = emb.rows(train.image_id)
     similarity = images @ emb.classes.T
+    similarity = _only_allowed(similarity, labels, seen)  # seen >= K + 1: every row keeps K wrong classes
     distractors = top_wrong(similarity, labels)
     ids = train.image_id.to_numpy()
     described = np.array([i in descriptions for i in ids], dtype=bool)
@@ -104,7 +118,9 @@ def mine(
     if strategy == "hard":
         negatives = top_wrong(_only_allowed(similarity, labels, has_description), labels)
     elif strategy == "simple":
-        negatives = random_wrong(labels, len(names), np.random.default_rng([seed, 5]), allowed=has_description)
+        negatives = random_wrong(
+            labels, len(names), np.random.default_rng([seed, 5]), allowed=has_description, among=seen
+        )
     elif strategy == "none":
         negatives = np.zeros((len(labels), 0), dtype=np.int64)
     else:

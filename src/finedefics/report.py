@@ -331,12 +331,32 @@ def compare(row: Row, runs: list[Experiment], reference: list[Experiment], score
     return paired(row_arrays, default_arrays)
 
 
-def table_md(table: Table, exps: list[Experiment], default: dict[str, Any], datasets: list[str], scores: Scores) -> str:
+def comparison_cells(c: Comparison, adjusted_p: float) -> tuple[str, str, str]:
+    """A paired comparison's cells: the difference in points with its CI, McNemar's p per dataset,
+    and whether it is resolved (Holm-adjusted p below 0.05 with seeds on both sides)."""
+    diff = f"{100 * c.difference:+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}]"
+    p = ", ".join(f"{v:.2g}" for v in c.mcnemar)
+    if c.seeds <= 1:
+        return diff, p, "no (one seed)"
+    return diff, p, f"{'yes' if resolved(c, adjusted_p) else 'no'} (Holm p {adjusted_p:.2g})"
+
+
+def table_md(
+    table: Table,
+    exps: list[Experiment],
+    default: dict[str, Any],
+    datasets: list[str],
+    scores: Scores,
+    regime: dict[str, Any] | None = None,
+) -> str:
+    """`table` as markdown; under a `regime` (params over the committed ones, `finedefics.regimes`),
+    every row and the reference it is paired with take the regime's params first."""
+    regime = regime or {}
     head = ["Method", *datasets, "Avg. [95% CI]", "seeds", "vs default [95% CI]", "McNemar p", "resolved"]
     head += ["paper Avg.", "experiments"]
     lines = [f"### {table.title}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    reference = find(exps, default, {})
-    found = [find(exps, default, row.overrides) for row in table.rows]
+    reference = find(exps, default, regime)
+    found = [find(exps, default, regime | row.overrides) for row in table.rows]
     is_reference = [not row.overrides and row.model == "final" for row in table.rows]
     comparisons = [
         None if ref or not runs or not reference else compare(row, runs, reference, scores)
@@ -350,10 +370,7 @@ def table_md(table: Table, exps: list[Experiment], default: dict[str, Any], data
         elif c is None:
             diff, p, mark = ("missing" if runs else ""), "", ""
         else:
-            adj = next(adjusted)
-            diff = f"{100 * c.difference:+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}]"
-            p = ", ".join(f"{v:.2g}" for v in c.mcnemar)
-            mark = f"{'yes' if resolved(c, adj) else 'no'} (Holm p {adj:.2g})" if c.seeds > 1 else "no (one seed)"
+            diff, p, mark = comparison_cells(c, next(adjusted))
         shown = runs[:1] if row.model == "base" else runs
         source = ", ".join(f"`{e.name}`" for e in shown) + (" (base model)" if row.model == "base" else "")
         paper = "not in the paper" if row.paper is None else f"{row.paper:.2f}"
@@ -381,10 +398,7 @@ def main_table(exps: list[Experiment], default: dict[str, Any], datasets: list[s
         x = cell(runs, row.model, datasets)
         diff, p, mark = ("(the reference)", "", "") if row.model == "final" else ("missing", "", "")
         if c is not None:
-            adj = next(adjusted)
-            diff = f"{100 * c.difference:+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}]"
-            p = ", ".join(f"{v:.2g}" for v in c.mcnemar)
-            mark = f"{'yes' if resolved(c, adj) else 'no'} (Holm p {adj:.2g})" if c.seeds > 1 else "no (one seed)"
+            diff, p, mark = comparison_cells(c, next(adjusted))
         cells = [row.label, *map(fmt, x.per_dataset), x.text(), str(x.seeds), diff, p, mark]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -486,8 +500,10 @@ def dvc_exp_show(cwd: Path) -> list[dict]:
     return json.loads(done.stdout)
 
 
-def dvc_scores(repo: Path, datasets: list[str]) -> Scores:
-    """Per-image scores from an experiment's predictions files, read from DVC's cache at its rev."""
+def dvc_scores(repo: Path, datasets: list[str], unseen: bool | None = None) -> Scores:
+    """Per-image scores from an experiment's predictions files, read from DVC's cache at its rev;
+    `unseen` True (False): only the test images of the classes training never showed (showed), as
+    the results file's `config.unseen_classes` lists them (`world.unseen`)."""
     import dvc.api
 
     from finedefics.evaluate.mc import per_image
@@ -496,7 +512,12 @@ def dvc_scores(repo: Path, datasets: list[str]) -> Scores:
 
     def read(rev: str, model_dir: str, dataset: str) -> dict[str, float]:
         text = dvc.api.read(f"results/predictions/{model_dir}/{dataset}.json", repo=str(repo), rev=rev)
-        return per_image(json.loads(text)["predictions"])
+        data = json.loads(text)
+        predictions = data["predictions"]
+        if unseen is not None:
+            classes = set(data["config"].get("unseen_classes", []))
+            predictions = [p for p in predictions if (p["correct"] in classes) == unseen]
+        return per_image(predictions)
 
     def scores(exp: Experiment, model_dir: str) -> list[dict[str, float]] | None:
         if (exp.rev, model_dir) not in cache:

@@ -51,6 +51,21 @@ class PreparedDataset:
         """The world's attribute names."""
         return list(self.attributes)
 
+    def unseen(self, n: int, seed: int) -> list[int]:
+        """The labels of `n` categories whose images training never shows (`world.unseen`): one per
+        cluster of siblings in turn (each keeps seen siblings to be confused with), seeded."""
+        import numpy as np
+
+        if n > len(self.categories) - 4:
+            raise ValueError(f"{self.name}: {n} unseen of {len(self.categories)} categories leaves fewer than 4 seen")
+        rng = np.random.default_rng([seed, 17, len(self.categories)])
+        clusters: dict[int, list[int]] = {}
+        for c in self.categories:
+            clusters.setdefault(c.label if c.cluster is None else c.cluster, []).append(c.label)
+        members = [list(rng.permutation(clusters[k])) for k in rng.permutation(sorted(clusters))]
+        rounds = [m[i] for i in range(max(map(len, members))) for m in members if i < len(m)]
+        return sorted(int(label) for label in rounds[:n])
+
     @property
     def train(self) -> pd.DataFrame:
         return self.images[self.images.split == "train"]

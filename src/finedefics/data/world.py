@@ -139,7 +139,8 @@ def pseudo_word(rng: np.random.Generator, syllables: int) -> str:
 
 
 def make_classes(spec: WorldSpec, cfg: WorldConfig, rng: np.random.Generator) -> list[WorldClass]:
-    """Category profiles in clusters of `cfg.cluster_size` siblings that differ in 1-2 attributes."""
+    """Category profiles in clusters of `cfg.cluster_size` siblings that differ in 1 to
+    `cfg.sibling_distance` attributes (default 2; 1 is the hardest world)."""
     keys = list(spec.attributes)
     vocabulary = {w for k, a in spec.attributes.items() for w in (*k.split(), *" ".join(a.values).split())}
 
@@ -162,6 +163,9 @@ def make_classes(spec: WorldSpec, cfg: WorldConfig, rng: np.random.Generator) ->
     words: set[str] = set()
     n_clusters = math.ceil(cfg.categories / cfg.cluster_size)
     min_gap = min(3, len(keys))
+    gap = cfg.sibling_distance
+    if gap > len(keys):
+        raise ValueError(f"world.sibling_distance {gap} exceeds the {len(keys)} attributes of {spec.super_category}")
     for cluster in range(n_clusters):
         for _ in range(10_000):
             base = random_profile()
@@ -176,13 +180,15 @@ def make_classes(spec: WorldSpec, cfg: WorldConfig, rng: np.random.Generator) ->
         for _ in range(min(cfg.cluster_size, cfg.categories - len(classes))):
             for _ in range(10_000):
                 profile = dict(base)
-                if members:  # the first member is the base; every pair of members differs in 1-2 keys
-                    for key in rng.choice(keys, size=int(rng.integers(1, 3)), replace=False):
+                if members:  # the first member is the base; every pair of members differs in 1..gap keys
+                    for key in rng.choice(keys, size=int(rng.integers(1, gap + 1)), replace=False):
                         profile[key] = str(rng.choice([v for v in spec.attributes[key].values if v != base[key]]))
-                if profile not in profiles and all(1 <= distance(profile, m) <= 2 for m in members):
+                if profile not in profiles and all(1 <= distance(profile, m) <= gap for m in members):
                     break
             else:
-                raise ValueError(f"{spec.super_category}: cannot draw {cfg.cluster_size} siblings 1-2 attributes apart")
+                raise ValueError(
+                    f"{spec.super_category}: cannot draw {cfg.cluster_size} siblings 1-{gap} attributes apart"
+                )
             members.append(profile)
             profiles.append(profile)
             species = new_name(words, 2)
@@ -422,9 +428,9 @@ GLYPHS: dict[str, Glyph] = {
 }
 
 
-def _background(size: int, rng: np.random.Generator) -> tuple[Image.Image, dict[str, str]]:
-    """A pale tinted background with faint clutter; returns it and its description."""
-    base = tuple(int(v) for v in rng.integers(195, 250, 3))
+def _background(size: int, rng: np.random.Generator, shift: float = 0.0) -> tuple[Image.Image, dict[str, str]]:
+    """A pale tinted background with faint clutter (darker by `shift`); returns it and its description."""
+    base = tuple(int(v) for v in rng.integers(195 - round(110 * shift), 250 - round(90 * shift), 3))
     img = Image.new("RGB", (size, size), base)
     draw = ImageDraw.Draw(img)
     counts = {"line": 0, "circle": 0}
@@ -463,10 +469,12 @@ def _tint_name(rgb: tuple[int, ...]) -> str:
 
 
 def render(
-    spec: WorldSpec, profile: dict[str, str], size: int, rng: np.random.Generator
+    spec: WorldSpec, profile: dict[str, str], size: int, rng: np.random.Generator, shift: float = 0.0
 ) -> tuple[Image.Image, dict[str, np.ndarray], dict[str, str]]:
     """Draw one image of `profile`; returns it, a boolean mask per part (plus "object") and the scene
-    (facing, background, clutter), which is ground truth for the general description.
+    (facing, background, clutter), which is ground truth for the general description. `shift` in
+    [0, 1] (`world.test_shift`, test images only) widens the tilt beyond the train images' +/-0.3
+    rad (to +/-1.2 at 1) and darkens the background; 0 draws exactly the unshifted image.
 
     `rng` is split into independent streams for pose, colour, background and texture, so two
     profiles drawn from equal generators share pose, jitter and background exactly.
@@ -477,8 +485,9 @@ def render(
     margin = max(0.0, (1 - scale) / 2 - 0.02)
     offset = (float(pose.uniform(-margin, margin)), float(pose.uniform(-margin, margin)))
     big = size * SUPERSAMPLE
-    cv = Canvas(big, scale, float(pose.uniform(-0.3, 0.3)), bool(pose.random() < 0.5), offset)
-    cv.image, scene = _background(big, bg)
+    tilt = 0.3 + 0.9 * shift
+    cv = Canvas(big, scale, float(pose.uniform(-tilt, tilt)), bool(pose.random() < 0.5), offset)
+    cv.image, scene = _background(big, bg, shift)
     scene = {"facing": "left" if cv.flip else "right", **scene}
     shades: dict[str, tuple[int, int, int]] = {}
 
@@ -522,5 +531,6 @@ def draw_image(
 ) -> tuple[Image.Image, dict[str, str]]:
     """The image and its scene description."""
     rng = dataset_rng(seed, name, 2, item.label, item.split == "test", item.index)
-    image, _, scene = render(spec, item.attributes, cfg.image_size, rng)
+    shift = cfg.test_shift if item.split == "test" else 0.0
+    image, _, scene = render(spec, item.attributes, cfg.image_size, rng, shift)
     return image, scene

@@ -206,6 +206,17 @@ def positions(predictions: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def seen_unseen(predictions: list[dict], unseen: set[str]) -> dict[str, float]:
+    """`score`'s accuracy on the test images of the classes training showed and of the `unseen` ones
+    (`world.unseen`, by ground-truth name); nothing without unseen classes."""
+    if not unseen:
+        return {}
+    return {
+        f"{key}_accuracy": score([p for p in predictions if (p["correct"] in unseen) == part]).accuracy
+        for key, part in (("seen", False), ("unseen", True))
+    }
+
+
 def score_results(data: object) -> Score:
     """`score` of a FOCI results file's parsed JSON: an object with `predictions` (and FOCI's
     `metrics` and `config` beside it) or the list itself. Only the multiple-choice task (`config.task`

@@ -1,0 +1,83 @@
+"""The pre-registered regime study: criteria computed from experiments, the choice they make."""
+
+import yaml
+from conftest import REPO
+from test_report import exp, show
+
+from finedefics.regimes import REGIMES, UNSEEN, chosen, criteria, render
+from finedefics.report import committed_params, experiments
+
+DEFAULT = committed_params(REPO / "params.yaml")
+
+
+def regime_exp(name, regime, final, seed=0, attributes=0.9, knowledge=0.99, zero_shot=0.26, extra=None):
+    e = exp(name, {**regime.overrides, "train.seed": seed, **(extra or {})}, final, f"2026-01-0{seed + 1}T00:00:00")
+    metrics = e["revs"][0]["data"]["metrics"]
+    metrics["metrics/bootstrap.json"] = {
+        "data": {"caption_attribute_accuracy": attributes, "knowledge_attribute_accuracy": knowledge}
+    }
+    metrics["metrics/eval_base.json"] = {
+        "data": {
+            "average": {"accuracy": zero_shot, "accuracy_low": zero_shot - 0.01, "accuracy_high": zero_shot + 0.01}
+        }
+    }
+    return e
+
+
+def passed(checks):
+    return [c.passed for c in checks]
+
+
+def test_each_criterion_is_checked_against_its_pre_registered_bound():
+    lora, full = REGIMES[0], REGIMES[-1]
+    runs = experiments(show(*(regime_exp(f"l{s}", lora, 0.5 + 0.01 * s, seed=s) for s in range(3))))
+    assert passed(criteria(lora, runs, DEFAULT)) == [True, True, True, True, True]
+    weak = experiments(show(regime_exp("w", lora, 0.9, attributes=0.80, knowledge=0.96, zero_shot=0.31)))
+    assert passed(criteria(lora, weak, DEFAULT)) == [False, True, False, True, False]  # 80% read, 31% zero-shot, 90%
+    assert passed(criteria(full, experiments(show(regime_exp("f", full, 0.6))), DEFAULT))[3] is False  # full FT
+    assert passed(criteria(lora, [], DEFAULT)) == [None, None, None, True, None]  # params tell 2 without a run
+
+
+def test_the_default_is_the_first_candidate_meeting_every_criterion_whatever_its_tables_show():
+    first, second = REGIMES[0], REGIMES[1]
+    runs = experiments(
+        show(
+            regime_exp("a", first, 0.35),  # below the headroom
+            regime_exp("b", second, 0.55),
+            regime_exp("c", second, 0.90, extra={"negatives": "simple"}),  # an ablation scoring higher changes nothing
+        )
+    )
+    assert chosen(runs, DEFAULT) == second
+    assert chosen(experiments(show(regime_exp("a", first, 0.35))), DEFAULT) is None
+
+
+def test_the_report_shows_every_regime_its_criteria_and_the_unseen_table(tmp_path):
+    lora = REGIMES[0]
+    e = regime_exp("u", lora, 0.5, extra=UNSEEN)
+    e["revs"][0]["data"]["metrics"]["metrics/eval.json"]["data"]["average"] |= {
+        "seen_accuracy": 0.6,
+        "unseen_accuracy": 0.3,
+    }
+    runs = experiments(show(regime_exp("d", lora, 0.5), e))
+    text = render(runs, DEFAULT, ["toy-bird", "toy-flower"], lambda e, m: None, lambda e, m: None)
+    for regime in REGIMES:
+        assert f"## {regime.name}" in text
+    assert "Chosen: **LoRA r=16, 3 + 6 epochs**." in text
+    assert "| **CL (obj.-att.-cat.), hard negatives** | 1 | 60.0 | 30.0 | (the reference) |" in text
+    assert text.count("### Table 6a") == len(REGIMES)
+
+
+def test_every_regime_is_a_valid_params_file(tmp_path):
+    from finedefics.config import load_params
+
+    for regime in REGIMES:
+        tree = yaml.safe_load((REPO / "params.yaml").read_text())
+        for dotted, value in (regime.overrides | UNSEEN).items():
+            *path, last = dotted.split(".")
+            node = tree
+            for key in path:
+                node = node[key]
+            assert last in node, f"{regime.name}: {dotted} is not a param"
+            node[last] = value
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+        load_params(tmp_path / "params.yaml")
