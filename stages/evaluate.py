@@ -74,9 +74,7 @@ def option_sets(params, name: str):
 
 def unseen_names(params, dataset) -> set[str]:
     """The names of the categories training never showed (`world.unseen`; world datasets only)."""
-    from finedefics.data.prepare import is_world
-
-    if not is_world(params.datasets[dataset.name]):
+    if dataset.source != "world":
         return set()
     return {dataset.names[label] for label in dataset.unseen(params.world.unseen, params.seed)}
 
