@@ -6,20 +6,25 @@
 #   scripts/ablations.sh --only 'default|t3b|t6a|t6b' --seeds 3   # the rows whose names match (grep -E)
 #   scripts/ablations.sh --queue ...           # only queue them
 #   scripts/ablations.sh --run                 # run what is queued (e.g. after an interruption), then report
+#   scripts/ablations.sh --regimes --seeds 3   # the pre-registered regime study instead (finedefics/regimes.py):
+#                                              # every candidate's default and Tables 3b/6a/6b rows -> reports/regimes.md
+#   scripts/ablations.sh --regimes --unseen K --seeds 3   # then the unseen-categories table under candidate K
 # Each experiment changes the params named on its line and nothing else; stages whose inputs did
 # not change come back from DVC's run cache. `dvc exp show` lists them, MLflow holds their runs
 # (the repository's mlflow.db, also for the queue's temporary workspaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seeds=1 only=. mode=all
+seeds=1 only=. mode=all regimes=0 unseen=()
 while (( $# )); do
   case $1 in
     --seeds) seeds=$2; shift 2 ;;
     --only) only=$2; shift 2 ;;
     --queue) mode=queue; shift ;;
     --run) mode=run; shift ;;
-    *) echo "usage: $0 [--seeds N] [--only REGEX] [--queue | --run]" >&2; exit 2 ;;
+    --regimes) regimes=1; shift ;;
+    --unseen) unseen=(--unseen "$2"); shift 2 ;;
+    *) echo "usage: $0 [--seeds N] [--only REGEX] [--regimes [--unseen K]] [--queue | --run]" >&2; exit 2 ;;
   esac
 done
 [[ $seeds =~ ^[1-9][0-9]*$ ]] || { echo "--seeds takes a positive integer, not '$seeds'" >&2; exit 2; }
@@ -74,10 +79,18 @@ run_queue() {
   dvc queue status
 }
 
-[[ $mode == run ]] || queue_all
+queue_regimes() { eval "$(finedefics regimes-queue --seeds "$seeds" "${unseen[@]}")"; }
+
+if [[ $mode != run ]]; then
+  if (( regimes )); then queue_regimes; else queue_all; fi
+fi
 [[ $mode == queue ]] && exit 0
 start=$(date +%s)
 run_queue
 took="$(( ($(date +%s) - start) / 60 )) min on $(nproc) CPU core(s)"
 echo "queue finished: $took"
-finedefics report --out reports/results.md --took "$took"
+if (( regimes )); then
+  finedefics report --regimes --took "$took"
+else
+  finedefics report --out reports/results.md --took "$took"
+fi

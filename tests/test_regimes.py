@@ -4,7 +4,7 @@ import yaml
 from conftest import REPO
 from test_report import exp, show
 
-from finedefics.regimes import REGIMES, UNSEEN, chosen, criteria, render
+from finedefics.regimes import FULL, REGIMES, UNSEEN, Regime, chosen, criteria, render
 from finedefics.report import committed_params, experiments
 
 DEFAULT = committed_params(REPO / "params.yaml")
@@ -29,7 +29,7 @@ def passed(checks):
 
 
 def test_each_criterion_is_checked_against_its_pre_registered_bound():
-    lora, full = REGIMES[0], REGIMES[-1]
+    lora, full = REGIMES[0], Regime("full fine-tuning", FULL)
     runs = experiments(show(*(regime_exp(f"l{s}", lora, 0.5 + 0.01 * s, seed=s) for s in range(3))))
     assert passed(criteria(lora, runs, DEFAULT)) == [True, True, True, True, True]
     weak = experiments(show(regime_exp("w", lora, 0.9, attributes=0.80, knowledge=0.96, zero_shot=0.31)))
@@ -81,3 +81,34 @@ def test_every_regime_is_a_valid_params_file(tmp_path):
             node[last] = value
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
         load_params(tmp_path / "params.yaml")
+
+
+def test_the_printed_queue_names_every_cell_of_the_study_with_three_seeds():
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from finedefics.cli import app
+    from finedefics.regimes import UNSEEN_ROWS, _study_tables
+    from finedefics.report import find
+
+    def queued(*args):
+        result = CliRunner().invoke(app, ["regimes-queue", "--seeds", "3", *args])
+        assert result.exit_code == 0, result.output
+        out = []
+        for line in result.output.splitlines():
+            words = shlex.split(line)
+            sets = [w for flag, w in zip(words, words[1:]) if flag == "-S"]
+            params = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)}
+            out.append(exp(words[words.index("--name") + 1], params, 0.5, "t"))
+        return experiments(show(*out))
+
+    runs = queued()
+    assert len(runs) == len(REGIMES) * 6 * 3
+    for regime in REGIMES:
+        for row in (r for t in _study_tables() for r in t.rows if r.model == "final"):
+            assert len(find(runs, DEFAULT, regime.overrides | row.overrides)) == 3, (regime.name, row.label)
+    unseen = queued("--unseen", "1")
+    for row in UNSEEN_ROWS:
+        assert len(find(unseen, DEFAULT, REGIMES[1].overrides | UNSEEN | row.overrides)) == 3, row.label
+    assert CliRunner().invoke(app, ["regimes-queue", "--unseen", "9"]).exit_code == 2

@@ -156,5 +156,28 @@ def report(
     typer.echo(f"{out}: {len(exps)} finished experiment(s)")
 
 
+@app.command("regimes-queue")
+def regimes_queue(
+    seeds: int = typer.Option(3, min=1, help="training seeds per experiment"),
+    unseen: int = typer.Option(None, help="queue the unseen table's rows under this candidate (its index)"),
+) -> None:
+    """Print the regime study's `dvc exp run --queue` commands (finedefics/regimes.py)."""
+    import shlex
+
+    from finedefics import regimes as reg
+
+    if unseen is not None and not 0 <= unseen < len(reg.REGIMES):
+        _fail(f"--unseen takes a candidate index 0-{len(reg.REGIMES) - 1}, not {unseen}")
+    for name, overrides in reg.queue(seeds, unseen):
+        sets = [f"-S {shlex.quote(f'{k}={_yaml_value(v)}')}" for k, v in overrides.items()]
+        typer.echo(f"dvc exp run --queue --name {name} " + " ".join(sets))
+
+
+def _yaml_value(value) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 if __name__ == "__main__":  # `python -m finedefics.cli`; after every command is defined
     app()
