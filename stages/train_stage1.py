@@ -38,7 +38,8 @@ def main() -> None:
         return
     inputs = Inputs(STAGE1, STAGE2, *test_images(list(params.datasets)))
     with stage_run("train_stage1", params) as tracker:
-        metrics = train(params, task, source, OUT, inputs, log=tracker.log_metrics)
+        with tracker.steps() as log:
+            metrics = train(params, task, source, OUT, inputs, log=log)
         if main_process:
             write_json(METRICS, {"trained": 1, **metrics})
             tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("alignment")})

@@ -40,7 +40,8 @@ def main() -> None:
         return
     inputs = Inputs(STAGE1, STAGE2, *test_images(list(params.datasets)))
     with stage_run("train_stage2", params) as tracker:
-        metrics = train(params, task, str(SOURCE), OUT, inputs, log=tracker.log_metrics)
+        with tracker.steps() as log:
+            metrics = train(params, task, str(SOURCE), OUT, inputs, log=log)
         if main_process:
             write_json(METRICS, {"trained": 1, **metrics})
             print(f"stage II ({task.value}): {metrics['steps']} steps")

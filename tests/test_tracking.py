@@ -32,6 +32,26 @@ def test_run_is_written_and_read_back(monkeypatch, tmp_path):
     assert [a.path for a in client.list_artifacts(run.run_id)] == ["note.txt"]
 
 
+def test_step_values_are_batched_yet_every_step_is_kept_even_when_the_stage_fails(monkeypatch, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with stage_run("train_stage2", Params(tracking={"experiment": "unit"})) as run:
+        with run.steps(flush_every=20) as log:
+            for step in range(1, 46):
+                log({"loss": 1.0 / step, "lr": 0.1}, step)
+    with pytest.raises(RuntimeError):
+        with stage_run("train_stage1", Params(tracking={"experiment": "unit"})) as failed:
+            with failed.steps(flush_every=20) as log:
+                for step in range(1, 8):
+                    log({"loss": float(step)}, step)
+                raise RuntimeError("diverged")
+    client = MlflowClient(uri)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, "loss"))
+    assert history == [(step, 1.0 / step) for step in range(1, 46)]
+    assert len(client.get_metric_history(run.run_id, "lr")) == 45
+    assert [m.step for m in client.get_metric_history(failed.run_id, "loss")] == list(range(1, 8))
+
+
 def test_failed_stage_marks_the_run_failed(monkeypatch, tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -58,10 +58,12 @@ FULL = {
     "model.finetune": "full",
     "model.lora.r": 8,
     "model.lora.alpha": 8,
+    "model.lora.dropout": 0.05,
     "train.stage1.epochs": 10,
     "train.stage1.lr": 5.0e-4,
     "train.stage2.epochs": 18,
     "train.stage2.lr": 5.0e-4,
+    "train.stage2.batch_size": 32,
     "bootstrap.mllm.hidden": 128,
     "bootstrap.mllm.layers": 4,
     "bootstrap.mllm.epochs": 20,
@@ -70,10 +72,12 @@ LORA = FULL | {
     "model.finetune": "lora",
     "model.lora.r": 16,
     "model.lora.alpha": 32,
+    "model.lora.dropout": 0.0,  # the paper's 0.05 costs a third of a LoRA step on CPU (dropout's random masks)
     "train.stage1.epochs": 3,
     "train.stage1.lr": 2.0e-3,
     "train.stage2.epochs": 6,
     "train.stage2.lr": 2.0e-3,
+    "train.stage2.batch_size": 16,  # twice the steps of 32 in the same epochs (pilot: 35.8% -> 44.8%)
 }
 REGIMES = (
     Regime("LoRA r=16, 3 + 6 epochs", LORA, "The paper's adaptation on the world's base as it is."),

@@ -76,6 +76,33 @@ class StageRun:
 
         return log
 
+    @contextmanager
+    def steps(self, flush_every: int = 20) -> Iterator[Callable[[dict[str, float], int], None]]:
+        """A training loop's `log` that keeps every step's values and writes them in one batch per
+        `flush_every` steps and on leaving (one database write per step cost ~10 ms)."""
+        import time
+
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        pending: list[Metric] = []
+
+        def flush() -> None:
+            if pending:
+                MlflowClient().log_batch(self.run_id, metrics=pending)
+                pending.clear()
+
+        def log(metrics: dict[str, float], step: int) -> None:
+            now = int(time.time() * 1000)
+            pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            if step % flush_every == 0:
+                flush()
+
+        try:
+            yield log
+        finally:
+            flush()
+
     def log_params(self, params: dict[str, Any]) -> None:
         import mlflow
 
