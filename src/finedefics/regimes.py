@@ -86,11 +86,6 @@ REGIMES = (
         LORA | {"bootstrap.mllm.epochs": 40},
         "A better pre-trained base, so that LoRA has more to bridge through.",
     ),
-    Regime(
-        "LoRA r=16, 3 + 6 epochs, larger base (hidden 192, 6 layers) pre-trained twice as long",
-        LORA | {"bootstrap.mllm.hidden": 192, "bootstrap.mllm.layers": 6, "bootstrap.mllm.epochs": 40},
-        "A larger and better pre-trained base.",
-    ),
 )
 UNSEEN = {"world.unseen": 4}  # one category per cluster of three siblings
 UNSEEN_ROWS = (
@@ -265,17 +260,22 @@ def _slug(overrides: dict[str, Any]) -> str:
 
 
 def queue(seeds: int, unseen: int | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """The study's experiments as (name, params over the committed ones), one per training seed:
-    every candidate's default and its tables' rows; with `unseen` = k, instead the unseen table's
-    rows under candidate k (queued once the criteria have chosen it)."""
+    """The study's experiments as (name, params over the committed ones): every candidate's default
+    and its tables' rows, or with `unseen` = k the unseen table's rows under candidate k (queued
+    once the criteria have chosen it). Seed by seed, defaults first, so that a queue cut short
+    leaves whole seeds."""
     out = []
-    for k, regime in enumerate(REGIMES):
-        if unseen is None:
-            rows = {_slug(r.overrides): r.overrides for t in _study_tables() for r in t.rows if r.model == "final"}
-        elif k == unseen:
-            rows = {f"unseen-{_slug(r.overrides)}": UNSEEN | r.overrides for r in UNSEEN_ROWS}
-        else:
-            continue
-        for name, overrides in rows.items():
-            out += [(f"r{k}-{name}-s{s}", regime.overrides | overrides | {"train.seed": s}) for s in range(seeds)]
+    for seed in range(seeds):
+        for k, regime in enumerate(REGIMES):
+            if unseen is None:
+                rows = [r.overrides for t in _study_tables() for r in t.rows if r.model == "final"]
+            elif k == unseen:
+                rows = [UNSEEN | r.overrides for r in UNSEEN_ROWS]
+            else:
+                continue
+            for overrides in sorted({_slug(o): o for o in rows}.values(), key=bool):  # the default first
+                name = ("unseen-" if unseen is not None else "") + _slug(
+                    {k: v for k, v in overrides.items() if k not in UNSEEN}
+                )
+                out.append((f"r{k}-{name}-s{seed}", regime.overrides | overrides | {"train.seed": seed}))
     return out
