@@ -8,7 +8,7 @@ which variant of the method wins:
    category's attributes from text (>= 95%), and answers zero-shot multiple choice within 5
    points of chance (FOCI evaluation of the base, 4 options);
 2. adaptation: parameter-efficient (LoRA or QLoRA), at most `MAX_EPOCHS` epochs per stage;
-3. headroom: the final model's multiple-choice average (mean over seeds) between 40% and 85%.
+3. headroom: the final model's multiple-choice average (mean over 3 training seeds) between 40% and 85%.
 
 `REGIMES` lists the candidates in an order of preference fixed before the study (the paper's
 regime first); the default becomes the first that meets all three. Under each regime, Tables 3b,
@@ -42,6 +42,7 @@ from finedefics.stats import across_seeds, holm
 ATTRIBUTES_READ, KNOWLEDGE, CHANCE_BAND = 0.85, 0.95, 0.05  # criterion 1
 MAX_EPOCHS = 6  # criterion 2: "a few epochs per stage at most"
 HEADROOM = (0.40, 0.85)  # criterion 3
+MIN_SEEDS = 3  # criterion 3 is judged on the mean over at least this many training seeds
 CHANCE = 0.25  # 4 options
 STUDY_TABLES = ("Table 3b", "Table 6a", "Table 6b")
 
@@ -151,13 +152,13 @@ def criteria(regime: Regime, exps: list[Experiment], default: dict[str, Any]) ->
         )
         checks.append(
             Check(
-                f"3. final multiple-choice average in {HEADROOM[0]:.0%}-{HEADROOM[1]:.0%}",
+                f"3. final multiple-choice average in {HEADROOM[0]:.0%}-{HEADROOM[1]:.0%} over {MIN_SEEDS} seeds",
                 f"{value}, {len(finals)} seed(s)",
-                HEADROOM[0] <= mean <= HEADROOM[1],
+                HEADROOM[0] <= mean <= HEADROOM[1] if len(finals) >= MIN_SEEDS else None,
             )
         )
     else:
-        checks.append(Check("3. final multiple-choice average in 40%-85%", "missing", None))
+        checks.append(Check(f"3. final multiple-choice average in 40%-85% over {MIN_SEEDS} seeds", "missing", None))
     return checks
 
 
