@@ -38,7 +38,7 @@ def main() -> None:
         return
     inputs = Inputs(STAGE1, STAGE2, *test_images(list(params.datasets)))
     with stage_run("train_stage1", params) as tracker:
-        with tracker.steps() as log:
+        with tracker.steps(flush_every=max(1, params.train.checkpoint_every)) as log:
             metrics = train(params, task, source, OUT, inputs, log=log)
         if main_process:
             write_json(METRICS, {"trained": 1, **metrics})

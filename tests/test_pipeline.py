@@ -68,7 +68,7 @@ def clone(tmp_path_factory):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["world"] = TINY_WORLD
+    params["world"] |= TINY_WORLD
     params["bootstrap"] = TINY_BOOTSTRAP
     params["train"].update(TINY_TRAIN)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -235,3 +235,22 @@ def test_a_dep_that_moved_away_is_caught():
         for name in params["datasets"]
         for path in ("src/finedefics/mining.py", "src/finedefics/mine.py (in deps, does not exist)")
     }
+
+
+@pytest.mark.parametrize("config", ["params.yaml", *sorted(p.name for p in (REPO / "configs").glob("*.yaml"))])
+def test_every_param_a_stage_lists_is_in_params_and_every_config(config):
+    """DVC refuses to run a stage whose listed param is missing from params.yaml, so a config that
+    `finedefics use-config` copies over it must hold every one, used or not."""
+    from finedefics.report import flatten
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    listed = set()
+    for stage in stages.values():
+        for entry in stage.get("do", stage).get("params", []):  # a name, or {file: [names]}
+            names = [entry] if isinstance(entry, str) else entry.get("params.yaml") or []
+            listed |= {n for n in names if "${" not in n}
+    have = flatten(
+        yaml.safe_load((REPO / config if config == "params.yaml" else REPO / "configs" / config).read_text())
+    )
+    missing = sorted(k for k in listed if k not in have and not any(h.startswith(k + ".") for h in have))
+    assert not missing, f"{config} lacks {missing}"
