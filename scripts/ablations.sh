@@ -27,6 +27,8 @@ while (( $# )); do
     *) echo "usage: $0 [--seeds N] [--only REGEX] [--regimes [--unseen K]] [--queue | --run]" >&2; exit 2 ;;
   esac
 done
+if (( regimes )) && [[ $only != . ]]; then echo "--only applies to the paper's queue, not to --regimes" >&2; exit 2; fi
+if (( ! regimes && ${#unseen[@]} )); then echo "--unseen needs --regimes" >&2; exit 2; fi
 [[ $seeds =~ ^[1-9][0-9]*$ ]] || { echo "--seeds takes a positive integer, not '$seeds'" >&2; exit 2; }
 
 queue_all() {
@@ -79,7 +81,11 @@ run_queue() {
   dvc queue status
 }
 
-queue_regimes() { eval "$(finedefics regimes-queue --seeds "$seeds" "${unseen[@]}")"; }
+queue_regimes() {
+  local cmds
+  cmds=$(finedefics regimes-queue --seeds "$seeds" "${unseen[@]}")  # fails the script on a bad --unseen
+  eval "$cmds"
+}
 
 if [[ $mode != run ]]; then
   if (( regimes )); then queue_regimes; else queue_all; fi

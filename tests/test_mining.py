@@ -265,6 +265,11 @@ def test_unseen_classes_are_never_anchors_negatives_or_distractors():
             assert not set(row.negatives) & set(unseen) and not set(row.distractors) & set(unseen)
             assert not {labels[i] for i in row.negative_image_ids} & set(unseen)
             assert len(set(row.distractors)) == 3 and row.label not in row.distractors
+        # most classes without a described image: the fallbacks still keep to the seen classes
+        few = {i: d for i, d in descriptions.items() if labels[i] in (0, 1)}
+        for row in mine(train, names, few, emb, strategy, seed=0, unseen=unseen).itertuples():
+            assert not (set(row.negatives) | set(row.distractors)) & set(unseen)
+            assert not {labels[i] for i in row.negative_image_ids} & set(unseen)
     with pytest.raises(ValueError, match="more than 3 seen classes"):
         mine(train, names, descriptions, emb, "hard", seed=0, unseen=list(range(7)))
 

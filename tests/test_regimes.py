@@ -51,6 +51,8 @@ def test_the_default_is_the_first_candidate_meeting_every_criterion_whatever_its
     runs = experiments(show(*low, *seeds("b", second, 0.55), *seeds("c", first, 0.60, extra={"negatives": "simple"})))
     assert chosen(runs, DEFAULT) == second  # an ablation of the first scoring within the headroom changes nothing
     assert chosen(experiments(show(*low)), DEFAULT) is None
+    undecided = seeds("u", first, 0.50)[:2]  # the first candidate has 2 of its 3 seeds: wait for it
+    assert chosen(experiments(show(*undecided, *seeds("b", second, 0.55))), DEFAULT) is None
 
 
 def test_the_report_shows_every_regime_its_criteria_and_the_unseen_table(tmp_path):

@@ -163,8 +163,15 @@ def criteria(regime: Regime, exps: list[Experiment], default: dict[str, Any]) ->
 
 
 def chosen(exps: list[Experiment], default: dict[str, Any]) -> Regime | None:
-    """The first regime of `REGIMES` that meets every criterion."""
-    return next((r for r in REGIMES if all(c.passed for c in criteria(r, exps, default))), None)
+    """The first regime of `REGIMES` that meets every criterion; None while a candidate before it
+    is still undecided (a criterion without its experiments), so the order of preference holds."""
+    for regime in REGIMES:
+        passed = [c.passed for c in criteria(regime, exps, default)]
+        if None in passed:
+            return None
+        if all(passed):
+            return regime
+    return None
 
 
 def unseen_table(regime: Regime, exps: list[Experiment], default: dict[str, Any], unseen: Scores) -> str:
@@ -233,7 +240,9 @@ def render(
         "",
         "## The choice",
         "",
-        f"Chosen: **{pick.name}**." if pick else "No candidate meets all three criteria yet.",
+        f"Chosen: **{pick.name}**."
+        if pick
+        else "None yet: no candidate meets all three criteria, or one before it in the order is undecided.",
         "",
     ]
     for regime in REGIMES:
