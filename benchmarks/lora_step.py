@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
-from stage1_step import world_rows
+from stage1_step import step_inputs
 
 from finedefics.align.losses import LossForm, Temperatures
 from finedefics.align.steps import Stage1
@@ -26,7 +26,6 @@ from finedefics.config import TinyMLLMConfig
 from finedefics.models.families import family_of
 from finedefics.models.mllm import MLLM
 from finedefics.models.tiny import TinySizes, build_idefics2
-from finedefics.models.tokenizer import train_tokenizer
 
 
 def main() -> None:
@@ -36,11 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        rows, corpus = world_rows(Path(tmp), args.batch)
+        rows, tok, index = step_inputs(Path(tmp), args.batch)
         m = TinyMLLMConfig()
-        tok = train_tokenizer(corpus * 4, m.vocab_size)
-        names = sorted(set(rows.category) | {c for cs in rows.negative_categories for c in cs})
-        index = {n: i for i, n in enumerate(names)}
 
         def timed(dropout: float | None) -> float:
             """ms per step; `dropout` None: full fine-tuning."""

@@ -79,6 +79,14 @@ def world_rows(root: Path, batch: int) -> tuple[pd.DataFrame, list[str]]:
     return frame.sample(batch, random_state=0), list(text.values()) + names
 
 
+def step_inputs(root: Path, batch: int) -> tuple[pd.DataFrame, object, dict[str, int]]:
+    """A Stage I batch of the world, a tokenizer trained on its texts, and its category index."""
+    rows, corpus = world_rows(root, batch)
+    tok = train_tokenizer(corpus * 4, TinyMLLMConfig().vocab_size)
+    names = sorted(set(rows.category) | {c for cs in rows.negative_categories for c in cs})
+    return rows, tok, {n: i for i, n in enumerate(names)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=16)
@@ -86,13 +94,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        rows, corpus = world_rows(Path(tmp), args.batch)
-        m = TinyMLLMConfig()
-        tok = train_tokenizer(corpus * 4, m.vocab_size)
-        model, processor = build_idefics2(tok, TinySizes.of(m, 64))
+        rows, tok, index = step_inputs(Path(tmp), args.batch)
+        model, processor = build_idefics2(tok, TinySizes.of(TinyMLLMConfig(), 64))
         mllm = MLLM(model.train(), processor)
-        names = sorted(set(rows.category) | {c for cs in rows.negative_categories for c in cs})
-        index = {n: i for i, n in enumerate(names)}
 
         def timed(kind, grouped=True):
             stage = kind(
@@ -120,7 +124,7 @@ def main() -> None:
         per_text, loss_text = timed(PerTextStage1, True)
     texts = 8 * args.batch  # description, category and 3 + 3 negatives per image
     print(
-        f"batch {args.batch} images, K=3 negatives: {texts} texts per step ({len(names)} distinct names); "
+        f"batch {args.batch} images, K=3 negatives: {texts} texts per step ({len(index)} distinct names); "
         f"tiny Idefics2 of the default bootstrap sizes, torch threads 2, median of {args.steps} steps"
     )
     print(f"grouped passes:    {one * 1000:8.1f} ms/step  (loss {loss_one:.6f})")
