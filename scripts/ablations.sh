@@ -56,12 +56,10 @@ queue_all() {
   q t4-llava       -S model.base=tiny-llava                          # Table 4: both rows (base and + A^3)
   q t4-qwen        -S model.base=tiny-qwen2.5-vl                     # Table 4, beyond the paper: Qwen2.5-VL
   q x-ccc-logsumexp -S align.ccc=logsumexp                           # not in the paper: eq. 7 as written
-  # the release's forms that apply to the world's full fine-tuning (README: Paper, release, ours)
+  # the release's loss and batch forms (README: Paper, release, ours)
   q x-release-ccc -S align.ccc=release                                # the release's eq. 7 alone
   q x-release-sequence -S train.generation_loss=sequence             # the release's loss on every token alone
   q x-release -S align.ccc=release -S align.negatives_scope=batch -S align.temperatures=two -S align.learn_temperature=false -S align.mask_same_class=false -S align.contrastive_batch=device -S align.text_bos=true -S train.generation_loss=sequence -S train.weight_decay=0.01
-  q diag-s2-6ep    -S train.stage2.epochs=6                          # not in the paper: Stage II length
-  q diag-s2-6ep-logsumexp -S train.stage2.epochs=6 -S align.ccc=logsumexp  # the earlier default
 }
 
 # `dvc queue status` (and `dvc exp show`) ping the worker through celery's file broker, which can

@@ -111,7 +111,7 @@ def test_an_empty_model_name_is_refused(key, value):
 
 def test_flat_lists_dotted_keys():
     flat = Params().flat()
-    assert flat["negatives"] == "hard" and flat["model.lora.r"] == 8 and flat["datasets.toy-bird"].endswith(".yaml")
+    assert flat["negatives"] == "hard" and flat["model.lora.r"] == 16 and flat["datasets.toy-bird"].endswith(".yaml")
 
 
 def test_stage_exits_2_with_one_line_before_any_work(tmp_path):

@@ -20,6 +20,7 @@ from finedefics.report import (
     find,
     main_table,
     table_md,
+    used_commits,
 )
 
 DEFAULT_TREE = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -75,7 +76,7 @@ def test_find_takes_the_newest_finished_experiment_with_exactly_those_switches()
     assert [e.name for e in find(runs, default, {"attributes.types": ["shape", "texture", "size"]})] == ["types"]
     assert find(runs, default, {"attributes.types": ["color", "texture", "size"]}) == []
     assert find(runs, default, {}) == []
-    shorter = experiments(show(exp("shorter", {"train.stage2.epochs": 6}, 0.5, "t")))
+    shorter = experiments(show(exp("shorter", {"train.stage2.epochs": 2}, 0.5, "t")))
     assert find(shorter, default, {}) == []  # any other param differing keeps it out of the rows
 
 
@@ -92,6 +93,15 @@ def test_find_gives_one_experiment_per_training_seed_newest_first_ordered_by_see
     )
     assert [e.name for e in find(runs, default, {})] == ["s0", "s1", "s2"]
     assert [e.name for e in find(runs, default, {"negatives": "simple"})] == ["simple-s1"]
+
+
+def test_the_commits_listed_are_those_of_the_experiments_the_rows_read():
+    default = committed_params(REPO / "params.yaml")
+    other = {"rev": "b" * 40, "name": "old", "experiments": [exp("x", {"negatives": "simple"}, 0.5, "t2")]}
+    unused = {"rev": "c" * 40, "name": "older", "experiments": [exp("y", {"world.categories": 5}, 0.5, "t3")]}
+    runs = experiments([*show(exp("d", {}, 0.5, "t1")), other, unused])
+    assert used_commits(runs, default, [{}]) == ["aaaaaaa"]
+    assert used_commits(runs, default, [{}, {"negatives": "simple"}]) == ["aaaaaaa", "bbbbbbb"]
 
 
 def seeded_scores(offsets: dict[str, float], n: int = 400):
@@ -196,7 +206,7 @@ def test_the_queue_covers_every_row_of_the_report():
             words = shlex.split(line, comments=True)
             switches = [w for flag, w in zip(words, words[1:]) if flag == "-S"]
             queued.append({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in switches)})
-    assert len(queued) == 24 and {} in queued
+    assert len(queued) == 22 and {} in queued
     for table in (*TABLES, *EXTRA):
         for row in table.rows:
             assert row.overrides in queued, (table.title, row.label)

@@ -24,7 +24,7 @@ def test_run_is_written_and_read_back(monkeypatch, tmp_path):
     got = client.get_run(run.run_id)
     assert got.info.status == "FINISHED" and got.info.run_name == "prepare@toy-bird"
     assert client.get_experiment(got.info.experiment_id).name == "unit"
-    assert got.data.params["negatives"] == "simple" and got.data.params["model.lora.r"] == "8"
+    assert got.data.params["negatives"] == "simple" and got.data.params["model.lora.r"] == "16"
     assert got.data.metrics == {"train_images": 240.0, "classes": 12.0}
     tags = got.data.tags
     assert tags["stage"] == "prepare" and tags["dvc_exp_name"] == "tidy-fern"

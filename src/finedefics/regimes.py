@@ -36,6 +36,7 @@ from finedefics.report import (
     find,
     seed_text,
     table_md,
+    used_commits,
 )
 from finedefics.stats import across_seeds, holm
 
@@ -220,7 +221,9 @@ def render(
     unseen: Scores,
     header: str = "",
 ) -> str:
-    used = sorted({e.baseline[:7] for e in exps})
+    rows = [r.overrides for t in _study_tables() for r in t.rows] + [{}]
+    unseen_rows = [UNSEEN | r.overrides for r in UNSEEN_ROWS]
+    used = used_commits(exps, default, [g.overrides | o for g in REGIMES for o in (*rows, *unseen_rows)])
     pick = chosen(exps, default)
     parts = [
         "# The world's regimes: a pre-registered study",
@@ -236,7 +239,8 @@ def render(
         header,
         "",
         "Not a candidate: the default before this study, full fine-tuning for 10 + 18 epochs (`FULL` in "
-        "`finedefics/regimes.py`, reports/results.md), fails criterion 2 by its params alone.",
+        "`finedefics/regimes.py`), fails criterion 2 by its params alone; its reports/results.md is at commit "
+        "7a5c18f.",
         "",
         "## The choice",
         "",
