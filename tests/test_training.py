@@ -372,6 +372,26 @@ def test_every_paradigm_runs_the_two_training_stages(workdir, tmp_path, monkeypa
     MLLM.load(resolve(final))
 
 
+def test_a_pass_through_pointer_changes_with_the_model_it_points_at(tmp_path, monkeypatch):
+    """DVC hashes the pointer a skipped stage writes: it must differ when the model behind the same
+    path does (another base, another seed's Stage I model), or the run cache restores stale stages."""
+    from finedefics.models.paths import POINTER, pass_through, resolve
+
+    monkeypatch.chdir(tmp_path)
+    model = Path("models/stage1")
+    model.mkdir(parents=True)
+    pointers = []
+    for weights in (b"seed 0", b"seed 1", b"seed 0"):
+        (model / "model.safetensors").write_bytes(weights)
+        out = Path(f"out{len(pointers)}")
+        pass_through(model, out)
+        pointers.append((out / POINTER).read_bytes())
+        assert resolve(out) == str(model)
+    assert pointers[0] != pointers[1] and pointers[0] == pointers[2]
+    pass_through(Path("out1"), Path("chained"))  # a pointer to a pointer names the model itself
+    assert resolve("chained") == str(model) and (Path("chained") / POINTER).read_bytes() == pointers[2]
+
+
 def test_llava_trains_a_step(tiny_models, workdir, tmp_path):
     from transformers import AutoTokenizer
 

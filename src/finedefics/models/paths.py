@@ -34,9 +34,16 @@ def resolve(path: str | Path) -> str:
 
 
 def pass_through(source: str | Path, out: Path) -> None:
-    """Record that this stage's model is `source`, without copying its weights."""
+    """Record that this stage's model is `source`, without copying its weights. The pointer holds
+    the source's fingerprint (its files' content, or a hub id's snapshot), so that DVC sees it
+    change when the model it points at does: a pointer naming only the path hashed the same for
+    every base and every Stage I model, and DVC's run cache then restored the stages after it from
+    another run (a Stage I model's evaluation, or Stage II trained from another base)."""
+    from finedefics.training import model_fingerprint
+
+    model = resolve(source)
     out.mkdir(parents=True, exist_ok=True)
-    (out / POINTER).write_text(json.dumps({"model": resolve(source)}) + "\n")
+    (out / POINTER).write_text(json.dumps({"model": model, "fingerprint": model_fingerprint(model)}) + "\n")
 
 
 def base_model(cfg: ModelConfig) -> str:
