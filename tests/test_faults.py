@@ -17,8 +17,9 @@ from conftest import REPO, make_world_workdir, run_stage, set_params, stage_env
 from test_training import TRAIN, write_instructions
 
 from finedefics.io import StageError, write_json
+from finedefics.models.paths import model_fingerprint
 from finedefics.tracking import tracking_uri
-from finedefics.training import Diverged, FitConfig, fit, model_fingerprint, plan
+from finedefics.training import Diverged, FitConfig, fit, plan
 
 
 @pytest.fixture(scope="module")

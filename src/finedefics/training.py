@@ -72,33 +72,9 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def model_fingerprint(model: str | Path) -> str:
-    """What a training checkpoint of `model` depends on: for a local folder, the content of its files
-    (weights, config, tokenizer; hidden ones such as `.git` left out), so that a base rebuilt at the
-    same path is another base; for a hub id, the id and the commit of the cached snapshot."""
-    folder = Path(model)
-    if folder.is_dir():
-        digest = hashlib.sha1()
-        for path in sorted(folder.rglob("*")):
-            rel = path.relative_to(folder)
-            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-                digest.update(f"{rel.as_posix()}\0".encode())
-                with path.open("rb") as f:
-                    for block in iter(lambda: f.read(1 << 24), b""):
-                        digest.update(block)
-        return f"sha1:{digest.hexdigest()}"
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = Path(snapshot_download(str(model), local_files_only=True))
-        return f"{model}@{snapshot.name}"  # the snapshot folder is named by the commit
-    except Exception:  # not cached (not a hub id, or not downloaded yet): the id is all there is
-        return str(model)
-
-
 def resume_dir(name: str, *inputs) -> Path:
     """The checkpoint folder of a run of `name` on these inputs (files are hashed by content; for a
-    model, pass its `model_fingerprint`)."""
+    model, pass its `finedefics.models.paths.model_fingerprint`)."""
     digest = hashlib.sha1()
     for part in inputs:
         data = part.read_bytes() if isinstance(part, Path) else json.dumps(part, sort_keys=True, default=str).encode()

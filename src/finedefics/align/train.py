@@ -17,8 +17,8 @@ from finedefics.artefacts import STAGE1, STAGE2
 from finedefics.config import Params, StageTrainConfig
 from finedefics.io import atomic_path, write_json
 from finedefics.models.mllm import MLLM, ImageSettings, load_processor
-from finedefics.models.paths import resolve
-from finedefics.training import FitConfig, fit, model_fingerprint, plan, process, resume_dir
+from finedefics.models.paths import model_fingerprint, resolve
+from finedefics.training import FitConfig, fit, plan, process, resume_dir
 
 
 class Task(str, Enum):

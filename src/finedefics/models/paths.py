@@ -3,6 +3,7 @@ a stage writes instead of a copy when `align.paradigm` skips it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from enum import Enum
 from pathlib import Path
@@ -39,11 +40,33 @@ def pass_through(source: str | Path, out: Path) -> None:
     change when the model it points at does: a pointer naming only the path hashed the same for
     every base and every Stage I model, and DVC's run cache then restored the stages after it from
     another run (a Stage I model's evaluation, or Stage II trained from another base)."""
-    from finedefics.training import model_fingerprint
-
     model = resolve(source)
     out.mkdir(parents=True, exist_ok=True)
     (out / POINTER).write_text(json.dumps({"model": model, "fingerprint": model_fingerprint(model)}) + "\n")
+
+
+def model_fingerprint(model: str | Path) -> str:
+    """What a training checkpoint of `model` depends on: for a local folder, the content of its files
+    (weights, config, tokenizer; hidden ones such as `.git` left out), so that a base rebuilt at the
+    same path is another base; for a hub id, the id and the commit of the cached snapshot."""
+    folder = Path(model)
+    if folder.is_dir():
+        digest = hashlib.sha1()
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+                digest.update(f"{rel.as_posix()}\0".encode())
+                with path.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(block)
+        return f"sha1:{digest.hexdigest()}"
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(str(model), local_files_only=True))
+        return f"{model}@{snapshot.name}"  # the snapshot folder is named by the commit
+    except Exception:  # not cached (not a hub id, or not downloaded yet): the id is all there is
+        return str(model)
 
 
 def base_model(cfg: ModelConfig) -> str:
