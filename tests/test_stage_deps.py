@@ -254,3 +254,15 @@ def test_every_param_a_stage_lists_is_in_params_and_every_config(config):
     )
     missing = sorted(k for k in listed if k not in have and not any(h.startswith(k + ".") for h in have))
     assert not missing, f"{config} lacks {missing}"
+
+
+@pytest.mark.parametrize("stage,other", [("train_stage1", "stage2"), ("train_stage2", "stage1")])
+def test_the_training_stages_list_every_train_param_that_changes_what_they_compute(stage, other):
+    """A train.* key a stage does not list is invisible to DVC: `dvc exp run -S train.generation_loss=
+    sequence` restored the default's models from the run cache. Only the resume granularity and the
+    other stage's section may stay out."""
+    from finedefics.config import TrainConfig
+
+    listed = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"])
+    needed = {f"train.{k}" for k in TrainConfig.model_fields} - {"train.checkpoint_every", f"train.{other}"}
+    assert needed <= listed, f"{stage} does not list {sorted(needed - listed)}"
