@@ -183,7 +183,7 @@ EXTRA = (
             Row("bounded: the name itself as the positive (default)", None),
             Row("as written: log sum_k exp Sim(c_i, c_k), unbounded below", None, {"align.ccc": "logsumexp"}),
         ),
-        "Not a table of the paper: why Table 8's measure falls with eq. 7 as written (see the README's findings).",
+        "Not a table of the paper: why Table 8's measure falls with eq. 7 as written (README: Training).",
     ),
 )
 PAPER_TABLE2 = {
