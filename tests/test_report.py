@@ -17,6 +17,7 @@ from finedefics.report import (
     Table,
     committed_params,
     experiments,
+    family_gains,
     find,
     main_table,
     table_md,
@@ -169,6 +170,27 @@ def test_table2_pairs_the_base_and_both_clips_with_the_final_model():
     assert float(mining[5].split(" ")[0]) > 10  # +20 points drawn, paired with each of the 3 seeds
     assert baseline[3] == "50.0" and baseline[5].startswith("-") and baseline[7].startswith("yes (Holm p")
     assert row("**Finedefics")[5] == "(the reference)" and row("Base model")[7].startswith("yes")
+
+
+def test_table4_pairs_each_family_with_its_own_zero_shot_base():
+    """The paper's Table 4 claim is a gain over the family's own base: each trained seed is paired with
+    that base on the same test images, not with the default."""
+    default = committed_params(REPO / "params.yaml")
+    llava = [exp(f"l{s}", {"train.seed": s, "model.base": "tiny-llava"}, 0.55, f"t{s}") for s in range(3)]
+    qwen = [exp(f"q{s}", {"train.seed": s, "model.base": "tiny-qwen2.5-vl"}, 0.25, f"t{s}") for s in range(3)]
+    offsets = {f"l{s}": 0.3 for s in range(3)} | {f"q{s}": 0.0 for s in range(3)} | {"base": 0.0}
+    text = family_gains(experiments(show(*llava, *qwen)), default, ["toy-bird", "toy-flower"], seeded_scores(offsets))
+    lines = {
+        x.split("|")[1].strip(): [c.strip() for c in x.split("|")[1:-1]]
+        for x in text.splitlines()
+        if x.startswith("| ")
+    }
+    gained, flat = lines["LLaVA 1.5"], lines["Qwen2.5-VL"]
+    assert gained[1:4] == ["25.0", "55.0 [55.0, 55.0]", "3"] and gained[7] == "+13.97"
+    low, high = (float(v) for v in gained[4].split(" ", 1)[1].strip("[]").split(", "))
+    assert gained[4].startswith("+") and 10 < low < 30 < high and gained[6].startswith("yes (Holm p")
+    low, high = (float(v) for v in flat[4].split(" ", 1)[1].strip("[]").split(", "))
+    assert low < 0 < high and flat[6].startswith("no (Holm p") and flat[7] == "not in the paper"
 
 
 def test_report_fills_cells_and_marks_missing_ones(tmp_path):
