@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from finedefics.cli import app
 from finedefics.report import (
     EXTRA,
+    OTHER_BASES,
     TABLES,
     Row,
     Table,
@@ -179,7 +180,8 @@ def test_table4_pairs_each_family_with_its_own_zero_shot_base():
     llava = [exp(f"l{s}", {"train.seed": s, "model.base": "tiny-llava"}, 0.55, f"t{s}") for s in range(3)]
     qwen = [exp(f"q{s}", {"train.seed": s, "model.base": "tiny-qwen2.5-vl"}, 0.25, f"t{s}") for s in range(3)]
     offsets = {f"l{s}": 0.3 for s in range(3)} | {f"q{s}": 0.0 for s in range(3)} | {"base": 0.0}
-    text = family_gains(experiments(show(*llava, *qwen)), default, ["toy-bird", "toy-flower"], seeded_scores(offsets))
+    runs = experiments(show(*llava, *qwen))
+    text = family_gains(OTHER_BASES, runs, default, ["toy-bird", "toy-flower"], seeded_scores(offsets))
     lines = {
         x.split("|")[1].strip(): [c.strip() for c in x.split("|")[1:-1]]
         for x in text.splitlines()

@@ -34,6 +34,8 @@ from finedefics.report import (
     compare,
     comparison_cells,
     find,
+    md_head,
+    md_row,
     seed_text,
     table_md,
     used_commits,
@@ -184,8 +186,7 @@ def unseen_table(regime: Regime, exps: list[Experiment], default: dict[str, Any]
     lines = [
         f"### Categories training never shows (`world.unseen: {UNSEEN['world.unseen']}` per super-category)",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + " --- |" * len(head),
+        *md_head(head),
     ]
     found = [find(exps, default, base | row.overrides) for row in UNSEEN_ROWS]
     comparisons = [
@@ -200,7 +201,7 @@ def unseen_table(regime: Regime, exps: list[Experiment], default: dict[str, Any]
         else:
             diff, p, mark = ("missing", "", "") if c is None else comparison_cells(c, next(adjusted))
         cells = [row.label, str(len(runs)), _part(averages, "seen_accuracy"), _part(averages, "unseen_accuracy")]
-        lines.append("| " + " | ".join([*cells, diff, p, mark]) + " |")
+        lines.append(md_row([*cells, diff, p, mark]))
     return "\n".join(lines)
 
 

@@ -260,6 +260,15 @@ def used_commits(exps: list[Experiment], default: dict[str, Any], overrides: lis
     return sorted({e.baseline[:7] for o in overrides for e in find(exps, default, o)})
 
 
+def md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def md_head(head: list[str]) -> list[str]:
+    """A markdown table's header and rule."""
+    return [md_row(head), "|" + " --- |" * len(head)]
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     return "missing" if value is None else f"{value:.{digits}f}"
 
@@ -313,8 +322,7 @@ def compare(row: Row, runs: list[Experiment], reference: list[Experiment], score
     """`row`'s runs against the default's final models, paired on test images and training seeds
     (a base model or a CLIP, the same for every seed, is paired with each of the default's seeds)."""
     if row.model in SEEDLESS:
-        runs = [e for e in runs if metrics_of(e, row.model)]
-        theirs = [scores(e, PREDICTIONS[row.model]) for e in runs[:1]] * len(reference)
+        theirs = once_per_seed(runs, row.model, scores, len(reference))
     else:
         theirs = [scores(e, "finedefics") for e in runs]
     return _pair(theirs, [scores(e, "finedefics") for e in reference])
@@ -322,9 +330,13 @@ def compare(row: Row, runs: list[Experiment], reference: list[Experiment], score
 
 def gain_over_base(runs: list[Experiment], scores: Scores) -> Comparison | None:
     """Final models minus their own zero-shot base (the same for every seed, paired with each seed)."""
-    with_base = [e for e in runs if metrics_of(e, "base")]
     final = [scores(e, "finedefics") for e in runs]
-    return _pair(final, [scores(e, "base") for e in with_base[:1]] * len(final))
+    return _pair(final, once_per_seed(runs, "base", scores, len(final)))
+
+
+def once_per_seed(runs: list[Experiment], model: str, scores: Scores, seeds: int) -> list:
+    """A seedless model's predictions (from the first run that has them), once for each paired seed."""
+    return [scores(e, PREDICTIONS[model]) for e in [e for e in runs if metrics_of(e, model)][:1]] * seeds
 
 
 def _pair(theirs: list[list[dict[str, float]] | None], ours: list[list[dict[str, float]] | None]) -> Comparison | None:
@@ -362,7 +374,7 @@ def table_md(
     regime = regime or {}
     head = ["Method", *datasets, "Avg. [95% CI]", "seeds", "vs default [95% CI]", "McNemar p", "resolved"]
     head += ["paper Avg.", "experiments"]
-    lines = [f"### {table.title}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines = [f"### {table.title}", "", *md_head(head)]
     reference = find(exps, default, regime)
     found = [find(exps, default, regime | row.overrides) for row in table.rows]
     is_reference = [not row.overrides and row.model == "final" for row in table.rows]
@@ -383,28 +395,35 @@ def table_md(
         source = ", ".join(f"`{e.name}`" for e in shown) + (" (base model)" if row.model == "base" else "")
         paper = "not in the paper" if row.paper is None else f"{row.paper:.2f}"
         cells = [row.label, *map(fmt, x.per_dataset), x.text(), str(x.seeds), diff, p, mark, paper]
-        lines.append("| " + " | ".join([*cells, source if shown else "missing"]) + " |")
+        lines.append(md_row([*cells, source if shown else "missing"]))
     if table.note:
         lines += ["", table.note]
     return "\n".join(lines)
 
 
-FAMILIES = (("LLaVA 1.5", LLAVA, 57.21 - 43.24), ("Qwen2.5-VL", QWEN, None))  # Table 4: label, switches, paper gain
-
-
-def family_gains(exps: list[Experiment], default: dict[str, Any], datasets: list[str], scores: Scores) -> str:
-    """Table 4's own question: each family's final model against its zero-shot base, paired on the same
-    test images (Holm over the families)."""
-    found = [find(exps, default, overrides) for _, overrides, _ in FAMILIES]
+def family_gains(
+    table: Table, exps: list[Experiment], default: dict[str, Any], datasets: list[str], scores: Scores
+) -> str:
+    """Table 4's own question: each family's final model against its zero-shot base (the `table`'s base and
+    final rows with the same switches), paired on the same test images (Holm over the families)."""
+    families = [
+        (base, final)
+        for base in table.rows
+        if base.model == "base"
+        for final in table.rows
+        if final.model == "final" and final.overrides == base.overrides
+    ]
+    found = [find(exps, default, base.overrides) for base, _ in families]
     comparisons = [gain_over_base(runs, scores) if runs else None for runs in found]
     adjusted = iter(holm([c.p for c in comparisons if c is not None]))
     head = ["Family", "zero-shot", "+ A^3", "seeds", "gain [95% CI]", "McNemar p", "resolved", "paper gain"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for (label, _, paper), runs, c in zip(FAMILIES, found, comparisons):
+    lines = md_head(head)
+    for (base_row, final_row), runs, c in zip(families, found, comparisons):
         diff, p, mark = ("missing", "", "") if c is None else comparison_cells(c, next(adjusted))
         base, final = cell(runs, "base", datasets), cell(runs, "final", datasets)
-        gain = "not in the paper" if paper is None else f"{paper:+.2f}"
-        lines.append(f"| {label} | {base.text()} | {final.text()} | {final.seeds} | {diff} | {p} | {mark} | {gain} |")
+        papers = (final_row.paper, base_row.paper)
+        gain = "not in the paper" if None in papers else f"{papers[0] - papers[1]:+.2f}"
+        lines.append(md_row([base_row.label, base.text(), final.text(), str(final.seeds), diff, p, mark, gain]))
     return "\n".join(
         [
             "Within each family, + A^3 against its own zero-shot base, paired on the same test images (the base, "
@@ -419,7 +438,7 @@ def main_table(exps: list[Experiment], default: dict[str, Any], datasets: list[s
     runs = find(exps, default, {})
     lines = ["### Table 2: main result (4-way multiple choice, FOCI protocol, accuracy %)", ""]
     head = ["Model", *datasets, "Avg. [95% CI]", "seeds", "vs Finedefics [95% CI]", "McNemar p", "resolved"]
-    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += md_head(head)
     rows = (
         Row("Base model (zero-shot)", None, model="base"),
         Row("**Finedefics (ours)**", None),
@@ -434,7 +453,7 @@ def main_table(exps: list[Experiment], default: dict[str, Any], datasets: list[s
         if c is not None:
             diff, p, mark = comparison_cells(c, next(adjusted))
         cells = [row.label, *map(fmt, x.per_dataset), x.text(), str(x.seeds), diff, p, mark]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(cells))
     lines += [
         "",
         "The CLIP rows score each image's 4 options by image-text similarity (`evaluate@clip`). The first is "
@@ -461,13 +480,13 @@ def alignment_table(exps: list[Experiment], default: dict[str, Any], datasets: l
     runs = find(exps, default, {})
     lines = ["### Table 8: object-category alignment (mean cosine of each object with its category name)", ""]
     head = ["Model", *datasets, "Avg.", "seeds", "paper Avg."]
-    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += md_head(head)
     for label, model, paper in (("Base model", "base", 0.13), ("**Finedefics (ours)**", "finedefics", 0.27)):
         analysis = [e.metrics.get("metrics/analysis.json", {}).get(model, {}) for e in runs]
         per_run = [v for v in ([a.get(d, {}).get("alignment") for d in datasets] for a in analysis) if None not in v]
         cells = [seed_text([v[k] for v in per_run]) if per_run else "missing" for k in range(len(datasets))]
         avg = seed_text([float(np.mean(v)) for v in per_run]) if per_run else "missing"
-        lines.append("| " + " | ".join([label, *cells, avg, str(len(per_run)), f"{paper:.2f}"]) + " |")
+        lines.append(md_row([label, *cells, avg, str(len(per_run)), f"{paper:.2f}"]))
     lines += [
         "",
         "Stage I's own measures (both datasets' test images, before -> after stage I, means over seeds with "
@@ -491,7 +510,7 @@ def alignment_table(exps: list[Experiment], default: dict[str, Any], datasets: l
             for k in ("alignment", "alignment_margin", "alignment_top1")
         ]
         switches = ", ".join(f"{k}={v}" for k, v in row.overrides.items()) or "(default)"
-        lines.append(f"| {switches} | {len(done)} | " + " | ".join(pairs) + " |")
+        lines.append(md_row([switches, str(len(done)), *pairs]))
     return "\n".join(lines)
 
 
@@ -500,7 +519,7 @@ def render(
 ) -> str:
     def section(t: Table) -> str:
         text = table_md(t, exps, default, datasets, scores)
-        return f"{text}\n\n{family_gains(exps, default, datasets, scores)}" if t is OTHER_BASES else text
+        return f"{text}\n\n{family_gains(t, exps, default, datasets, scores)}" if t is OTHER_BASES else text
 
     used = used_commits(exps, default, [{}, *(r.overrides for t in (*TABLES, *EXTRA) for r in t.rows)])
     parts = [
