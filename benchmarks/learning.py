@@ -1,11 +1,11 @@
 """Does a change of the training recipe learn as well? Two sets of DVC experiments (before and after,
 one per training seed), their final models' multiple-choice average with the 95% t-interval over
-seeds, Stage I's alignment rise, and the difference after - before paired on the same test images
-and seeds (two-level bootstrap, `finedefics.stats.paired`).
+seeds, Stage I's alignment rise, and the difference after - before on the same test images, tested
+over seeds (`finedefics.inference`: Welch's t, since a recipe change gives other seed streams).
 
     python benchmarks/learning.py --before default-s0 default-s1 default-s2 --after fast-s0 fast-s1 fast-s2
 
-The experiments are read from this repository (`dvc exp show`), their predictions from DVC's cache.
+The experiments are read from the experiment ledger (`finedefics ledger` collects them).
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from finedefics.report import Experiment, dvc_exp_show, dvc_scores, experiments
-from finedefics.stats import across_seeds, paired
+from finedefics import ledger
+from finedefics.ledger import Experiment
+from finedefics.report import committed_params, compare, side
+from finedefics.stats import across_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +29,7 @@ def pick(exps: list[Experiment], names: list[str]) -> list[Experiment]:
         by_name.setdefault(e.name, e)
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise SystemExit(f"no finished experiment named {', '.join(missing)} (see `dvc exp show`)")
+        raise SystemExit(f"not in the ledger: {', '.join(missing)} (collect them with `finedefics ledger`)")
     return [by_name[n] for n in names]
 
 
@@ -51,23 +53,19 @@ def main() -> None:
     parser.add_argument("--before", nargs="+", required=True, help="experiment names, one per training seed")
     parser.add_argument("--after", nargs="+", required=True, help="experiment names, in the same seed order")
     args = parser.parse_args()
-    exps = experiments(dvc_exp_show(REPO))
-    before, after = pick(exps, args.before), pick(exps, args.after)
+    book = ledger.read(REPO / ledger.FOLDER)
+    before, after = pick(list(book.experiments), args.before), pick(list(book.experiments), args.after)
     datasets = [k for k in before[0].metrics["metrics/eval.json"] if k != "average"]
     summary("before", before)
     summary("after ", after)
-    scores = dvc_scores(REPO, datasets)
-
-    def per_dataset(runs: list[Experiment]) -> list[np.ndarray]:
-        seeds = [scores(e, "finedefics") for e in runs]
-        if any(s is None for s in seeds):
-            raise SystemExit("predictions of an experiment are not in DVC's cache")
-        return [np.array([[s[d][image] for image in sorted(s[d])] for s in seeds]) for d in range(len(datasets))]
-
-    c = paired(per_dataset(after), per_dataset(before))
+    default, scores = committed_params(REPO / "params.yaml"), book.scores(datasets)
+    c = compare(side(after, "final", scores, default), side(before, "final", scores, default), paired=False)
+    if c is None:
+        raise SystemExit("the ledger lacks these experiments' predictions")
+    t = c.test
     print(
-        f"after - before, paired on {c.seeds} seeds x the same test images: {100 * c.difference:+.1f} "
-        f"[{100 * c.low:+.1f}, {100 * c.high:+.1f}], p {c.p:.3f}"
+        f"after - before on the same test images, {t.design} over seeds: {100 * t.difference:+.1f} "
+        f"[{100 * t.low:+.1f}, {100 * t.high:+.1f}], p {t.p:.3f}"
     )
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Queue the paper's ablations (Tables 3a-c, 5, 6a-e) and Table 4's LLaVA-1.5 and Qwen2.5-VL as DVC experiments on the committed params,
-# run them one after another, then write reports/results.md:
+# run them one after another, collect them into the experiment ledger (reports/ledger/), then write reports/results.md:
 #   scripts/ablations.sh                       # queue, run, report (one training seed per row)
 #   scripts/ablations.sh --seeds 3             # train.seed 0, 1, 2 for every row (experiments named <row>-s<seed>)
 #   scripts/ablations.sh --only 'default|t3b|t6a|t6b' --seeds 3   # the rows whose names match (grep -E)
@@ -91,10 +91,6 @@ fi
 [[ $mode == queue ]] && exit 0
 start=$(date +%s)
 run_queue
-took="$(( ($(date +%s) - start) / 60 )) min on $(nproc) CPU core(s)"
-echo "queue finished: $took"
-if (( regimes )); then
-  finedefics report --regimes --took "$took"
-else
-  finedefics report --out reports/results.md --took "$took"
-fi
+echo "queue finished: $(( ($(date +%s) - start) / 60 )) min on $(nproc) CPU core(s)"
+finedefics ledger  # the finished experiments and their predictions into reports/ledger/ (commit it with the report)
+if (( regimes )); then finedefics report --regimes; else finedefics report; fi

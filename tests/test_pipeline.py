@@ -220,17 +220,32 @@ def test_changing_negatives_reruns_mining_and_diffs_against_the_committed_defaul
     shown = json.loads(sh("dvc exp show --json", clone).stdout)
     head = next(b for b in shown if b["rev"] != "workspace")
     assert head["data"]["metrics"]["metrics/eval.json"]["data"]["average"]["accuracy"] is not None
-    # the report finds the experiment by its switches, pairs it with the default on the same images,
-    # and leaves the rows nobody ran missing
+    # the ledger takes the experiment with its predictions from DVC's cache; the report, reading only the
+    # ledger, finds it by its switches (the workspace's params.yaml holds the experiment's after `dvc exp
+    # run`), does not test one seed, and leaves the rows nobody ran missing
     average = json.loads((clone / "metrics" / "eval.json").read_text())["average"]
-    sh("finedefics report --out reports/results.md", clone)
+    sh("finedefics ledger --ledger scratch", clone)  # not the committed ledger the clone holds
+    from finedefics import ledger
+
+    book = ledger.read(clone / "scratch")
+    (exp,) = book.experiments
+    assert exp.params["negatives"] == "simple" and exp.name in sh("dvc exp ls", clone).stdout
+    outcomes = book.outcomes[book.outcomes.rev == exp.rev]
+    assert set(outcomes.model) == {"finedefics", "base", "clip/mining", "clip/baseline"}
+    results = json.loads((clone / "results" / "predictions" / "finedefics" / "toy-bird.json").read_text())
+    final = outcomes[(outcomes.model == "finedefics") & (outcomes.dataset == "toy-bird")]
+    assert sum(map(sum, final.correct)) == sum(p["predicted"] == p["correct"] for p in results["predictions"])
+    assert "0 added" in sh("finedefics ledger --ledger scratch", clone).stdout  # appending twice adds nothing
+    sh("finedefics report --ledger scratch --out reports/results.md", clone)
     report = (clone / "reports" / "results.md").read_text()
     simple = [c.strip() for c in next(x for x in report.splitlines() if x.startswith("| Simple Neg.")).split("|")]
     ci = f"{100 * average['accuracy']:.1f} [{100 * average['accuracy_low']:.1f}, {100 * average['accuracy_high']:.1f}]"
-    assert simple[4:7] == [ci, "1", simple[6]] and re.fullmatch(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", simple[6])
-    assert simple[8] == "no (one seed)"
+    assert simple[4:6] == [ci, "1"] and simple[7] == "no test (one seed)"  # one seed is never tested
+    from finedefics.report import TABLES
+
+    obj_cat = next(r for t in TABLES for r in t.rows if r.label == "CL (obj.-cat.)")  # the paper's number it prints
     assert next(line for line in report.splitlines() if line.startswith("| CL (obj.-cat.)")).endswith(
-        "| 72.72 | missing |"
+        f"| {obj_cat.paper:.2f} | missing |"
     )
 
 

@@ -4,8 +4,9 @@ import yaml
 from conftest import REPO
 from test_report import exp, show
 
+from finedefics.ledger import experiments
 from finedefics.regimes import FULL, REGIMES, UNSEEN, Regime, chosen, criteria, render
-from finedefics.report import committed_params, experiments
+from finedefics.report import OBJ_CAT, committed_params
 
 DEFAULT = committed_params(REPO / "params.yaml")
 
@@ -116,3 +117,32 @@ def test_the_printed_queue_names_every_cell_of_the_study_with_three_seeds():
     for row in UNSEEN_ROWS:
         assert len(find(unseen, DEFAULT, REGIMES[1].overrides | UNSEEN | row.overrides)) == 3, row.label
     assert CliRunner().invoke(app, ["regimes-queue", "--unseen", "9"]).exit_code == 2
+
+
+def test_the_unseen_table_tests_each_row_over_seeds_on_the_unseen_images():
+    from test_report import cells, seeded_scores
+
+    from finedefics.regimes import unseen_table
+
+    lora = REGIMES[0]
+    shown = [regime_exp(f"d{s}", lora, 0.5, s, extra=UNSEEN) for s in range(3)]
+    shown += [regime_exp(f"c{s}", lora, 0.5, s, extra=UNSEEN | OBJ_CAT) for s in range(3)]
+    shown += [regime_exp(f"i{s}", lora, 0.5, s, extra=UNSEEN | {"align.paradigm": "stage2-only"}) for s in range(3)]
+    offsets = {f"d{s}": 0.0 for s in range(3)} | {f"c{s}": 0.25 for s in range(3)} | {f"i{s}": 0.0 for s in range(3)}
+    text = unseen_table(lora, experiments(show(*shown)), DEFAULT, seeded_scores(offsets))
+    obj_cat, it_only = cells(text, "CL (obj.-cat.)"), cells(text, "I.T. only")
+    assert obj_cat[4].startswith("+") and obj_cat[5] == "paired t (seeds 0, 1, 2)" and obj_cat[6].startswith("yes")
+    assert it_only[5] == "Welch t" and it_only[6].startswith("no (Holm p")
+    assert cells(text, "No hard-negative terms")[4] == ""  # nobody ran it
+    assert "Power:" in text
+
+
+def test_the_headroom_criterion_says_when_its_interval_leaves_the_band():
+    lora = REGIMES[0]
+    wide = experiments(show(*(regime_exp(f"w{s}", lora, a, s) for s, a in enumerate((0.482, 0.412, 0.358)))))
+    headroom = criteria(lora, wide, DEFAULT)[4]
+    assert headroom.passed is True and "outside the band" in headroom.caveat  # as registered: judged on the mean
+    text = render(wide, DEFAULT, ["toy-bird", "toy-flower"], lambda e, m: None, lambda e, m: None)
+    assert "| yes (on the mean only: its 95% CI over seeds reaches outside the band) |" in text
+    narrow = experiments(show(*(regime_exp(f"n{s}", lora, a, s) for s, a in enumerate((0.60, 0.61, 0.62)))))
+    assert criteria(lora, narrow, DEFAULT)[4].caveat == ""

@@ -4,7 +4,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from finedefics.stats import Comparison, across_seeds, average_ci, holm, paired, resolved, wilson
+from finedefics.stats import across_seeds, average_ci, wilson
 
 Z95 = NormalDist().inv_cdf(0.975)
 
@@ -87,80 +87,3 @@ def test_across_seeds_edge_cases():
     assert (same.std, same.low, same.high) == (0.0, 0.5, 0.5)
     with pytest.raises(ValueError):
         across_seeds([])
-
-
-def test_paired_identical_inputs():
-    rng = np.random.default_rng(0)
-    scores = [rng.integers(0, 5, size=(3, 200)) / 4, rng.integers(0, 2, size=(3, 100)).astype(float)]
-    c = paired(scores, scores, resamples=2000)
-    assert c == Comparison(0.0, 0.0, 0.0, 1.0, (1.0, 1.0), 3)
-
-
-def test_paired_clear_improvement():
-    default = np.stack([np.roll(right_on(600, 300), s) for s in range(3)])
-    row = np.stack([np.roll(right_on(600, 360), s) for s in range(3)])
-    c = paired([row], [default])
-    assert c.difference == pytest.approx(0.1)
-    assert 0 < c.low < 0.1 < c.high
-    assert c.p < 0.001
-    assert c.seeds == 3
-    assert c.mcnemar[0] < 1e-10  # 60 discordant images, all one way: 2 / 2**60
-
-
-def test_paired_uses_shared_seeds_and_1d_is_one_seed():
-    default = np.stack([right_on(100, 50), right_on(100, 60)])
-    row = right_on(100, 55)  # one seed: paired with the default's first seed only
-    c = paired([row], [default], resamples=500)
-    assert c.seeds == 1
-    assert c.difference == pytest.approx(0.05)
-
-
-def test_paired_rejects_misaligned_images():
-    with pytest.raises(ValueError):
-        paired([np.ones(10)], [np.ones(11)])
-
-
-def test_mcnemar_matches_exact_binomial():
-    # 10 images both right, 2 only the row gets right, 9 only the default, 5 neither.
-    row = np.repeat([1.0, 1.0, 0.0, 0.0], [10, 2, 9, 5])
-    default = np.repeat([1.0, 0.0, 1.0, 0.0], [10, 2, 9, 5])
-    by_hand = 2 * sum(math.comb(11, k) for k in range(3)) / 2**11
-    assert by_hand == pytest.approx(0.0654296875)
-    assert paired([row], [default], resamples=200).mcnemar == pytest.approx((by_hand,))
-
-
-def test_mcnemar_outcome_is_seed_averaged_score_at_least_half():
-    # The 2/9 split again from two seeds of permutation-averaged scores: a seed mean of 0.5 is right, 0.375 wrong.
-    right, wrong = [0.75, 0.25], [0.5, 0.25]
-    row = np.array([right] * 12 + [wrong] * 14).T
-    default = np.array([right] * 10 + [wrong] * 2 + [right] * 9 + [wrong] * 5).T
-    by_hand = 2 * sum(math.comb(11, k) for k in range(3)) / 2**11
-    assert paired([row], [default], resamples=200).mcnemar == pytest.approx((by_hand,))
-
-
-def test_seed_noise_is_not_resolved():
-    offsets = [48, -48, 48, -48]  # seed-level +/-0.08 on 600 images, averaging to the default
-    default = np.stack([right_on(600, 300)] * len(offsets))
-    row = np.stack([right_on(600, 300 + k) for k in offsets])
-    c = paired([row], [default], resamples=2000)
-    assert c.difference == pytest.approx(0.0, abs=1e-12)
-    assert c.low < 0 < c.high
-    assert c.p > 0.05
-    assert not resolved(c, holm([c.p])[0])
-
-    one = paired([row[0]], [default[0]])
-    assert one.seeds == 1 and one.difference == pytest.approx(0.08)
-    assert one.p < 0.001  # image noise alone would call it
-    assert not resolved(one, one.p)
-
-
-def test_resolved_needs_two_seeds_and_small_adjusted_p():
-    c = Comparison(0.1, 0.05, 0.15, 0.001, (0.001,), 2)
-    assert resolved(c, 0.01)
-    assert not resolved(c, 0.05)
-    assert resolved(c, 0.06, alpha=0.1)
-
-
-def test_holm_matches_hand_adjustment():
-    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert holm([]) == []

@@ -72,3 +72,28 @@ STAGE2 = Table(
         "answer": pa.string(),
     }
 )
+
+# reports/ledger/experiments.parquet (`finedefics ledger`): one row per finished DVC experiment
+LEDGER_EXPERIMENTS = Table(
+    {
+        "rev": pa.string(),  # the experiment's commit (40 hex digits); the key of outcomes.parquet
+        "name": pa.string(),  # the experiment's name in `dvc exp show`
+        "commit": pa.string(),  # the commit it ran on (its baseline)
+        "timestamp": pa.string(),  # when it finished, as `dvc exp show` gives it
+        "machine": pa.string(),  # the machine that collected it (platform), e.g. "x86_64, 2 CPU cores"
+        "params": pa.string(),  # JSON object: params.yaml flattened to dotted keys
+        "metrics": pa.string(),  # JSON object: each metrics file's path -> its content
+    }
+)
+
+# reports/ledger/outcomes.parquet (`finedefics ledger`): one row per experiment, model, dataset and test image
+LEDGER_OUTCOMES = Table(
+    {
+        "rev": pa.string(),  # experiments.parquet's rev
+        "model": pa.string(),  # predictions folder: finedefics | base | clip/mining | clip/baseline
+        "dataset": pa.string(),
+        "image": pa.string(),  # the results file's image key, in its first-seen order
+        "unseen": pa.bool_(),  # the image's class is one training never showed (`world.unseen`)
+        "correct": pa.list_(pa.bool_()),  # per option order, in the results file's order: answered correctly
+    }
+)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
+from finedefics import ledger as ledger_module
 from finedefics.config import ConfigError, load_params
+from finedefics.io import ArtefactError
 
 app = typer.Typer(help="Finedefics: attribute augmented alignment for fine-grained recognition.", no_args_is_help=True)
 
@@ -122,38 +124,100 @@ def predict(
 
 
 @app.command()
+def ledger(
+    repo: Path = typer.Option(Path("."), help="the repository whose DVC experiments to collect"),
+    folder: Path = typer.Option(ledger_module.FOLDER, "--ledger", help="the ledger to append to"),
+) -> None:
+    """Append the finished DVC experiments (`dvc exp show`) and their predictions to the experiment ledger."""
+    try:
+        current = ledger_module.read(folder) if (folder / "experiments.parquet").exists() else ledger_module.empty()
+        show = ledger_module.dvc_exp_show(repo)
+    except (ArtefactError, OSError, ValueError, RuntimeError) as err:
+        _fail(str(err))
+    updated, notes = ledger_module.collect(current, show, ledger_module.dvc_results(repo))
+    for note in notes:
+        typer.echo(note)
+    ledger_module.write(updated, folder)
+    added = len(updated.experiments) - len(current.experiments)
+    typer.echo(f"{folder}: {len(updated.experiments)} experiment(s), {added} added")
+
+
+def _ledger(folder: Path) -> ledger_module.Ledger:
+    try:
+        return ledger_module.read(folder)
+    except (OSError, ValueError) as err:  # ArtefactError and pyarrow's ArrowInvalid are ValueErrors
+        _fail(f"{err} (collect experiments with `finedefics ledger`)")
+
+
+@app.command()
 def report(
     out: Path = typer.Option(None, help="where to write it (default: reports/results.md, or reports/regimes.md)"),
     params: Path = typer.Option(Path("params.yaml"), help="the committed params the ablations differ from"),
-    exp_show: Path = typer.Option(None, help="a saved `dvc exp show --json` (default: run it here)"),
-    took: str = typer.Option("", help="how long the queue took, written into the report"),
+    folder: Path = typer.Option(ledger_module.FOLDER, "--ledger", help="the experiment ledger to read"),
     regimes: bool = typer.Option(False, "--regimes", help="the pre-registered regime study (finedefics/regimes.py)"),
 ) -> None:
-    """Fill the paper's tables from the DVC experiments (see scripts/ablations.sh)."""
-    import json
-
+    """Fill the paper's tables from the experiment ledger (`finedefics ledger`; see scripts/ablations.sh)."""
     from finedefics import regimes as reg
     from finedefics import report as rep
 
     try:
-        load_params(params)
-        show = json.loads(exp_show.read_text()) if exp_show else rep.dvc_exp_show(Path.cwd())
-    except (ConfigError, OSError, ValueError, RuntimeError) as err:
+        datasets = list(load_params(params).datasets)
+    except ConfigError as err:
         _fail(str(err))
+    book = _ledger(folder)
     default = rep.committed_params(params)
-    datasets = list(load_params(params).datasets)
-    exps = rep.experiments(show)
-    header = f"The queue took {took}." if took else ""
-    scores = rep.dvc_scores(Path.cwd(), datasets)
+    exps = list(book.experiments)
+    scores = book.scores(datasets)
     if regimes:
         out = out or Path("reports/regimes.md")
-        text = reg.render(exps, default, datasets, scores, rep.dvc_scores(Path.cwd(), datasets, unseen=True), header)
+        text = reg.render(exps, default, datasets, scores, book.scores(datasets, unseen=True))
     else:
         out = out or Path("reports/results.md")
-        text = rep.render(exps, default, datasets, scores, header)
+        text = rep.render(exps, default, datasets, scores)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    typer.echo(f"{out}: {len(exps)} finished experiment(s)")
+    typer.echo(f"{out}: from {len(exps)} experiment(s) in {folder}")
+
+
+@app.command()
+def compare(
+    experiments: list[str] = typer.Argument(..., help="names of ledger experiments (one row, any seeds)"),
+    against: list[str] = typer.Option(..., "--against", help="the reference's experiments (repeat the option)"),
+    params: Path = typer.Option(Path("params.yaml"), help="its datasets name the test sets"),
+    folder: Path = typer.Option(ledger_module.FOLDER, "--ledger", help="the experiment ledger to read"),
+) -> None:
+    """Seed-level comparison of named experiments in the ledger: a paired t over the seeds both have when
+    their switches share seed streams, Welch's t otherwise (one row, no multiplicity correction)."""
+    from finedefics import report as rep
+
+    try:
+        datasets = list(load_params(params).datasets)
+    except ConfigError as err:
+        _fail(str(err))
+    book = _ledger(folder)
+    default = rep.committed_params(params)
+    by_name = {e.name: e for e in reversed(book.experiments)}  # the newest of a name wins
+    missing = [n for n in (*experiments, *against) if n not in by_name]
+    if missing:
+        _fail(f"not in {folder}: {', '.join(missing)} (run `finedefics ledger` after the experiments finish)")
+    row, reference = [by_name[n] for n in experiments], [by_name[n] for n in against]
+    for group in (row, reference):
+        if len({e.seed(default) for e in group}) < len(group):
+            _fail("two experiments of one side share a training seed: give one per seed")
+    switched = {k for e in row for r in reference for k in e.params.keys() | r.params.keys() if k != rep.SEED}
+    switched = {k: None for k in switched if any(e.params.get(k) != r.params.get(k) for e in row for r in reference)}
+    scores = book.scores(datasets)
+    c = rep.compare(
+        rep.side(row, "final", scores, default),
+        rep.side(reference, "final", scores, default),
+        rep.shares_streams(switched),
+    )
+    if c is None:
+        _fail("the ledger lacks these experiments' predictions")
+    diff, design, mark, mcnemar = rep.comparison_cells(c, c.test.p)
+    typer.echo(f"switches: {', '.join(sorted(switched)) or '(none)'}")
+    typer.echo(f"difference (points): {diff}\ntest: {design}\nresolved (alpha 0.05, uncorrected): {mark}")
+    typer.echo(f"McNemar p per dataset (test images only): {mcnemar}")
 
 
 @app.command("regimes-queue")

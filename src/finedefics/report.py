@@ -1,19 +1,15 @@
-"""`finedefics report`: the paper's tables filled from DVC experiments, the paper's numbers beside ours.
+"""`finedefics report`: the paper's tables filled from the experiment ledger, the paper's numbers beside ours.
 
-Each row of a table names the params that differ from the committed `params.yaml` (the
-ablation switches); its cell comes from the finished experiments whose params are exactly those
-apart from `train.seed` (the newest per training seed), and is marked missing when none matches.
-Every cell is the mean over seeds with its 95% CI; every row's difference from the default is
-paired on the same test images and training seeds (`finedefics.stats.paired`), Holm-corrected
-across the table's rows.
+Each row of a table names the params that differ from the committed `params.yaml` (the ablation
+switches); its cell comes from the ledger's experiments whose params are exactly those apart from
+`train.seed` (the newest per training seed), and is marked missing when none matches. Every cell is
+the mean over seeds with its 95% CI; every row's difference from its reference is tested over
+training seeds (`finedefics.inference`), Holm-corrected within the table. The report is a pure
+function of the ledger (`finedefics.ledger`) and the committed params.
 """
 
 from __future__ import annotations
 
-import json
-import platform
-import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,19 +17,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from finedefics.stats import Comparison, across_seeds, holm, paired, resolved
+from finedefics import inference
+from finedefics.inference import ONE_SAMPLE, PAIRED, WELCH, SeedTest, holm, resolved, smallest_resolvable
+from finedefics.ledger import SEED, Experiment, Scores, flatten
+from finedefics.stats import across_seeds
 
 PAPER_DATASETS = ("Dog-120", "Bird-200", "Aircraft-102", "Flower-102", "Pet-37", "Car-196")
-
-
-@dataclass(frozen=True)
-class Experiment:
-    name: str
-    rev: str
-    baseline: str  # the commit the experiment ran on
-    timestamp: str
-    params: dict[str, Any]  # flattened params.yaml
-    metrics: dict[str, Any]  # metrics file -> its content
 
 
 @dataclass(frozen=True)
@@ -193,71 +182,56 @@ PAPER_TABLE2 = {
     "Idefics2": (57.96, 47.17, 56.23, 72.78, 81.28, 80.25, 65.95),
     "Finedefics": (72.86, 57.61, 63.82, 89.88, 92.18, 84.67, 76.84),
 }
-PAPER_TABLE8 = {
-    "Idefics2": (0.14, 0.12, 0.12, 0.09, 0.15, 0.18, 0.13),
-    "Finedefics": (0.28, 0.17, 0.30, 0.28, 0.28, 0.32, 0.27),
-}
+# Params whose change gives a row other seed streams than its reference (another initialisation, data size,
+# data order or number of steps for the same `train.seed`): such rows are tested by Welch's t, all others by a
+# paired t on the seeds both rows have.
+OWN_STREAMS = (
+    "seed",
+    "datasets.",
+    "world.",
+    "bootstrap.",
+    "model.base",
+    "model.finetune",
+    "model.lora.",
+    "align.paradigm",
+    "instructions.stage2",
+    "train.stage1.batch_size",
+    "train.stage2.batch_size",
+    "train.stage1.epochs",
+    "train.stage2.epochs",
+    "train.per_device_batch_size",
+    "train.num_processes",
+)
+PLANNED_SEEDS = 5  # the power line also says what this many seeds per row would resolve
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def experiments(show: list[dict]) -> list[Experiment]:
-    """The finished experiments of `dvc exp show --json` (any baseline commit), newest first."""
-    out = []
-    for baseline in show:
-        for exp in baseline.get("experiments") or []:
-            executor = exp.get("executor") or {}
-            if executor.get("state", "success") != "success":
-                continue  # queued, running or failed
-            rev = exp["revs"][0]
-            data = rev.get("data")
-            if not data or rev.get("error"):
-                continue
-            params = data.get("params", {}).get("params.yaml", {}).get("data", {})
-            metrics = {path: m.get("data", {}) for path, m in data.get("metrics", {}).items()}
-            out.append(
-                Experiment(
-                    exp.get("name") or rev["rev"][:7],
-                    rev["rev"],
-                    baseline["rev"],
-                    data.get("timestamp") or "",
-                    flatten(params),
-                    metrics,
-                )
-            )
-    return sorted(out, key=lambda e: e.timestamp, reverse=True)
-
-
-SEED = "train.seed"
-MODEL_DIRS = {"final": "finedefics", "base": "base"}
-# (experiment, model dir) -> per dataset, each test image's score; None where the predictions are not at hand
-Scores = Callable[["Experiment", str], "list[dict[str, float]] | None"]
+def shares_streams(overrides: dict[str, Any]) -> bool:
+    """Whether a row with these switches over its reference draws the same seed streams."""
+    return not any(key == p or key.startswith(p) for key in overrides for p in OWN_STREAMS if p)
 
 
 def find(exps: list[Experiment], default: dict[str, Any], overrides: dict[str, Any]) -> list[Experiment]:
     """The newest experiment per training seed whose params are the committed ones with `overrides`
     applied, all of them, not only the switches (a param an older experiment did not have yet
-    counts as the committed value); by seed."""
+    counts as the committed value); ordered by seed."""
     want = {k: v for k, v in (default | overrides).items() if k != SEED}
-    found: dict[Any, Experiment] = {}
+    found: dict[int, Experiment] = {}
     for e in exps:  # newest first
         if all(e.params.get(k, default.get(k)) == v for k, v in want.items()):
-            found.setdefault(e.params.get(SEED, default.get(SEED, 0)), e)
+            found.setdefault(e.seed(default), e)
     return [found[seed] for seed in sorted(found)]
 
 
-def used_commits(exps: list[Experiment], default: dict[str, Any], overrides: list[dict[str, Any]]) -> list[str]:
-    """The baseline commits of the experiments that rows with these `overrides` read (not every
-    experiment in the repository)."""
-    return sorted({e.baseline[:7] for o in overrides for e in find(exps, default, o)})
+def used(exps: list[Experiment], default: dict[str, Any], overrides: list[dict[str, Any]]) -> list[Experiment]:
+    """The experiments that rows with these `overrides` read (not every experiment in the ledger)."""
+    seen = {e.rev: e for o in overrides for e in find(exps, default, o)}
+    return sorted(seen.values(), key=lambda e: (e.timestamp, e.rev))
+
+
+def provenance(runs: list[Experiment]) -> str:
+    commits = sorted({e.commit[:7] for e in runs})
+    machines = sorted({e.machine for e in runs if e.machine})
+    return f"Experiments from commit(s) {', '.join(commits) or 'none'}; collected on {'; '.join(machines) or '-'}."
 
 
 def md_row(cells: list[str]) -> str:
@@ -282,83 +256,136 @@ def metrics_of(exp: Experiment, model: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Cell:
     """A row's accuracies (%): per dataset and the average, means over its seeds, and the average's
-    95% CI: the t-interval over seeds, or with one seed the image bootstrap of `evaluate`."""
+    95% CI: the t-interval over seeds, or for one run the image bootstrap of `evaluate`."""
 
     per_dataset: list[float | None]
     average: float | None
     low: float | None
     high: float | None
-    seeds: int
+    runs: int
+    seedless: bool = False
 
     def text(self) -> str:
         if self.average is None:
             return "missing"
-        ci = f" [{self.low:.1f}, {self.high:.1f}]" if self.low is not None else ""
-        return f"{self.average:.1f}{ci}"
+        if self.low is None:
+            return f"{self.average:.1f}" + (" (identical seeds)" if self.runs > 1 else "")
+        return f"{self.average:.1f} [{self.low:.1f}, {self.high:.1f}]"
+
+    def count(self) -> str:
+        return "1 run" if self.seedless and self.runs else str(self.runs)
 
 
 def cell(runs: list[Experiment], model: str, datasets: list[str]) -> Cell:
-    if model in SEEDLESS:  # the base and the CLIPs do not depend on the training seed: one run that has them
+    seedless = model in SEEDLESS
+    if seedless:  # the base and the CLIPs do not depend on the training seed: one run that has them
         runs = [e for e in runs if metrics_of(e, model)][:1]
     data = [metrics_of(e, model) for e in runs]
     averages = [d.get("average", {}).get("accuracy") for d in data]
     if not runs or None in averages:
-        return Cell([None] * len(datasets), None, None, None, len(runs))
+        return Cell([None] * len(datasets), None, None, None, len(runs), seedless)
     per_dataset = [_mean([d.get(n, {}).get("accuracy") for d in data]) for n in datasets]
-    if len(runs) > 1:
+    if len(runs) > 1:  # no interval from identical seeds: that would read as certainty
         s = across_seeds(averages)
-        low, high = s.low, s.high
+        low, high = (s.low, s.high) if np.ptp(averages) > 0 else (None, None)
     else:
         low, high = data[0]["average"].get("accuracy_low"), data[0]["average"].get("accuracy_high")
     pct = lambda v: None if v is None else 100 * v  # noqa: E731
-    return Cell([pct(v) for v in per_dataset], pct(float(np.mean(averages))), pct(low), pct(high), len(runs))
+    return Cell([pct(v) for v in per_dataset], pct(float(np.mean(averages))), pct(low), pct(high), len(runs), seedless)
 
 
 def _mean(values: list[float | None]) -> float | None:
     return None if None in values else float(np.mean(values))
 
 
-def compare(row: Row, runs: list[Experiment], reference: list[Experiment], scores: Scores) -> Comparison | None:
-    """`row`'s runs against the default's final models, paired on test images and training seeds
-    (a base model or a CLIP, the same for every seed, is paired with each of the default's seeds)."""
-    if row.model in SEEDLESS:
-        theirs = once_per_seed(runs, row.model, scores, len(reference))
-    else:
-        theirs = [scores(e, "finedefics") for e in runs]
-    return _pair(theirs, [scores(e, "finedefics") for e in reference])
+# one side of a comparison: each training seed's per-dataset image scores; a seedless model has the one key None
+Side = dict[int | None, list[dict[str, float]]]
 
 
-def gain_over_base(runs: list[Experiment], scores: Scores) -> Comparison | None:
-    """Final models minus their own zero-shot base (the same for every seed, paired with each seed)."""
-    final = [scores(e, "finedefics") for e in runs]
-    return _pair(final, once_per_seed(runs, "base", scores, len(final)))
+def side(runs: list[Experiment], model: str, scores: Scores, default: dict[str, Any]) -> Side | None:
+    """A row's predictions per seed (a seedless model's from the first run that has them); None when any
+    of them is not in the ledger."""
+    if model in SEEDLESS:
+        found = [scores(e, PREDICTIONS[model]) for e in runs if metrics_of(e, model)][:1]
+        return {None: found[0]} if found and found[0] is not None else None
+    out = {e.seed(default): scores(e, PREDICTIONS[model]) for e in runs}
+    return out if out and None not in out.values() else None
 
 
-def once_per_seed(runs: list[Experiment], model: str, scores: Scores, seeds: int) -> list:
-    """A seedless model's predictions (from the first run that has them), once for each paired seed."""
-    return [scores(e, PREDICTIONS[model]) for e in [e for e in runs if metrics_of(e, model)][:1]] * seeds
+@dataclass(frozen=True)
+class Comparison:
+    """A row against its reference: the seed-level test and, per dataset, McNemar's test-image check."""
+
+    test: SeedTest
+    mcnemar: tuple[float, ...]
 
 
-def _pair(theirs: list[list[dict[str, float]] | None], ours: list[list[dict[str, float]] | None]) -> Comparison | None:
-    """`paired` on the test images every run has, per dataset; None when a side has no predictions."""
-    if not theirs or not ours or any(s is None for s in theirs + ours):
+def compare(row: Side | None, reference: Side | None, paired: bool) -> Comparison | None:
+    """`row` minus `reference` on the test images every run of both has: each seed's average accuracy (mean
+    over datasets of its mean image score), tested over seeds; None when a side has no predictions."""
+    if not row or not reference:
         return None
-    row_arrays, default_arrays = [], []
-    for k in range(len(ours[0])):
-        common = sorted(set.intersection(*(set(s[k]) for s in theirs + ours)))
-        row_arrays.append(np.array([[s[k][i] for i in common] for s in theirs]))
-        default_arrays.append(np.array([[s[k][i] for i in common] for s in ours]))
-    return paired(row_arrays, default_arrays)
+    everything = [*row.values(), *reference.values()]
+    common = [sorted(set.intersection(*(set(s[k]) for s in everything))) for k in range(len(everything[0]))]
+
+    def arrays(s: Side) -> list[np.ndarray]:  # per dataset, (seeds x images) in the side's seed order
+        return [np.array([[v[k][i] for i in images] for v in s.values()]) for k, images in enumerate(common)]
+
+    def accuracies(s: Side) -> dict[int, float] | float:
+        per_seed = np.mean([a.mean(axis=1) for a in arrays(s)], axis=0)
+        return float(per_seed[0]) if None in s else dict(zip(s, per_seed.tolist()))
+
+    test = inference.seed_test(accuracies(row), accuracies(reference), paired)
+    tests = tuple(inference.mcnemar_p(r, d) for r, d in zip(arrays(row), arrays(reference)))
+    return Comparison(test, tests)
 
 
-def comparison_cells(c: Comparison, adjusted_p: float) -> tuple[str, str, str]:
-    """A paired comparison's cells: the difference in points with its CI, McNemar's p per dataset,
-    and whether it is resolved (Holm-adjusted p below 0.05 with seeds on both sides)."""
-    diff = f"{100 * c.difference:+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}]"
-    p = ", ".join(f"{v:.2g}" for v in c.mcnemar)
-    if c.seeds <= 1:
-        return diff, p, "no (one seed)"
-    return diff, p, f"{'yes' if resolved(c, adjusted_p) else 'no'} (Holm p {adjusted_p:.2g})"
+def comparison_cells(c: Comparison, adjusted_p: float) -> list[str]:
+    """A comparison's cells: the difference in points with its 95% t-interval, the test (and the seeds it
+    paired when they are not all of both rows'), whether it is resolved with its Holm-adjusted p, and
+    McNemar's p per dataset (test images only)."""
+    t = c.test
+    diff = f"{100 * t.difference:+.1f}" + (f" [{100 * t.low:+.1f}, {100 * t.high:+.1f}]" if t.tested else "")
+    design = t.design
+    if t.design == PAIRED:
+        design += f" (seeds {', '.join(map(str, t.seeds))})"
+    mark = (
+        f"{'yes' if resolved(t, adjusted_p) else 'no'} (Holm p {adjusted_p:.2g})"
+        if t.tested
+        else f"no test ({t.untested})"
+    )
+    return [diff, design, mark, ", ".join(f"{v:.2g}" for v in c.mcnemar)]
+
+
+def holm_cells(comparisons: list[Comparison | None]) -> list[list[str] | None]:
+    """Each comparison's cells, Holm-adjusted over the tested ones."""
+    tested = [c for c in comparisons if c is not None and c.test.tested]
+    adjusted = dict(zip(map(id, tested), holm([c.test.p for c in tested])))
+    return [None if c is None else comparison_cells(c, adjusted.get(id(c), float("nan"))) for c in comparisons]
+
+
+COMPARISON_HEAD = ["[95% CI]", "test", "resolved", "McNemar p (images)"]
+
+
+def power_line(reference: list[Experiment], model: str = "final") -> str:
+    """The smallest differences the table's seeds resolve, from the reference row's seed spread."""
+    values = [metrics_of(e, model).get("average", {}).get("accuracy") for e in reference]
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return "Power: the reference has fewer than 2 seeds, so no difference in this table can be resolved."
+    sd = 100 * float(np.std(values, ddof=1))
+    if sd == 0:
+        return f"Power: the reference's {len(values)} seeds are identical, so their spread cannot size a resolvable difference."
+
+    def sizes(n: int) -> str:
+        return ", ".join(f"{smallest_resolvable(sd, n, d):.1f} ({d})" for d in (PAIRED, WELCH, ONE_SAMPLE))
+
+    return (
+        f"Power: the reference's seed sd is {sd:.1f} points over {len(values)} seeds. With {len(values)} seeds a row, "
+        f"a true difference of at least {sizes(len(values))} points is resolved with 80% power (alpha 0.05, "
+        f"two-sided, before Holm); with {PLANNED_SEEDS} seeds: {sizes(PLANNED_SEEDS)}. A row not resolved may "
+        "still differ by less."
+    )
 
 
 def table_md(
@@ -370,32 +397,31 @@ def table_md(
     regime: dict[str, Any] | None = None,
 ) -> str:
     """`table` as markdown; under a `regime` (params over the committed ones, `finedefics.regimes`),
-    every row and the reference it is paired with take the regime's params first."""
+    every row and the reference it is compared with take the regime's params first."""
     regime = regime or {}
-    head = ["Method", *datasets, "Avg. [95% CI]", "seeds", "vs default [95% CI]", "McNemar p", "resolved"]
-    head += ["paper Avg.", "experiments"]
-    lines = [f"### {table.title}", "", *md_head(head)]
+    head = ["Method", *datasets, "Avg. [95% CI]", "seeds", "vs default " + COMPARISON_HEAD[0], *COMPARISON_HEAD[1:]]
+    lines = [f"### {table.title}", "", *md_head([*head, "paper Avg.", "experiments"])]
     reference = find(exps, default, regime)
+    ours = side(reference, "final", scores, default)
     found = [find(exps, default, regime | row.overrides) for row in table.rows]
     is_reference = [not row.overrides and row.model == "final" for row in table.rows]
     comparisons = [
-        None if ref or not runs or not reference else compare(row, runs, reference, scores)
+        None if ref else compare(side(runs, row.model, scores, default), ours, shares_streams(row.overrides))
         for row, runs, ref in zip(table.rows, found, is_reference)
     ]
-    adjusted = iter(holm([c.p for c in comparisons if c is not None]))
-    for row, runs, ref, c in zip(table.rows, found, is_reference, comparisons):
+    for row, runs, ref, cells in zip(table.rows, found, is_reference, holm_cells(comparisons)):
         x = cell(runs, row.model, datasets)
         if ref:
-            diff, p, mark = "(the reference)", "", ""
-        elif c is None:
-            diff, p, mark = ("missing" if runs else ""), "", ""
-        else:
-            diff, p, mark = comparison_cells(c, next(adjusted))
-        shown = runs[:1] if row.model == "base" else runs
-        source = ", ".join(f"`{e.name}`" for e in shown) + (" (base model)" if row.model == "base" else "")
+            cells = ["(the reference)", "", "", ""]
+        elif cells is None:
+            cells = ["missing" if runs else "", "", "", ""]
+        shown = runs[:1] if row.model in SEEDLESS else runs
+        source = ", ".join(f"`{e.name}`" for e in shown) + (f" ({row.model} model)" if row.model in SEEDLESS else "")
         paper = "not in the paper" if row.paper is None else f"{row.paper:.2f}"
-        cells = [row.label, *map(fmt, x.per_dataset), x.text(), str(x.seeds), diff, p, mark, paper]
-        lines.append(md_row([*cells, source if shown else "missing"]))
+        lines.append(
+            md_row([row.label, *map(fmt, x.per_dataset), x.text(), x.count(), *cells, paper, source or "missing"])
+        )
+    lines += ["", power_line(reference)]
     if table.note:
         lines += ["", table.note]
     return "\n".join(lines)
@@ -405,7 +431,8 @@ def family_gains(
     table: Table, exps: list[Experiment], default: dict[str, Any], datasets: list[str], scores: Scores
 ) -> str:
     """Table 4's own question: each family's final model against its zero-shot base (the `table`'s base and
-    final rows with the same switches), paired on the same test images (Holm over the families)."""
+    final rows with the same switches), on the same test images (one-sample t over seeds, Holm over the
+    families)."""
     families = [
         (base, final)
         for base in table.rows
@@ -414,20 +441,21 @@ def family_gains(
         if final.model == "final" and final.overrides == base.overrides
     ]
     found = [find(exps, default, base.overrides) for base, _ in families]
-    comparisons = [gain_over_base(runs, scores) if runs else None for runs in found]
-    adjusted = iter(holm([c.p for c in comparisons if c is not None]))
-    head = ["Family", "zero-shot", "+ A^3", "seeds", "gain [95% CI]", "McNemar p", "resolved", "paper gain"]
+    comparisons = [
+        compare(side(runs, "final", scores, default), side(runs, "base", scores, default), True) for runs in found
+    ]
+    head = ["Family", "zero-shot", "+ A^3", "seeds", "gain " + COMPARISON_HEAD[0], *COMPARISON_HEAD[1:], "paper gain"]
     lines = md_head(head)
-    for (base_row, final_row), runs, c in zip(families, found, comparisons):
-        diff, p, mark = ("missing", "", "") if c is None else comparison_cells(c, next(adjusted))
+    for (base_row, final_row), runs, cells in zip(families, found, holm_cells(comparisons)):
+        cells = cells or ["missing", "", "", ""]
         base, final = cell(runs, "base", datasets), cell(runs, "final", datasets)
         papers = (final_row.paper, base_row.paper)
         gain = "not in the paper" if None in papers else f"{papers[0] - papers[1]:+.2f}"
-        lines.append(md_row([base_row.label, base.text(), final.text(), str(final.seeds), diff, p, mark, gain]))
+        lines.append(md_row([base_row.label, base.text(), final.text(), str(final.runs), *cells, gain]))
     return "\n".join(
         [
-            "Within each family, + A^3 against its own zero-shot base, paired on the same test images (the base, "
-            "the same for every seed, is paired with each seed):",
+            "Within each family, + A^3 against its own zero-shot base on the same test images (the base does not "
+            "depend on the training seed: a one-sample t of the per-seed gains):",
             "",
             *lines,
         ]
@@ -437,7 +465,7 @@ def family_gains(
 def main_table(exps: list[Experiment], default: dict[str, Any], datasets: list[str], scores: Scores) -> str:
     runs = find(exps, default, {})
     lines = ["### Table 2: main result (4-way multiple choice, FOCI protocol, accuracy %)", ""]
-    head = ["Model", *datasets, "Avg. [95% CI]", "seeds", "vs Finedefics [95% CI]", "McNemar p", "resolved"]
+    head = ["Model", *datasets, "Avg. [95% CI]", "seeds", "vs Finedefics " + COMPARISON_HEAD[0], *COMPARISON_HEAD[1:]]
     lines += md_head(head)
     rows = (
         Row("Base model (zero-shot)", None, model="base"),
@@ -445,16 +473,20 @@ def main_table(exps: list[Experiment], default: dict[str, Any], datasets: list[s
         Row("CLIP that mined the options (zero-shot, 4-way)", None, model="clip"),
         Row("CLIP (zero-shot, 4-way), independent of the options", None, model="clip_baseline"),
     )
-    comparisons = [None if r.model == "final" or not runs else compare(r, runs, runs, scores) for r in rows]
-    adjusted = iter(holm([c.p for c in comparisons if c is not None]))
-    for row, c in zip(rows, comparisons):
+    ours = side(runs, "final", scores, default)
+    comparisons = [
+        None if r.model == "final" else compare(side(runs, r.model, scores, default), ours, True) for r in rows
+    ]
+    for row, cells in zip(rows, holm_cells(comparisons)):
         x = cell(runs, row.model, datasets)
-        diff, p, mark = ("(the reference)", "", "") if row.model == "final" else ("missing", "", "")
-        if c is not None:
-            diff, p, mark = comparison_cells(c, next(adjusted))
-        cells = [row.label, *map(fmt, x.per_dataset), x.text(), str(x.seeds), diff, p, mark]
-        lines.append(md_row(cells))
+        if row.model == "final":
+            cells = ["(the reference)", "", "", ""]
+        lines.append(
+            md_row([row.label, *map(fmt, x.per_dataset), x.text(), x.count(), *(cells or ["missing", "", "", ""])])
+        )
     lines += [
+        "",
+        power_line(runs),
         "",
         "The CLIP rows score each image's 4 options by image-text similarity (`evaluate@clip`). The first is "
         "the CLIP that mined the options: they are its own hardest wrong classes, so its 4-way accuracy equals "
@@ -471,6 +503,8 @@ def seed_text(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     s = across_seeds(values)
+    if np.ptp(values) == 0:
+        return f"{s.mean:.{digits}f} (identical seeds)"
     return f"{s.mean:.{digits}f} [{s.low:.{digits}f}, {s.high:.{digits}f}]"
 
 
@@ -484,9 +518,12 @@ def alignment_table(exps: list[Experiment], default: dict[str, Any], datasets: l
     for label, model, paper in (("Base model", "base", 0.13), ("**Finedefics (ours)**", "finedefics", 0.27)):
         analysis = [e.metrics.get("metrics/analysis.json", {}).get(model, {}) for e in runs]
         per_run = [v for v in ([a.get(d, {}).get("alignment") for d in datasets] for a in analysis) if None not in v]
+        if model == "base":  # the base does not depend on the training seed: one run
+            per_run = per_run[:1]
         cells = [seed_text([v[k] for v in per_run]) if per_run else "missing" for k in range(len(datasets))]
         avg = seed_text([float(np.mean(v)) for v in per_run]) if per_run else "missing"
-        lines.append(md_row([label, *cells, avg, str(len(per_run)), f"{paper:.2f}"]))
+        count = "1 run" if model == "base" and per_run else str(len(per_run))
+        lines.append(md_row([label, *cells, avg, count, f"{paper:.2f}"]))
     lines += [
         "",
         "Stage I's own measures (both datasets' test images, before -> after stage I, means over seeds with "
@@ -506,7 +543,7 @@ def alignment_table(exps: list[Experiment], default: dict[str, Any], datasets: l
         if not done:
             continue
         pairs = [
-            f"{seed_text([m[f'{k}_start'] for m in done])} -> {seed_text([m[f'{k}_end'] for m in done])}"
+            f"{seed_text([m[f'{k}_start'] for m in done][:1])} -> {seed_text([m[f'{k}_end'] for m in done])}"
             for k in ("alignment", "alignment_margin", "alignment_top1")
         ]
         switches = ", ".join(f"{k}={v}" for k, v in row.overrides.items()) or "(default)"
@@ -514,32 +551,39 @@ def alignment_table(exps: list[Experiment], default: dict[str, Any], datasets: l
     return "\n".join(lines)
 
 
-def render(
-    exps: list[Experiment], default: dict[str, Any], datasets: list[str], scores: Scores, header: str = ""
-) -> str:
+METHOD = (
+    "Every cell is the mean over the row's training seeds (`train.seed`) with its 95% CI: the t-interval over "
+    "seeds, or for one run (`1 run`: the zero-shot bases and the CLIPs, which do not depend on the training seed) "
+    "the stratified bootstrap over test images (each image shown in `evaluate.permutations` seeded option orders). "
+    "`vs default` is the row minus its reference in points, on the test images both have, tested over training "
+    "seeds, the units of training variance (each seed's accuracy holds its images' noise): a paired t (df = "
+    "seeds - 1) on the seeds both rows have when they share their seed streams (the seeds it paired are named), "
+    "Welch's t when they do not (another base family, paradigm, data size or batch), and a one-sample t of the "
+    "per-seed differences against a model that has no seed. `resolved` is yes when the Holm-corrected p over the "
+    "table's tested rows is below 0.05; a row with one seed is not tested. A difference not marked resolved is "
+    "not an ordering: the data do not separate it from noise, and the power line under each table says how "
+    "large a difference its seeds could resolve. `McNemar p (images)` is a secondary check per dataset on each "
+    "image's majority outcome (test-image noise only; it does not see training noise and decides nothing)."
+)
+
+
+def render(exps: list[Experiment], default: dict[str, Any], datasets: list[str], scores: Scores) -> str:
     def section(t: Table) -> str:
         text = table_md(t, exps, default, datasets, scores)
         return f"{text}\n\n{family_gains(t, exps, default, datasets, scores)}" if t is OTHER_BASES else text
 
-    used = used_commits(exps, default, [{}, *(r.overrides for t in (*TABLES, *EXTRA) for r in t.rows)])
+    read = used(exps, default, [{}, *(r.overrides for t in (*TABLES, *EXTRA) for r in t.rows)])
     parts = [
         "# Results: the paper's tables on the embedded world",
         "",
-        "Written by `finedefics report` from `dvc exp show --json` (the experiments of `scripts/ablations.sh`). "
-        "Ours: 4-way multiple-choice accuracy (%) on the world's test images; the paper's: its average over six "
-        "real datasets with Idefics2-8b. The two are not comparable in level, only in ordering.",
+        "Written by `finedefics report` from the experiment ledger (`reports/ledger/`, the experiments of "
+        "`scripts/ablations.sh`). Ours: 4-way multiple-choice accuracy (%) on the world's test images; the "
+        "paper's: its average over six real datasets with Idefics2-8b. The two are not comparable in level, only "
+        "in ordering.",
         "",
-        "Every cell is the mean over the row's training seeds (`train.seed`) with its 95% CI: the t-interval "
-        "over seeds, or with one seed the stratified bootstrap over test images (each image shown in "
-        "`evaluate.permutations` seeded option orders). `vs default` is the row minus the default's final "
-        "model in points, paired on the same test images and seeds (two-level bootstrap); `McNemar p` is the "
-        "exact test per dataset on each image's majority outcome over its trials (test-image noise only); "
-        "`resolved` is yes when the Holm-corrected p over the table's rows is below 0.05 and both sides have at "
-        "least 2 seeds. A difference not marked resolved is not an ordering: the data do not separate it from "
-        "noise.",
+        METHOD,
         "",
-        f"Experiments from commit(s) {', '.join(used) or 'none'}; machine: {platform.machine()}, {platform.platform()}.",
-        header,
+        provenance(read),
         "",
         main_table(exps, default, datasets, scores),
         "",
@@ -548,43 +592,6 @@ def render(
         "",
     ]
     return "\n".join(parts)
-
-
-def dvc_exp_show(cwd: Path) -> list[dict]:
-    done = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], cwd=cwd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"`dvc exp show --json` failed in {cwd}: {done.stderr.strip()}")
-    return json.loads(done.stdout)
-
-
-def dvc_scores(repo: Path, datasets: list[str], unseen: bool | None = None) -> Scores:
-    """Per-image scores from an experiment's predictions files, read from DVC's cache at its rev;
-    `unseen` True (False): only the test images of the classes training never showed (showed), as
-    the results file's `config.unseen_classes` lists them (`world.unseen`)."""
-    import dvc.api
-
-    from finedefics.evaluate.mc import per_image
-
-    cache: dict[tuple[str, str], list[dict[str, float]] | None] = {}
-
-    def read(rev: str, model_dir: str, dataset: str) -> dict[str, float]:
-        text = dvc.api.read(f"results/predictions/{model_dir}/{dataset}.json", repo=str(repo), rev=rev)
-        data = json.loads(text)
-        predictions = data["predictions"]
-        if unseen is not None:
-            classes = set(data["config"].get("unseen_classes", []))
-            predictions = [p for p in predictions if (p["correct"] in classes) == unseen]
-        return per_image(predictions)
-
-    def scores(exp: Experiment, model_dir: str) -> list[dict[str, float]] | None:
-        if (exp.rev, model_dir) not in cache:
-            try:
-                cache[exp.rev, model_dir] = [read(exp.rev, model_dir, d) for d in datasets]
-            except Exception:  # noqa: BLE001 (gone from the cache, or an older results format): no comparison
-                cache[exp.rev, model_dir] = None
-        return cache[exp.rev, model_dir]
-
-    return scores
 
 
 def committed_params(path: Path) -> dict[str, Any]:

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from statsmodels.stats.contingency_tables import mcnemar
-from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
-_CHUNK = 1000  # bootstrap replicates drawn at once by `paired`: bounds memory at CHUNK x images floats
+_CHUNK = 1000  # bootstrap replicates drawn at once: bounds memory at CHUNK x images floats
 
 
 def wilson(score_sum: float, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -87,79 +85,3 @@ def across_seeds(values: Sequence[float], level: float = 0.95) -> SeedSummary:
         return SeedSummary(mean, float("nan"), float("nan"), float("nan"), 1)
     low, high = mean + stats.sem(x) * np.array(stats.t.interval(level, x.size - 1))
     return SeedSummary(mean, float(x.std(ddof=1)), float(low), float(high), int(x.size))
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """A row minus the default on the average accuracy, paired on test images and training seeds."""
-
-    difference: float
-    low: float
-    high: float
-    p: float
-    mcnemar: tuple[float, ...]  # exact McNemar p per dataset
-    seeds: int  # paired training seeds used
-
-
-def paired(
-    row: list[np.ndarray], default: list[np.ndarray], level: float = 0.95, resamples: int = 10_000, seed: int = 0
-) -> Comparison:
-    """Difference row - default of the average accuracy, with a two-level bootstrap CI and two-sided p.
-
-    Seed s of the row is paired with seed s of the default, over the first min(S_row, S_default) seeds; a 1-d array
-    is one seed. Each replicate resamples the paired seeds with replacement, and within every dataset the images
-    with replacement, and takes the mean over resampled seeds of the average over datasets of the mean paired
-    difference. With one seed the seed level is a no-op, so only test-image noise is in the interval.
-    """
-    if len(row) != len(default):
-        raise ValueError(f"row has {len(row)} datasets, default has {len(default)}")
-    rows = [np.atleast_2d(np.asarray(a, dtype=float)) for a in row]
-    defaults = [np.atleast_2d(np.asarray(a, dtype=float)) for a in default]
-    for r, d in zip(rows, defaults):
-        if r.shape[1] != d.shape[1]:
-            raise ValueError(f"row has {r.shape[1]} images on a dataset where default has {d.shape[1]}")
-    n_seeds = min(a.shape[0] for a in rows + defaults)
-    diffs = [r[:n_seeds] - d[:n_seeds] for r, d in zip(rows, defaults)]
-    difference = float(np.mean([d.mean() for d in diffs]))
-
-    # Hand-written: scipy.stats.bootstrap resamples one level only, and here seeds and images are both resampled.
-    # A seed draw becomes per-replicate weights on the paired seeds, shared by all datasets (one training run is
-    # evaluated on every dataset); images are then drawn within each dataset.
-    rng = np.random.default_rng(seed)
-    replicates = np.empty(resamples)
-    for start in range(0, resamples, _CHUNK):
-        size = min(_CHUNK, resamples - start)
-        drawn = rng.integers(n_seeds, size=(size, n_seeds))
-        weights = (drawn[..., None] == np.arange(n_seeds)).mean(axis=1)  # replicates x seeds, rows sum to 1
-        means = []
-        for d in diffs:
-            per_image = weights @ d  # replicates x images: seed-resampled paired difference
-            images = rng.integers(d.shape[1], size=per_image.shape)
-            means.append(np.take_along_axis(per_image, images, axis=1).mean(axis=1))
-        replicates[start : start + size] = np.mean(means, axis=0)
-
-    low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2])
-    tail = min(np.sum(replicates <= 0), np.sum(replicates >= 0))
-    p = min(1.0, 2 * (tail + 1) / (resamples + 1))
-    tests = tuple(_mcnemar(r[:n_seeds], d[:n_seeds]) for r, d in zip(rows, defaults))
-    return Comparison(difference, float(low), float(high), float(p), tests, n_seeds)
-
-
-def _mcnemar(row: np.ndarray, default: np.ndarray) -> float:
-    """Exact McNemar p on one outcome per image and model: right when the seed-averaged score is >= 0.5."""
-    a, b = row.mean(axis=0) >= 0.5, default.mean(axis=0) >= 0.5
-    table = [[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]]
-    return float(mcnemar(table, exact=True).pvalue)
-
-
-def holm(pvalues: Sequence[float], alpha: float = 0.05) -> list[float]:
-    """Holm-adjusted p-values (family-wise error control over the compared rows)."""
-    return multipletests(pvalues, alpha=alpha, method="holm")[1].tolist()
-
-
-def resolved(c: Comparison, adjusted_p: float, alpha: float = 0.05) -> bool:
-    """Whether a difference is resolved: adjusted p < alpha over at least 2 paired seeds.
-
-    One seed cannot separate a configuration from training noise, however small its image-level p.
-    """
-    return adjusted_p < alpha and c.seeds >= 2
