@@ -86,6 +86,11 @@ queue_regimes() {
 }
 
 if [[ $mode != run ]]; then
+  # The committed dvc.lock names models/base by a hash that includes the transformers version written into its
+  # config.json; where another version is installed, DVC prefers that lock entry to its run cache and every
+  # experiment would pre-train the base again (3 min each). Reproducing the default first records this
+  # machine's outputs in the workspace's dvc.lock, which the queued experiments start from.
+  dvc repro
   if (( regimes )); then queue_regimes; else queue_all; fi
 fi
 [[ $mode == queue ]] && exit 0
