@@ -51,7 +51,7 @@ def summary(label: str, runs: list[Experiment]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--before", nargs="+", required=True, help="experiment names, one per training seed")
-    parser.add_argument("--after", nargs="+", required=True, help="experiment names, in the same seed order")
+    parser.add_argument("--after", nargs="+", required=True, help="experiment names, one per training seed")
     args = parser.parse_args()
     book = ledger.read(REPO / ledger.FOLDER)
     before, after = pick(list(book.experiments), args.before), pick(list(book.experiments), args.after)

@@ -80,6 +80,7 @@ def test_one_sample_against_a_seedless_reference_either_side():
         ({0: 0.5}, 0.3, True, "one seed"),
         ({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5}, True, "identical seeds"),  # the same +0.1 twice: sd 0
         ({0: 0.5, 1: 0.5}, {0: 0.4, 1: 0.4}, False, "identical seeds"),
+        ({0: 0.35, 1: 0.45}, {0: 0.25, 1: 0.35}, True, "identical seeds"),  # +0.1 twice, but for float rounding
     ],
 )
 def test_no_test_without_spread_or_seeds(row, reference, paired, why):

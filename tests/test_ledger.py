@@ -60,6 +60,17 @@ def test_collect_appends_finished_experiments_with_their_predictions_once(tmp_pa
     assert scores(a, "clip/mining") is None
 
 
+def test_an_experiment_without_params_is_left_out_not_taken_for_the_default():
+    """`dvc exp show` gives no params for an experiment whose params.yaml it cannot read: found by no switch,
+    it would pass for the default's seed 0."""
+    shown = show(exp("a", {}, 0.5, "t1"), exp("broken", {}, 0.5, "t2"))
+    shown[1]["experiments"][1]["revs"][0]["data"]["params"] = {}
+    files = {(name, "finedefics"): results_file([[1, 0, 1]]) for name in ("a", "broken")}
+    book, notes = ledger.collect(ledger.empty(), shown, fake_results(files))
+    assert [e.name for e in book.experiments] == ["a"]
+    assert "broken: left out, `dvc exp show` gives no params (datasets) for it" in notes
+
+
 def test_a_malformed_results_file_is_an_error_not_a_missing_row():
     shown = show(exp("a", {}, 0.5, "t1"))
 

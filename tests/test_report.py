@@ -363,3 +363,10 @@ def test_the_queue_covers_every_row_of_the_report():
     for table in (*TABLES, *EXTRA):
         for row in table.rows:
             assert row.overrides in queued, (table.title, row.label)
+
+
+@pytest.mark.parametrize(("p", "text"), [(0.04996, "0.049"), (0.0539, "0.053"), (0.5, "0.500"), (0.00012, "1.2e-04")])
+def test_a_printed_p_below_the_threshold_never_reads_as_the_threshold(p, text):
+    from finedefics.report import p_text
+
+    assert p_text(p) == text

@@ -142,11 +142,19 @@ def ledger(
     typer.echo(f"{folder}: {len(updated.experiments)} experiment(s), {added} added")
 
 
-def _ledger(folder: Path) -> ledger_module.Ledger:
+def _evidence(folder: Path, params: Path) -> tuple[ledger_module.Ledger, dict, list[str]]:
+    """The ledger, the committed params (flattened) and the datasets they name."""
+    from finedefics.report import committed_params
+
     try:
-        return ledger_module.read(folder)
+        datasets = list(load_params(params).datasets)
+    except ConfigError as err:
+        _fail(str(err))
+    try:
+        book = ledger_module.read(folder)
     except (OSError, ValueError) as err:  # ArtefactError and pyarrow's ArrowInvalid are ValueErrors
         _fail(f"{err} (collect experiments with `finedefics ledger`)")
+    return book, committed_params(params), datasets
 
 
 @app.command()
@@ -160,12 +168,7 @@ def report(
     from finedefics import regimes as reg
     from finedefics import report as rep
 
-    try:
-        datasets = list(load_params(params).datasets)
-    except ConfigError as err:
-        _fail(str(err))
-    book = _ledger(folder)
-    default = rep.committed_params(params)
+    book, default, datasets = _evidence(folder, params)
     exps = list(book.experiments)
     scores = book.scores(datasets)
     if regimes:
@@ -190,12 +193,7 @@ def compare(
     their switches share seed streams, Welch's t otherwise (one row, no multiplicity correction)."""
     from finedefics import report as rep
 
-    try:
-        datasets = list(load_params(params).datasets)
-    except ConfigError as err:
-        _fail(str(err))
-    book = _ledger(folder)
-    default = rep.committed_params(params)
+    book, default, datasets = _evidence(folder, params)
     by_name = {e.name: e for e in reversed(book.experiments)}  # the newest of a name wins
     missing = [n for n in (*experiments, *against) if n not in by_name]
     if missing:
@@ -204,8 +202,9 @@ def compare(
     for group in (row, reference):
         if len({e.seed(default) for e in group}) < len(group):
             _fail("two experiments of one side share a training seed: give one per seed")
-    switched = {k for e in row for r in reference for k in e.params.keys() | r.params.keys() if k != rep.SEED}
-    switched = {k: None for k in switched if any(e.params.get(k) != r.params.get(k) for e in row for r in reference)}
+    keys = {k for e in (*row, *reference) for k in e.params if k != rep.SEED}
+    value = lambda e, k: e.params.get(k, default.get(k))  # noqa: E731 (an older experiment lacks a newer param)
+    switched = {k: None for k in sorted(keys) if any(value(e, k) != value(r, k) for e in row for r in reference)}
     scores = book.scores(datasets)
     c = rep.compare(
         rep.side(row, "final", scores, default),
@@ -214,7 +213,7 @@ def compare(
     )
     if c is None:
         _fail("the ledger lacks these experiments' predictions")
-    diff, design, mark, mcnemar = rep.comparison_cells(c, c.test.p)
+    diff, design, mark, mcnemar = rep.comparison_cells(c, c.test.p, label="p")
     typer.echo(f"switches: {', '.join(sorted(switched)) or '(none)'}")
     typer.echo(f"difference (points): {diff}\ntest: {design}\nresolved (alpha 0.05, uncorrected): {mark}")
     typer.echo(f"McNemar p per dataset (test images only): {mcnemar}")

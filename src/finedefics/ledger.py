@@ -211,14 +211,18 @@ def collect(
     for exp in experiments(show, machine()):
         if exp.rev in known:
             continue
+        known.add(exp.rev)
         datasets = sorted({k.split(".", 1)[1] for k in exp.params if k.startswith("datasets.")})
+        if not datasets:  # `dvc exp show` could not read its params.yaml: no row could find it rightly
+            notes.append(f"{exp.name}: left out, `dvc exp show` gives no params (datasets) for it")
+            continue
         models, rows = [], []
         for model in MODELS:
             files = [read_results(exp, model, d) for d in datasets]
             if None not in files:
                 models.append(model)
                 rows += [outcome_rows(exp.rev, model, d, f) for d, f in zip(datasets, files)]
-        if "finedefics" not in models:
+        if "finedefics" not in models or not all(len(r) for r in rows):
             notes.append(f"{exp.name}: left out, its final model's predictions are not in DVC's cache")
             continue
         added.append(exp)
@@ -230,7 +234,6 @@ def collect(
 def dvc_results(repo: Path) -> Callable[[Experiment, str, str], dict | None]:
     """Reads an experiment's results files from DVC's cache at its rev (None when one is absent)."""
     from dvc.api import DVCFileSystem
-    from dvc.exceptions import DvcException
 
     systems: dict[str, DVCFileSystem] = {}
 
@@ -239,7 +242,7 @@ def dvc_results(repo: Path) -> Callable[[Experiment, str, str], dict | None]:
         path = f"results/predictions/{model}/{dataset}.json"
         try:
             text = fs.read_text(path)
-        except (FileNotFoundError, DvcException):  # not an output of this experiment, or gone from the cache
+        except FileNotFoundError:  # not an output of this experiment, or gone from the cache; anything else is raised
             return None
         return json.loads(text)
 

@@ -39,6 +39,7 @@ from finedefics.report import (
     power_line,
     provenance,
     seed_text,
+    seed_values,
     shares_streams,
     side,
     table_md,
@@ -216,7 +217,7 @@ def unseen_table(regime: Regime, exps: list[Experiment], default: dict[str, Any]
         cells = cells or ["missing" if runs else "", "", "", ""]
         head = [row.label, str(len(runs)), _part(averages, "seen_accuracy"), _part(averages, "unseen_accuracy")]
         lines.append(md_row([*head, *cells]))
-    return "\n".join([*lines, "", power_line(reference)])
+    return "\n".join([*lines, "", power_line(seed_values(reference, "unseen_accuracy"))])
 
 
 def _part(averages: list[dict], key: str) -> str:

@@ -10,6 +10,7 @@ function of the ledger (`finedefics.ledger`) and the committed params.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,9 +288,11 @@ def cell(runs: list[Experiment], model: str, datasets: list[str]) -> Cell:
     per_dataset = [_mean([d.get(n, {}).get("accuracy") for d in data]) for n in datasets]
     if len(runs) > 1:  # no interval from identical seeds: that would read as certainty
         s = across_seeds(averages)
-        low, high = (s.low, s.high) if np.ptp(averages) > 0 else (None, None)
+        low, high = (s.low, s.high) if np.ptp(averages) > inference.TOLERANCE else (None, None)
     else:
         low, high = data[0]["average"].get("accuracy_low"), data[0]["average"].get("accuracy_high")
+        if low is not None and high is not None and high - low <= inference.TOLERANCE:
+            low = high = None  # every image scored alike: the bootstrap has no spread to show
     pct = lambda v: None if v is None else 100 * v  # noqa: E731
     return Cell([pct(v) for v in per_dataset], pct(float(np.mean(averages))), pct(low), pct(high), len(runs), seedless)
 
@@ -305,9 +308,9 @@ Side = dict[int | None, list[dict[str, float]]]
 def side(runs: list[Experiment], model: str, scores: Scores, default: dict[str, Any]) -> Side | None:
     """A row's predictions per seed (a seedless model's from the first run that has them); None when any
     of them is not in the ledger."""
-    if model in SEEDLESS:
-        found = [scores(e, PREDICTIONS[model]) for e in runs if metrics_of(e, model)][:1]
-        return {None: found[0]} if found and found[0] is not None else None
+    if model in SEEDLESS:  # the first run with both its metrics and its predictions, as `cell` shows its metrics
+        found = [s for s in (scores(e, PREDICTIONS[model]) for e in runs if metrics_of(e, model)) if s is not None]
+        return {None: found[0]} if found else None
     out = {e.seed(default): scores(e, PREDICTIONS[model]) for e in runs}
     return out if out and None not in out.values() else None
 
@@ -340,21 +343,27 @@ def compare(row: Side | None, reference: Side | None, paired: bool) -> Compariso
     return Comparison(test, tests)
 
 
-def comparison_cells(c: Comparison, adjusted_p: float) -> list[str]:
-    """A comparison's cells: the difference in points with its 95% t-interval, the test (and the seeds it
-    paired when they are not all of both rows'), whether it is resolved with its Holm-adjusted p, and
-    McNemar's p per dataset (test images only)."""
+def comparison_cells(c: Comparison, adjusted_p: float, label: str = "Holm p") -> list[str]:
+    """A comparison's cells: the difference in points with its 95% t-interval, the test (a paired t names
+    the seeds it paired), whether it is resolved with its adjusted p (`label`), and McNemar's p per dataset
+    (test images only)."""
     t = c.test
     diff = f"{100 * t.difference:+.1f}" + (f" [{100 * t.low:+.1f}, {100 * t.high:+.1f}]" if t.tested else "")
     design = t.design
     if t.design == PAIRED:
         design += f" (seeds {', '.join(map(str, t.seeds))})"
     mark = (
-        f"{'yes' if resolved(t, adjusted_p) else 'no'} (Holm p {adjusted_p:.2g})"
+        f"{'yes' if resolved(t, adjusted_p) else 'no'} ({label} {p_text(adjusted_p)})"
         if t.tested
         else f"no test ({t.untested})"
     )
     return [diff, design, mark, ", ".join(f"{v:.2g}" for v in c.mcnemar)]
+
+
+def p_text(p: float) -> str:
+    """A p value as printed: 3 decimals rounded down (so a p below 0.05 never prints as 0.050), or 2
+    significant digits below 0.001."""
+    return f"{p:.1e}" if p < 0.001 else f"{math.floor(p * 1000) / 1000:.3f}"
 
 
 def holm_cells(comparisons: list[Comparison | None]) -> list[list[str] | None]:
@@ -367,14 +376,18 @@ def holm_cells(comparisons: list[Comparison | None]) -> list[list[str] | None]:
 COMPARISON_HEAD = ["[95% CI]", "test", "resolved", "McNemar p (images)"]
 
 
-def power_line(reference: list[Experiment], model: str = "final") -> str:
-    """The smallest differences the table's seeds resolve, from the reference row's seed spread."""
-    values = [metrics_of(e, model).get("average", {}).get("accuracy") for e in reference]
-    values = [v for v in values if v is not None]
+def seed_values(runs: list[Experiment], key: str = "accuracy") -> list[float]:
+    """The final model's average `key` (accuracy, or a part of it such as `unseen_accuracy`) per seed."""
+    values = [metrics_of(e, "final").get("average", {}).get(key) for e in runs]
+    return [v for v in values if v is not None]
+
+
+def power_line(values: list[float]) -> str:
+    """The smallest differences the table's seeds resolve, from the reference row's accuracies over seeds."""
     if len(values) < 2:
         return "Power: the reference has fewer than 2 seeds, so no difference in this table can be resolved."
     sd = 100 * float(np.std(values, ddof=1))
-    if sd == 0:
+    if np.ptp(values) <= inference.TOLERANCE:
         return f"Power: the reference's {len(values)} seeds are identical, so their spread cannot size a resolvable difference."
 
     def sizes(n: int) -> str:
@@ -421,7 +434,7 @@ def table_md(
         lines.append(
             md_row([row.label, *map(fmt, x.per_dataset), x.text(), x.count(), *cells, paper, source or "missing"])
         )
-    lines += ["", power_line(reference)]
+    lines += ["", power_line(seed_values(reference))]
     if table.note:
         lines += ["", table.note]
     return "\n".join(lines)
@@ -486,7 +499,7 @@ def main_table(exps: list[Experiment], default: dict[str, Any], datasets: list[s
         )
     lines += [
         "",
-        power_line(runs),
+        power_line(seed_values(runs)),
         "",
         "The CLIP rows score each image's 4 options by image-text similarity (`evaluate@clip`). The first is "
         "the CLIP that mined the options: they are its own hardest wrong classes, so its 4-way accuracy equals "
@@ -503,7 +516,7 @@ def seed_text(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     s = across_seeds(values)
-    if np.ptp(values) == 0:
+    if np.ptp(values) <= inference.TOLERANCE:
         return f"{s.mean:.{digits}f} (identical seeds)"
     return f"{s.mean:.{digits}f} [{s.low:.{digits}f}, {s.high:.{digits}f}]"
 
