@@ -429,7 +429,8 @@ def table_md(
         elif cells is None:
             cells = ["missing" if runs else "", "", "", ""]
         shown = runs[:1] if row.model in SEEDLESS else runs
-        source = ", ".join(f"`{e.name}`" for e in shown) + (f" ({row.model} model)" if row.model in SEEDLESS else "")
+        source = ", ".join(f"`{e.name}`" for e in shown)
+        source += f" ({row.model} model)" if source and row.model in SEEDLESS else ""
         paper = "not in the paper" if row.paper is None else f"{row.paper:.2f}"
         lines.append(
             md_row([row.label, *map(fmt, x.per_dataset), x.text(), x.count(), *cells, paper, source or "missing"])
