@@ -208,7 +208,7 @@ PLANNED_SEEDS = 5  # the power line also says what this many seeds per row would
 
 def shares_streams(overrides: dict[str, Any]) -> bool:
     """Whether a row with these switches over its reference draws the same seed streams."""
-    return not any(key == p or key.startswith(p) for key in overrides for p in OWN_STREAMS if p)
+    return not any(key == p or key.startswith(p) for key in overrides for p in OWN_STREAMS)
 
 
 def find(exps: list[Experiment], default: dict[str, Any], overrides: dict[str, Any]) -> list[Experiment]:
@@ -396,8 +396,8 @@ def power_line(values: list[float]) -> str:
     return (
         f"Power: the reference's seed sd is {sd:.1f} points over {len(values)} seeds. With {len(values)} seeds a row, "
         f"a true difference of at least {sizes(len(values))} points is resolved with 80% power (alpha 0.05, "
-        f"two-sided, before Holm); with {PLANNED_SEEDS} seeds: {sizes(PLANNED_SEEDS)}. A row not resolved may "
-        "still differ by less."
+        f"two-sided, before Holm); with {PLANNED_SEEDS} seeds: {sizes(PLANNED_SEEDS)}. A smaller true difference "
+        "is likely to read not resolved."
     )
 
 
