@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from finedefics import ledger as ledger_module
 from finedefics.config import ConfigError, load_params
-from finedefics.io import ArtefactError
+
+if TYPE_CHECKING:
+    from finedefics.ledger import Ledger
+
+LEDGER_HELP = "the experiment ledger (default: reports/ledger)"  # pandas and pyarrow load only where a command reads it
 
 app = typer.Typer(help="Finedefics: attribute augmented alignment for fine-grained recognition.", no_args_is_help=True)
 
@@ -126,13 +130,16 @@ def predict(
 @app.command()
 def ledger(
     repo: Path = typer.Option(Path("."), help="the repository whose DVC experiments to collect"),
-    folder: Path = typer.Option(ledger_module.FOLDER, "--ledger", help="the ledger to append to"),
+    folder: Path = typer.Option(None, "--ledger", help=LEDGER_HELP),
 ) -> None:
     """Append the finished DVC experiments (`dvc exp show`) and their predictions to the experiment ledger."""
+    from finedefics import ledger as ledger_module
+
+    folder = _folder(folder)
     try:
         current = ledger_module.read(folder) if (folder / "experiments.parquet").exists() else ledger_module.empty()
         show = ledger_module.dvc_exp_show(repo)
-    except (ArtefactError, OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # ArtefactError is a ValueError
         _fail(str(err))
     updated, notes = ledger_module.collect(current, show, ledger_module.dvc_results(repo))
     for note in notes:
@@ -142,8 +149,16 @@ def ledger(
     typer.echo(f"{folder}: {len(updated.experiments)} experiment(s), {added} added")
 
 
-def _evidence(folder: Path, params: Path) -> tuple[ledger_module.Ledger, dict, list[str]]:
+def _folder(folder: Path | None) -> Path:
+    """`--ledger`, or the committed ledger's folder."""
+    from finedefics.ledger import FOLDER
+
+    return folder or FOLDER
+
+
+def _evidence(folder: Path, params: Path) -> tuple[Ledger, dict, list[str]]:
     """The ledger, the committed params (flattened) and the datasets they name."""
+    from finedefics import ledger as ledger_module
     from finedefics.report import committed_params
 
     try:
@@ -161,13 +176,14 @@ def _evidence(folder: Path, params: Path) -> tuple[ledger_module.Ledger, dict, l
 def report(
     out: Path = typer.Option(None, help="where to write it (default: reports/results.md, or reports/regimes.md)"),
     params: Path = typer.Option(Path("params.yaml"), help="the committed params the ablations differ from"),
-    folder: Path = typer.Option(ledger_module.FOLDER, "--ledger", help="the experiment ledger to read"),
+    folder: Path = typer.Option(None, "--ledger", help=LEDGER_HELP),
     regimes: bool = typer.Option(False, "--regimes", help="the pre-registered regime study (finedefics/regimes.py)"),
 ) -> None:
     """Fill the paper's tables from the experiment ledger (`finedefics ledger`; see scripts/ablations.sh)."""
     from finedefics import regimes as reg
     from finedefics import report as rep
 
+    folder = _folder(folder)
     book, default, datasets = _evidence(folder, params)
     exps = list(book.experiments)
     scores = book.scores(datasets)
@@ -187,12 +203,13 @@ def compare(
     experiments: list[str] = typer.Argument(..., help="names of ledger experiments (one row, any seeds)"),
     against: list[str] = typer.Option(..., "--against", help="the reference's experiments (repeat the option)"),
     params: Path = typer.Option(Path("params.yaml"), help="its datasets name the test sets"),
-    folder: Path = typer.Option(ledger_module.FOLDER, "--ledger", help="the experiment ledger to read"),
+    folder: Path = typer.Option(None, "--ledger", help=LEDGER_HELP),
 ) -> None:
     """Seed-level comparison of named experiments in the ledger: a paired t over the seeds both have when
     their switches share seed streams, Welch's t otherwise (one row, no multiplicity correction)."""
     from finedefics import report as rep
 
+    folder = _folder(folder)
     book, default, datasets = _evidence(folder, params)
     by_name = {e.name: e for e in reversed(book.experiments)}  # the newest of a name wins
     missing = [n for n in (*experiments, *against) if n not in by_name]
@@ -204,7 +221,7 @@ def compare(
             _fail("two experiments of one side share a training seed: give one per seed")
     keys = {k for e in (*row, *reference) for k in e.params if k != rep.SEED}
     value = lambda e, k: e.params.get(k, default.get(k))  # noqa: E731 (an older experiment lacks a newer param)
-    switched = {k: None for k in sorted(keys) if any(value(e, k) != value(r, k) for e in row for r in reference)}
+    switched = [k for k in sorted(keys) if any(value(e, k) != value(r, k) for e in row for r in reference)]
     scores = book.scores(datasets)
     c = rep.compare(
         rep.side(row, "final", scores, default),
@@ -214,7 +231,7 @@ def compare(
     if c is None:
         _fail("the ledger lacks these experiments' predictions")
     diff, design, mark, mcnemar = rep.comparison_cells(c, c.test.p, label="p")
-    typer.echo(f"switches: {', '.join(sorted(switched)) or '(none)'}")
+    typer.echo(f"switches: {', '.join(switched) or '(none)'}")
     typer.echo(f"difference (points): {diff}\ntest: {design}\nresolved (alpha 0.05, uncorrected): {mark}")
     typer.echo(f"McNemar p per dataset (test images only): {mcnemar}")
 

@@ -238,7 +238,9 @@ def dvc_results(repo: Path) -> Callable[[Experiment, str, str], dict | None]:
     systems: dict[str, DVCFileSystem] = {}
 
     def read(exp: Experiment, model: str, dataset: str) -> dict | None:
-        fs = systems.setdefault(exp.rev, DVCFileSystem(str(repo), rev=exp.rev))
+        if exp.rev not in systems:  # one filesystem per experiment, for its eight results files
+            systems[exp.rev] = DVCFileSystem(str(repo), rev=exp.rev)
+        fs = systems[exp.rev]
         path = f"results/predictions/{model}/{dataset}.json"
         try:
             text = fs.read_text(path)

@@ -11,6 +11,7 @@ function of the ledger (`finedefics.ledger`) and the committed params.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,9 +207,9 @@ OWN_STREAMS = (
 PLANNED_SEEDS = 5  # the power line also says what this many seeds per row would resolve
 
 
-def shares_streams(overrides: dict[str, Any]) -> bool:
-    """Whether a row with these switches over its reference draws the same seed streams."""
-    return not any(key == p or key.startswith(p) for key in overrides for p in OWN_STREAMS)
+def shares_streams(switches: Iterable[str]) -> bool:
+    """Whether a row that switches these params (dotted keys) over its reference draws the same seed streams."""
+    return not any(key == p or key.startswith(p) for key in switches for p in OWN_STREAMS)
 
 
 def find(exps: list[Experiment], default: dict[str, Any], overrides: dict[str, Any]) -> list[Experiment]:
@@ -334,13 +335,13 @@ def compare(row: Side | None, reference: Side | None, paired: bool) -> Compariso
     def arrays(s: Side) -> list[np.ndarray]:  # per dataset, (seeds x images) in the side's seed order
         return [np.array([[v[k][i] for i in images] for v in s.values()]) for k, images in enumerate(common)]
 
-    def accuracies(s: Side) -> dict[int, float] | float:
-        per_seed = np.mean([a.mean(axis=1) for a in arrays(s)], axis=0)
+    def accuracies(s: Side, per_dataset: list[np.ndarray]) -> dict[int, float] | float:
+        per_seed = np.mean([a.mean(axis=1) for a in per_dataset], axis=0)
         return float(per_seed[0]) if None in s else dict(zip(s, per_seed.tolist()))
 
-    test = inference.seed_test(accuracies(row), accuracies(reference), paired)
-    tests = tuple(inference.mcnemar_p(r, d) for r, d in zip(arrays(row), arrays(reference)))
-    return Comparison(test, tests)
+    ours, theirs = arrays(row), arrays(reference)
+    test = inference.seed_test(accuracies(row, ours), accuracies(reference, theirs), paired)
+    return Comparison(test, tuple(inference.mcnemar_p(r, d) for r, d in zip(ours, theirs)))
 
 
 def comparison_cells(c: Comparison, adjusted_p: float, label: str = "Holm p") -> list[str]:
