@@ -1,54 +1,59 @@
-"""Images/s of batched FOCI evaluation (left padding) against one image at a time, same model.
+"""Multiple-choice questions/s of `evaluate` scoring one-token answers in one forward pass (each
+image encoded once) against generating every answer, on the same model and questions, and whether
+the two write identical FOCI predictions.
 
-    python benchmarks/eval_throughput.py [--model models/finedefics] [--images 96] [--batch 32]
+    python benchmarks/eval_throughput.py [--models base finedefics] [--batch 32]
 
-Uses the trained model when it exists (else `--model`, any Idefics2 / LLaVA folder) and the first
---images test images of the world's first dataset with their option sets (run `dvc repro` first).
-Both ways must give the same predictions. Reports the ratio measured in this run.
+Runs on the models and option sets of the workspace's last `dvc repro` (every test image of every
+dataset in `evaluate.permutations` orders, as the stage asks them). Reports the ratio measured here.
 """
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from finedefics.data.prepared import PREPARED, load_prepared
-from finedefics.evaluate.mc import evaluate, items
-from finedefics.models.mllm import MLLM
-from finedefics.models.paths import resolve
+from finedefics.config import load_params
+from finedefics.evaluate.mc import evaluate
+from finedefics.models.mllm import MLLM, ImageSettings
+
+sys.path.insert(0, str(Path("stages").resolve()))
+from evaluate import option_sets  # noqa: E402  (the stage's own option sets)
+
+
+def timed(mllm: MLLM, questions: dict, batch: int, max_new_tokens: int) -> tuple[float, dict]:
+    start = time.perf_counter()
+    out = {
+        n: evaluate(mllm, plural, e, batch_size=batch, max_new_tokens=max_new_tokens, desc=n)
+        for n, (plural, e) in questions.items()
+    }
+    return time.perf_counter() - start, out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="models/finedefics")
-    parser.add_argument("--dataset", default="toy-bird")
-    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--models", nargs="+", default=["base", "finedefics"])
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    prepared = PREPARED / args.dataset
-    if not (prepared / "images.parquet").is_file():
-        raise SystemExit(f"{prepared}: not prepared; run `dvc repro` first")
-    dataset = load_prepared(args.dataset)
-    test = dataset.test
-    options = json.loads((Path("data/eval_options") / f"{args.dataset}.json").read_text())
-    entries = items(options, dict(zip(test.foci_key, test.path)), dataset.names, 0)[: args.images]
-    mllm = MLLM.load(resolve(args.model))
-    evaluate(mllm, dataset.plural, entries[: args.batch], batch_size=args.batch, desc="warm-up")
-    start = time.perf_counter()
-    batched = evaluate(mllm, dataset.plural, entries, batch_size=args.batch, desc="batched")
-    t_batched = time.perf_counter() - start
-    start = time.perf_counter()
-    single = evaluate(mllm, dataset.plural, entries, batch_size=1, desc="one at a time")
-    t_single = time.perf_counter() - start
-    same = sum(a["predicted"] == b["predicted"] for a, b in zip(batched, single)) / len(entries)
-    print(f"{len(entries)} test images of {args.dataset}, model {resolve(args.model)}, torch threads 2")
-    print(f"one at a time:         {len(entries) / t_single:8.1f} images/s")
-    print(f"batched ({args.batch}, left pad): {len(entries) / t_batched:8.1f} images/s")
-    print(f"same predictions: {same:.0%}")
-    print(f"ratio: {t_single / t_batched:.1f}x")
+    params = load_params("params.yaml")
+    questions = {}
+    for name in params.datasets:
+        dataset, entries = option_sets(params, name)
+        questions[name] = (dataset.plural, entries)
+    n = sum(len(e) for _, e in questions.values())
+    print(f"{n} questions ({', '.join(params.datasets)}), batch {args.batch}, torch threads 2")
+    print("| model | generate q/s | one pass q/s | ratio | identical predictions |\n| --- | --- | --- | --- | --- |")
+    for model in args.models:
+        mllm = MLLM.load(Path("models") / model, ImageSettings.of(params.model))
+        t_fast, fast = timed(mllm, questions, args.batch, params.evaluate.max_new_tokens)
+        one_pass = type(mllm).answers_in_one_pass
+        type(mllm).answers_in_one_pass = property(lambda self: False)
+        t_gen, generated = timed(mllm, questions, args.batch, params.evaluate.max_new_tokens)
+        type(mllm).answers_in_one_pass = one_pass
+        print(f"| {model} | {n / t_gen:.0f} | {n / t_fast:.0f} | {t_gen / t_fast:.2f}x | {fast == generated} |")
 
 
 if __name__ == "__main__":

@@ -225,6 +225,50 @@ def test_unreadable_images_are_counted_as_failures_not_skipped(tiny_models, tmp_
     assert score(results).failure_rate >= 0.5
 
 
+def _generating_only(monkeypatch):
+    monkeypatch.setattr(MLLM, "answers_in_one_pass", property(lambda self: False))
+
+
+@pytest.mark.parametrize("ends", ["at once", "after one token", "model's own", "ties"])
+def test_one_pass_scoring_writes_what_generation_writes(tiny_models, tmp_path, monkeypatch, ends):
+    """Multiple-choice answers scored in one pass (`MLLM.one_token_answers`) against generating every
+    answer: identical FOCI predictions. The turn ends "at once" (every token ends it), "after one
+    token" (every token but the first answers' ends it: the cached second step decides), at the
+    tiny model's own end token (its answers run on: generated), or every arg-max is a "tie" (every
+    batch generated)."""
+    paths = []
+    for colour in ("red", "green", "blue", "white", "black"):
+        paths.append(tmp_path / f"{colour}.png")
+        Image.new("RGB", (64, 64), colour).save(paths[-1])
+    options = {p.stem: [{"image": p.stem, "groundtruth": "a", "options": list("abcd")}] for p in paths}
+    entries = items(options, {p.stem: str(p) for p in paths}, list("abcd"), seed=0, permutations=3)
+    mllm = MLLM.load(tiny_models["vlm"])
+    vocab = range(len(mllm.tokenizer))
+    if ends == "at once":
+        mllm.model.generation_config.eos_token_id = list(vocab)
+    if ends == "after one token":
+        prompts = [mllm.prompt(mc_question(query("birds"), e.options)) for e in entries]
+        inputs = mllm.processor(
+            text=prompts, images=[[Image.open(e.path)] for e in entries], return_tensors="pt", padding=True
+        )
+        firsts = set(mllm.model.generate(**inputs, max_new_tokens=1, do_sample=False)[:, -1].tolist())
+        mllm.model.generation_config.eos_token_id = [i for i in vocab if i not in firsts]
+    if ends == "ties":
+        monkeypatch.setattr("finedefics.models.mllm.MARGIN", float("inf"))
+    generated = []
+    generate = mllm.generate
+    monkeypatch.setattr(mllm, "generate", lambda *a: generated.append(1) or generate(*a))
+    fast = evaluate(mllm, "birds", entries, batch_size=4)
+    batches = len(generated)
+    _generating_only(monkeypatch)
+    assert evaluate(mllm, "birds", entries, batch_size=4) == fast
+    assert len(generated) == batches + 4  # generating only: all 4 batches
+    if ends == "after one token":
+        assert batches < 4 and all(r["predicted_raw"] for r in fast)  # some batches in one pass; no empty answer
+    else:
+        assert batches == {"at once": 0, "model's own": 4, "ties": 4}[ends]
+
+
 def test_qwen_answers_its_chat_template_and_writes_foci_predictions(tiny_models, tmp_path):
     """The tiny Qwen2.5-VL evaluates through its ChatML template (the FOCI question in the user turn
     after the image, the answer after "assistant\\n"); every prediction is an option or a failure."""

@@ -297,3 +297,28 @@ def test_bad_param_in_an_experiment_fails_fast_with_a_clear_message(fresh):
     out = proc.stdout + proc.stderr
     assert "negatives = 'bogus' is not allowed; allowed values: 'hard', 'simple' or 'none'" in out
     assert "Running stage 'prepare" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["base", "finedefics"])
+def test_one_pass_scoring_of_the_trained_models_writes_what_generation_wrote(reproduced, monkeypatch, model):
+    """The FOCI results `evaluate` wrote for the pipeline's base and final models (letters scored in
+    one pass where the answers allow) against generating every answer again: identical."""
+    import sys
+
+    from finedefics.config import load_params
+    from finedefics.evaluate.mc import evaluate
+    from finedefics.models.mllm import MLLM, ImageSettings
+
+    monkeypatch.chdir(reproduced[0])
+    monkeypatch.syspath_prepend(str(reproduced[0] / "stages"))
+    sys.modules.pop("evaluate", None)
+    from evaluate import option_sets
+
+    params = load_params("params.yaml")
+    mllm = MLLM.load(Path("models") / model, ImageSettings.of(params.model))
+    monkeypatch.setattr(MLLM, "answers_in_one_pass", property(lambda self: False))
+    for name in DATASETS:
+        dataset, entries = option_sets(params, name)
+        wrote = json.loads((Path("results/predictions") / model / f"{name}.json").read_text())["predictions"]
+        assert evaluate(mllm, dataset.plural, entries, max_new_tokens=params.evaluate.max_new_tokens) == wrote

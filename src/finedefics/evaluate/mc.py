@@ -78,6 +78,33 @@ def _answers(
     return out
 
 
+def _choices(
+    mllm: MLLM, questions: list[str], paths: list[str], batch_size: int, max_new_tokens: int, desc: str
+) -> list[str | None]:
+    """`_answers`, exactly, faster where the answers are one token (a letter): each batch is scored
+    in one forward pass with each image encoded once (`MLLM.one_token_answers`); a batch with any
+    other answer is generated as `_answers` generates it."""
+    if not (mllm.answers_in_one_pass and max_new_tokens > 1):
+        return _answers(mllm, questions, paths, batch_size, max_new_tokens, desc)
+    out: list[str | None] = []
+    opened: dict[str, Image.Image | None] = {}
+    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
+        batch = paths[start : start + batch_size]
+        opened = {p: opened[p] if p in opened else open_image(p) for p in dict.fromkeys(batch)}  # each file once
+        ok = [i for i, p in enumerate(batch) if opened[p] is not None]
+        chunk: list[str | None] = [None] * len(batch)
+        if ok:
+            unique = list(dict.fromkeys(batch[i] for i in ok))
+            prompts = [mllm.prompt(questions[start + i]) for i in ok]
+            texts = mllm.one_token_answers(prompts, [opened[p] for p in unique], [unique.index(batch[i]) for i in ok])
+            if None in texts:
+                texts = mllm.generate(prompts, [opened[batch[i]] for i in ok], max_new_tokens)
+            for i, text in zip(ok, texts):
+                chunk[i] = text
+        out += chunk
+    return out
+
+
 def evaluate(
     mllm: MLLM,
     plural: str,
@@ -92,7 +119,7 @@ def evaluate(
     option order's index as the extra key `permutation`. Unreadable images count as failures.
     `inner_user_prefix`: FOCI's extra "User: " for Idefics2 (`protocol.foci_user_text`)."""
     question = query(plural)
-    raw = _answers(
+    raw = _choices(
         mllm,
         [foci_user_text(mc_question(question, e.options), mllm.family, inner_user_prefix) for e in entries],
         [e.path for e in entries],

@@ -115,6 +115,48 @@ class MLLM:
             out = out[:, prompt.shape[1] :]  # decoder-only models echo the prompt; encoder-decoders do not
         return self._decode(out)
 
+    @property
+    def answers_in_one_pass(self) -> bool:
+        """Whether `one_token_answers` can stand in for greedy generation: a family whose visual tokens can
+        be shared (default positions) and a generation config that only takes the arg-max."""
+        g = self.model.generation_config
+        plain = (
+            g.repetition_penalty in (None, 1.0)
+            and not (g.bad_words_ids or g.suppress_tokens or g.begin_suppress_tokens or g.forced_bos_token_id)
+            and not (g.min_new_tokens or (g.min_length or 0) > 0)
+        )
+        return plain and self.family in FAMILIES and not FAMILIES[self.family].rotary_3d
+
+    @torch.no_grad()
+    def one_token_answers(self, prompts: list[str], images: list[Image.Image], image_of: list[int]) -> list[str | None]:
+        """What greedy generation answers to each prompt (about `images[image_of[i]]`, each image
+        encoded once) where that answer is one token and then the end of the turn (a letter, in
+        multiple choice): the arg-max of one left-padded forward pass and of one cached step after
+        it, each ahead of the runner-up by more than rounding (`MARGIN`). None where it is not
+        (the caller generates): no answer differs from `generate`'s, whatever the float rounding."""
+        self.tokenizer.padding_side = "left"
+        inputs = self.processor(text=prompts, images=[[images[j]] for j in image_of], return_tensors="pt", padding=True)
+        features = self.visual_tokens(images)
+        mask = inputs["attention_mask"]
+        embeds = embed_with_visual(self.model, inputs["input_ids"], torch.cat([features[j] for j in image_of]))
+        positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)  # what `generate` gives left-padded rows
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        first, sure = _argmax(out.logits[:, -1])
+        step = self.model(
+            input_ids=first[:, None],
+            attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
+            position_ids=positions[:, -1:] + 1,
+            cache=out.past_key_values,
+            use_cache=True,
+        )
+        second, sure_next = _argmax(step.logits[:, -1])
+        ends = self.model.generation_config.eos_token_id
+        ends = set(ends if isinstance(ends, list) else [ends])
+        stops = torch.tensor([int(t) in ends for t in first])  # generation ends at the first token itself
+        ok = sure & (stops | (sure_next & torch.tensor([int(t) in ends for t in second])))
+        tokens = [[f] if stop else [f, s] for f, s, stop in zip(first.tolist(), second.tolist(), stops.tolist())]
+        return [self._decode(torch.tensor([t]))[0] if k else None for t, k in zip(tokens, ok.tolist())]
+
     @torch.no_grad()
     def generate_shared_image(self, prompts: list[str], image: Image.Image, max_new_tokens: int) -> list[str]:
         """Answers to several questions about one image, encoding the image once where possible."""
@@ -131,3 +173,13 @@ class MLLM:
             do_sample=False,
         )
         return self._decode(out)
+
+
+MARGIN = 1e-3  # logits closer than this (plus 8 rounding steps of their dtype) count as a tie: left to `generate`
+
+
+def _argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's arg-max and whether it leads the runner-up by more than float rounding could move it."""
+    top = logits.float().topk(2, dim=-1)
+    tie = MARGIN + 8 * torch.finfo(logits.dtype).eps * top.values[:, 0].abs()
+    return top.indices[:, 0], top.values[:, 0] - top.values[:, 1] > tie
