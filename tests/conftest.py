@@ -103,14 +103,22 @@ def set_params(root: Path, **changes) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def run_stage(root: Path, stage: str, *args: str, **kwargs):
+def run_stage(root: Path, stage: str, *args: str, torch_free: bool = False, **kwargs):
+    """Run stages/<stage> in `root`. `torch_free`: with a `torch` first on the path whose import
+    fails, so a light stage that imports torch (seconds of start-up) fails."""
     import subprocess
 
+    env = stage_env()
+    if torch_free:
+        blocker = root / ".no-torch" / "torch"
+        blocker.mkdir(parents=True, exist_ok=True)
+        (blocker / "__init__.py").write_text("raise ImportError('a light stage imported torch')\n")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(blocker.parent), env.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, str(REPO / "stages" / stage), *args],
         cwd=root,
         capture_output=True,
         text=True,
-        env=stage_env(),
+        env=env,
         **kwargs,
     )

@@ -240,16 +240,18 @@ def test_mine_and_build_instructions_stages_count_images_without_a_description(t
         root / "data" / "descriptions" / "toy-bird.parquet",
         pd.DataFrame({"image_id": kept, "description": [f"a bird {i}" for i in kept]}),
     )
-    proc = run_stage(root, "mine.py", "toy-bird")
-    assert proc.returncode == 0, proc.stderr
+    for light in (("check_params.py",), ("mine.py", "toy-bird")):  # neither may import torch
+        proc = run_stage(root, *light, torch_free=True)
+        assert proc.returncode == 0, proc.stderr
     metrics = json.loads((root / "metrics" / "mine" / "toy-bird.json").read_text())
     assert metrics["train_images_without_description"] == 3 and metrics["negatives_without_description"] == 0
-    proc = run_stage(root, "build_instructions.py")
+    proc = run_stage(root, "build_instructions.py", torch_free=True)
     assert proc.returncode == 0, proc.stderr
     assert "stage I: left out 3 train images without a description (toy-bird 3)" in proc.stdout
     s1 = pd.read_parquet(root / "data" / "instructions" / "stage1.parquet")
     s2 = pd.read_parquet(root / "data" / "instructions" / "stage2.parquet")
     assert len(s1) == len(dataset.train) - 3 and set(s2.image_id) == set(dataset.train.image_id)
+    assert "a light stage imported torch" in run_stage(root, "embed.py", "toy-bird", torch_free=True).stderr
 
 
 def test_unseen_classes_are_never_anchors_negatives_or_distractors():

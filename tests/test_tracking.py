@@ -152,3 +152,43 @@ def test_a_run_left_running_by_sigkill_is_closed_when_the_stage_next_starts(monk
     finally:
         live.kill()
         live.wait(timeout=60)
+
+
+WRITER = """
+import sys
+from finedefics.config import Params
+from finedefics.tracking import stage_run
+
+with stage_run(sys.argv[1], Params(), run_name=sys.argv[2]) as run:
+    with run.steps(flush_every=1) as log:  # one write per step: the most contention
+        for step in range(int(sys.argv[3])):
+            log({"loss": float(step)}, step)
+    run.log_metrics({"done": 1.0})
+"""
+
+
+def test_two_stages_writing_the_store_at_once_lose_nothing(tmp_path):
+    """Two experiments of a queue with two workers write one sqlite store at once (the MLflow
+    default's store): both runs end FINISHED with every step's value, and neither meets a locked
+    database."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = stage_env() | {"MLFLOW_TRACKING_URI": uri}
+    steps = 150
+
+    def writer(stage: str, name: str, n: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-c", WRITER, stage, name, str(n)]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first = writer("check", "check", 1)  # the store exists before a queue starts (ablations.sh: dvc repro)
+    assert first.wait() == 0, first.stdout.read()
+    procs = [writer("train_stage1", name, steps) for name in ("exp-a", "exp-b")]
+    outputs = [p.communicate()[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert not any("database is locked" in out for out in outputs)
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'train_stage1'")
+    assert sorted(r.info.run_name for r in runs) == ["exp-a", "exp-b"]
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.metrics["done"] == 1.0
+        history = client.get_metric_history(r.info.run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(steps))
