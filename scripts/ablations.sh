@@ -6,6 +6,7 @@
 #   scripts/ablations.sh --only 'default|t3b|t6a|t6b' --seeds 3   # the rows whose names match (grep -E)
 #   scripts/ablations.sh --queue ...           # only queue them
 #   scripts/ablations.sh --run                 # run what is queued (e.g. after an interruption), then report
+#   scripts/ablations.sh --jobs 1              # one experiment at a time with every core (default: JOBS below)
 #   scripts/ablations.sh --regimes --seeds 3   # the pre-registered regime study instead (finedefics/regimes.py):
 #                                              # every candidate's default and Tables 3b/6a/6b rows -> reports/regimes.md
 #   scripts/ablations.sh --regimes --unseen K --seeds 3   # then the unseen-categories table under candidate K
@@ -15,7 +16,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seeds=1 only=. mode=all regimes=0 unseen=()
+# Experiments side by side, each with an equal share of the cores' torch threads: on 2 cores two
+# one-thread experiments finish more per hour than one two-thread one (README: Benchmarks).
+JOBS=2
+seeds=1 only=. mode=all regimes=0 unseen=() jobs=$JOBS
 while (( $# )); do
   case $1 in
     --seeds) seeds=$2; shift 2 ;;
@@ -24,12 +28,14 @@ while (( $# )); do
     --run) mode=run; shift ;;
     --regimes) regimes=1; shift ;;
     --unseen) unseen=(--unseen "$2"); shift 2 ;;
-    *) echo "usage: $0 [--seeds N] [--only REGEX] [--regimes [--unseen K]] [--queue | --run]" >&2; exit 2 ;;
+    --jobs) jobs=$2; shift 2 ;;
+    *) echo "usage: $0 [--seeds N] [--only REGEX] [--jobs N] [--regimes [--unseen K]] [--queue | --run]" >&2; exit 2 ;;
   esac
 done
 if (( regimes )) && [[ $only != . ]]; then echo "--only applies to the paper's queue, not to --regimes" >&2; exit 2; fi
 if (( ! regimes && ${#unseen[@]} )); then echo "--unseen needs --regimes" >&2; exit 2; fi
 [[ $seeds =~ ^[1-9][0-9]*$ ]] || { echo "--seeds takes a positive integer, not '$seeds'" >&2; exit 2; }
+[[ $jobs =~ ^[1-9][0-9]*$ ]] || { echo "--jobs takes a positive integer, not '$jobs'" >&2; exit 2; }
 
 queue_all() {
   q() {
@@ -64,16 +70,19 @@ queue_all() {
 
 # `dvc queue status` (and `dvc exp show`) ping the worker through celery's file broker, which can
 # crash it mid-queue (treeverse/dvc#10428): wait on the worker's process instead. DVC's worker exits
-# 60 s after the queue runs empty; if it died early, let its last experiment finish and start another.
-pidfile=.dvc/tmp/exps/celery/dvc-exp-worker-1.pid
-worker_alive() { [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+# 60 s after the queue runs empty; if one died early, let the last experiments finish and start again.
+worker_alive() {
+  local f
+  for f in .dvc/tmp/exps/celery/dvc-exp-worker-*.pid; do [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null && return 0; done
+  return 1
+}
 count() { dvc queue status | grep -cw "$1" || true; }  # grep reads it all: no SIGPIPE under pipefail
 run_queue() {
   while :; do
     while worker_alive; do sleep 30; done
     while (( $(count Running) > 0 )); do sleep 30; done
     (( $(count Queued) > 0 )) || break
-    dvc queue start -j 1
+    OMP_NUM_THREADS=$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 )) dvc queue start -j "$jobs"
     sleep 10
   done
   dvc queue status
@@ -96,6 +105,6 @@ fi
 [[ $mode == queue ]] && exit 0
 start=$(date +%s)
 run_queue
-echo "queue finished: $(( ($(date +%s) - start) / 60 )) min on $(nproc) CPU core(s)"
+echo "queue finished: $(( ($(date +%s) - start) / 60 )) min on $(nproc) CPU core(s), $jobs experiment(s) at a time"
 finedefics ledger  # the finished experiments and their predictions into reports/ledger/ (commit it with the report)
 if (( regimes )); then finedefics report --regimes; else finedefics report; fi
