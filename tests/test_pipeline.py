@@ -322,3 +322,39 @@ def test_one_pass_scoring_of_the_trained_models_writes_what_generation_wrote(rep
         dataset, entries = option_sets(params, name)
         wrote = json.loads((Path("results/predictions") / model / f"{name}.json").read_text())["predictions"]
         assert evaluate(mllm, dataset.plural, entries, max_new_tokens=params.evaluate.max_new_tokens) == wrote
+
+
+@pytest.mark.slow
+def test_two_experiments_side_by_side_are_both_recorded(fresh):
+    """`scripts/ablations.sh`'s queue: two workers at once, one torch thread each, on one MLflow
+    store and one run cache. Both experiments finish with their own metrics, each of their training
+    and evaluation stages has a FINISHED MLflow run, and no log meets a locked database."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    names = ("side-1", "side-2")
+    for seed, name in enumerate(names, 1):
+        sh(f"dvc exp run --queue --name {name} -S train.seed={seed}", fresh)
+    sh("OMP_NUM_THREADS=1 dvc queue start -j 2", fresh)
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            refs = sh("git for-each-ref --format='%(refname)' refs/exps", fresh).stdout.split()
+            if sum(r.endswith(names) for r in refs) == 2:
+                break
+            time.sleep(3)
+        logs = [sh(f"dvc queue logs {name}", fresh, check=False).stdout for name in names]
+        assert sum(r.endswith(names) for r in refs) == 2, "\n".join(logs)
+    finally:
+        sh("dvc queue stop --kill", fresh, check=False)
+    assert not any("database is locked" in log for log in logs)
+    metrics = [json.loads(sh(f"git show {r}:metrics/eval.json", fresh).stdout) for r in refs if r.endswith(names)]
+    assert metrics[0] != metrics[1]  # two seeds, two models
+    client = MlflowClient(f"sqlite:///{fresh / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for name in names:
+        runs = client.search_runs(experiments, f"tags.dvc_exp_name = '{name}'")
+        stages = {r.data.tags["stage"]: r.info.status for r in runs}
+        assert {"train_stage1", "train_stage2", "evaluate"} <= set(stages), stages
+        assert set(stages.values()) == {"FINISHED"}, stages
