@@ -6,7 +6,7 @@
 #   scripts/ablations.sh --only 'default|t3b|t6a|t6b' --seeds 3   # the rows whose names match (grep -E)
 #   scripts/ablations.sh --queue ...           # only queue them
 #   scripts/ablations.sh --run                 # run what is queued (e.g. after an interruption), then report
-#   scripts/ablations.sh --jobs 1              # one experiment at a time with every core (default: JOBS below)
+#   scripts/ablations.sh --jobs 1              # one experiment at a time with every core (default: 2; --regimes: 1)
 #   scripts/ablations.sh --regimes --seeds 3   # the pre-registered regime study instead (finedefics/regimes.py):
 #                                              # every candidate's default and Tables 3b/6a/6b rows -> reports/regimes.md
 #   scripts/ablations.sh --regimes --unseen K --seeds 3   # then the unseen-categories table under candidate K
@@ -17,9 +17,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Experiments side by side, each with an equal share of the cores' torch threads: on 2 cores two
-# one-thread experiments finish more per hour than one two-thread one (README: Benchmarks).
+# one-thread experiments finish more per hour than one two-thread one (README: Ablations). LoRA
+# training writes the same weights at any thread count; full fine-tuning does not, so the regime
+# study (whose first candidate trains every weight) runs one at a time with every core.
 JOBS=2
-seeds=1 only=. mode=all regimes=0 unseen=() jobs=$JOBS
+seeds=1 only=. mode=all regimes=0 unseen=() jobs=
 while (( $# )); do
   case $1 in
     --seeds) seeds=$2; shift 2 ;;
@@ -32,6 +34,7 @@ while (( $# )); do
     *) echo "usage: $0 [--seeds N] [--only REGEX] [--jobs N] [--regimes [--unseen K]] [--queue | --run]" >&2; exit 2 ;;
   esac
 done
+[[ -n $jobs ]] || { (( regimes )) && jobs=1 || jobs=$JOBS; }
 if (( regimes )) && [[ $only != . ]]; then echo "--only applies to the paper's queue, not to --regimes" >&2; exit 2; fi
 if (( ! regimes && ${#unseen[@]} )); then echo "--unseen needs --regimes" >&2; exit 2; fi
 [[ $seeds =~ ^[1-9][0-9]*$ ]] || { echo "--seeds takes a positive integer, not '$seeds'" >&2; exit 2; }
