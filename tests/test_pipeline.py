@@ -325,7 +325,7 @@ def test_one_pass_scoring_of_the_trained_models_writes_what_generation_wrote(rep
 
 
 @pytest.mark.slow
-def test_two_experiments_side_by_side_are_both_recorded(fresh):
+def test_two_experiments_side_by_side_are_both_recorded(fresh, mlflow_store):
     """`scripts/ablations.sh`'s queue: two workers at once, one torch thread each, on one MLflow
     store and one run cache. Both experiments finish with their own metrics, each of their training
     and evaluation stages has a FINISHED MLflow run, and no log meets a locked database."""
@@ -351,7 +351,7 @@ def test_two_experiments_side_by_side_are_both_recorded(fresh):
     assert not any("database is locked" in log for log in logs)
     trained = [sh(f"git show {r}:metrics/train_stage1.json", fresh).stdout for r in refs if r.endswith(names)]
     assert trained[0] != trained[1]  # two seeds, two runs
-    client = MlflowClient(f"sqlite:///{fresh / 'mlflow.db'}")
+    client = MlflowClient(mlflow_store)  # the tests' store: the workers inherit MLFLOW_TRACKING_URI
     experiments = [e.experiment_id for e in client.search_experiments()]
     for name in names:
         runs = client.search_runs(experiments, f"tags.dvc_exp_name = '{name}'")
