@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path("stages").resolve()))
 from evaluate import option_sets  # noqa: E402  (the stage's own option sets)
 
 
-def timed(mllm: MLLM, questions: dict, batch: int, max_new_tokens: int) -> tuple[float, dict]:
+def timed(mllm: MLLM, questions: dict, batch: int, max_new_tokens: int, one_pass: bool) -> tuple[float, dict]:
     start = time.perf_counter()
     out = {
-        n: evaluate(mllm, plural, e, batch_size=batch, max_new_tokens=max_new_tokens, desc=n)
+        n: evaluate(mllm, plural, e, batch_size=batch, max_new_tokens=max_new_tokens, desc=n, one_pass=one_pass)
         for n, (plural, e) in questions.items()
     }
     return time.perf_counter() - start, out
@@ -48,11 +48,8 @@ def main() -> None:
     print("| model | generate q/s | one pass q/s | ratio | identical predictions |\n| --- | --- | --- | --- | --- |")
     for model in args.models:
         mllm = MLLM.load(Path("models") / model, ImageSettings.of(params.model))
-        t_fast, fast = timed(mllm, questions, args.batch, params.evaluate.max_new_tokens)
-        one_pass = type(mllm).answers_in_one_pass
-        type(mllm).answers_in_one_pass = property(lambda self: False)
-        t_gen, generated = timed(mllm, questions, args.batch, params.evaluate.max_new_tokens)
-        type(mllm).answers_in_one_pass = one_pass
+        t_fast, fast = timed(mllm, questions, args.batch, params.evaluate.max_new_tokens, one_pass=True)
+        t_gen, generated = timed(mllm, questions, args.batch, params.evaluate.max_new_tokens, one_pass=False)
         print(f"| {model} | {n / t_gen:.0f} | {n / t_fast:.0f} | {t_gen / t_fast:.2f}x | {fast == generated} |")
 
 

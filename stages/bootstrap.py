@@ -33,10 +33,6 @@ def main() -> None:
     from finedefics.tracking import stage_run
 
     torch.manual_seed(params.seed)
-    if "tiny" in (params.model.base, params.model.clip, params.model.clip_baseline) or params.model.base in TINY_BASES:
-        from finedefics.models.bootstrap import THREADS
-
-        torch.set_num_threads(THREADS)  # the tiny models' weights depend on it
     world = {n: s for n, s in params.datasets.items() if is_world(s)}
     tiny = [
         k
@@ -47,6 +43,10 @@ def main() -> None:
         )
         if v in ("tiny", *TINY_BASES)
     ]
+    if tiny:
+        from finedefics.models.bootstrap import THREADS
+
+        torch.set_num_threads(THREADS)  # the tiny models' weights depend on it
     if tiny and len(world) != len(params.datasets):
         print(
             f"error: {' and '.join(tiny)} = tiny is built from the synthetic world, but datasets has real ones; "

@@ -225,10 +225,6 @@ def test_unreadable_images_are_counted_as_failures_not_skipped(tiny_models, tmp_
     assert score(results).failure_rate >= 0.5
 
 
-def _generating_only(monkeypatch):
-    monkeypatch.setattr(MLLM, "answers_in_one_pass", property(lambda self: False))
-
-
 @pytest.mark.parametrize("ends", ["at once", "after one token", "model's own", "ties"])
 def test_one_pass_scoring_writes_what_generation_writes(tiny_models, tmp_path, monkeypatch, ends):
     """Multiple-choice answers scored in one pass (`MLLM.one_token_answers`) against generating every
@@ -260,8 +256,7 @@ def test_one_pass_scoring_writes_what_generation_writes(tiny_models, tmp_path, m
     monkeypatch.setattr(mllm, "generate", lambda *a: generated.append(1) or generate(*a))
     fast = evaluate(mllm, "birds", entries, batch_size=4)
     batches = len(generated)
-    _generating_only(monkeypatch)
-    assert evaluate(mllm, "birds", entries, batch_size=4) == fast
+    assert evaluate(mllm, "birds", entries, batch_size=4, one_pass=False) == fast
     assert len(generated) == batches + 4  # generating only: all 4 batches
     if ends == "after one token":
         assert batches < 4 and all(r["predicted_raw"] for r in fast)  # some batches in one pass; no empty answer

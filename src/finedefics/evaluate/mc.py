@@ -62,30 +62,18 @@ def open_image(path: str) -> Image.Image | None:
 
 
 def _answers(
-    mllm: MLLM, questions: list[str], paths: list[str], batch_size: int, max_new_tokens: int, desc: str
+    mllm: MLLM,
+    questions: list[str],
+    paths: list[str],
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str,
+    one_pass: bool = False,
 ) -> list[str | None]:
-    """Greedy answers, batched with left padding; None where the image cannot be read."""
-    out: list[str | None] = []
-    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
-        images = [open_image(p) for p in paths[start : start + batch_size]]
-        ok = [i for i, im in enumerate(images) if im is not None]
-        chunk: list[str | None] = [None] * len(images)
-        if ok:
-            prompts = [mllm.prompt(questions[start + i]) for i in ok]
-            for i, text in zip(ok, mllm.generate(prompts, [images[i] for i in ok], max_new_tokens)):
-                chunk[i] = text
-        out += chunk
-    return out
-
-
-def _choices(
-    mllm: MLLM, questions: list[str], paths: list[str], batch_size: int, max_new_tokens: int, desc: str
-) -> list[str | None]:
-    """`_answers`, exactly, faster where the answers are one token (a letter): each batch is scored
-    in one forward pass with each image encoded once (`MLLM.one_token_answers`); a batch with any
-    other answer is generated as `_answers` generates it."""
-    if not (mllm.answers_in_one_pass and max_new_tokens > 1):
-        return _answers(mllm, questions, paths, batch_size, max_new_tokens, desc)
+    """Greedy answers, batched with left padding; None where the image cannot be read. `one_pass`:
+    a batch whose answers are all one token (letters) is scored in one forward pass with each image
+    encoded once (`MLLM.one_token_answers`), any other batch generated: the same answers."""
+    one_pass = one_pass and mllm.answers_in_one_pass and max_new_tokens > 1
     out: list[str | None] = []
     opened: dict[str, Image.Image | None] = {}
     for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
@@ -94,10 +82,14 @@ def _choices(
         ok = [i for i, p in enumerate(batch) if opened[p] is not None]
         chunk: list[str | None] = [None] * len(batch)
         if ok:
-            unique = list(dict.fromkeys(batch[i] for i in ok))
             prompts = [mllm.prompt(questions[start + i]) for i in ok]
-            texts = mllm.one_token_answers(prompts, [opened[p] for p in unique], [unique.index(batch[i]) for i in ok])
-            if None in texts:
+            texts = None
+            if one_pass:
+                unique = list(dict.fromkeys(batch[i] for i in ok))
+                texts = mllm.one_token_answers(
+                    prompts, [opened[p] for p in unique], [unique.index(batch[i]) for i in ok]
+                )
+            if texts is None or None in texts:
                 texts = mllm.generate(prompts, [opened[batch[i]] for i in ok], max_new_tokens)
             for i, text in zip(ok, texts):
                 chunk[i] = text
@@ -113,19 +105,22 @@ def evaluate(
     batch_size: int = 32,
     max_new_tokens: int = 5,
     desc: str = "evaluate",
+    one_pass: bool = True,
 ) -> list[dict]:
     """One prediction per entry in FOCI's results format: `predicted` the chosen class name (or
     "NA ### <raw output>", a generation failure), `correct` the ground-truth class name; the
     option order's index as the extra key `permutation`. Unreadable images count as failures.
-    `inner_user_prefix`: FOCI's extra "User: " for Idefics2 (`protocol.foci_user_text`)."""
+    `inner_user_prefix`: FOCI's extra "User: " for Idefics2 (`protocol.foci_user_text`). `one_pass`
+    False: generate every answer (`_answers`), the reference the one-pass scoring is tested against."""
     question = query(plural)
-    raw = _choices(
+    raw = _answers(
         mllm,
         [foci_user_text(mc_question(question, e.options), mllm.family, inner_user_prefix) for e in entries],
         [e.path for e in entries],
         batch_size,
         max_new_tokens,
         desc,
+        one_pass,
     )
     results = []
     for e, text in zip(entries, raw):
