@@ -5,9 +5,9 @@ module reads `params.yaml`. Unknown keys, wrong types and unknown choices are er
 name the key, the bad value and what is allowed, in one line.
 
 The defaults here are the values of the committed `params.yaml` (the embedded default, a test
-checks `Params() == load_params("params.yaml")`); configs/paper.yaml states every value where
-paper scale differs from them. Library functions take these values from the caller and carry no
-competing default of their own.
+checks `Params() == load_params("params.yaml")`); the files in configs/ are overlays holding only
+the values where they differ (`extends:` names another overlay to start from). Library functions
+take these values from the caller and carry no competing default of their own.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-ATTRIBUTE_TYPES = ("color", "shape", "texture", "size", "other")
 
 
 class Schema(BaseModel):
@@ -354,15 +352,55 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ConfigError(_one_line(err, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
+def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return parse_params(raw, str(path))
+
+
+def _overlay(base: dict[str, Any], top: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """`top` over `base`: sections of the schema merge key by key; any other value (a list, the
+    `datasets` mapping) replaces the base's whole."""
+    merged = dict(base)
+    for key, value in top.items():
+        field = model.model_fields.get(key)
+        section = field.annotation if field else None
+        if isinstance(section, type) and issubclass(section, BaseModel) and isinstance(value, dict):
+            merged[key] = _overlay(merged.get(key) or {}, value, section)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A params file as a mapping, with `extends: <file>` (relative to it) resolved: the file's keys
+    over the one it extends. Keys a file leaves out take the schema's defaults when validated."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    parent = (path.parent / str(base)).resolve()
+    if parent in _seen:
+        raise ConfigError(f"{path}: extends {base}, which extends it again")
+    return _overlay(read_config(parent, (*_seen, path.resolve())), raw, Params)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return parse_params(read_config(path), str(path))
+
+
+def dump_params(params: Params, header: str) -> str:
+    """The full params file DVC reads (every key: DVC's params deps name them), under a comment."""
+    lines = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return lines + yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, width=120)
 
 
 def load_or_exit(path: str | Path = "params.yaml") -> Params:
