@@ -30,18 +30,19 @@ class Task(str, Enum):
 
 
 @dataclass(frozen=True)
-class Plan:
-    """What `train_stage1` and `train_stage2` run; None: the stage passes its input through."""
+class Paradigm:
+    """A training paradigm (`align.paradigm`): what `train_stage1` and `train_stage2` run; None: the
+    stage passes its input through."""
 
     stage1: Task | None
     stage2: Task | None
 
 
 PARADIGMS = {
-    "two-stage": Plan(Task.STAGE1, Task.STAGE2),
-    "one-stage": Plan(None, Task.JOINT),
-    "stage2-only": Plan(None, Task.STAGE2),
-    "stage1-only": Plan(Task.STAGE1, None),
+    "two-stage": Paradigm(Task.STAGE1, Task.STAGE2),
+    "one-stage": Paradigm(None, Task.JOINT),
+    "stage2-only": Paradigm(None, Task.STAGE2),
+    "stage1-only": Paradigm(Task.STAGE1, None),
 }
 
 
