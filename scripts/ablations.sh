@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Experiments side by side, each with an equal share of the cores' torch threads: on 2 cores two
-# one-thread experiments finish more per hour than one two-thread one (README: Ablations). LoRA
+# one-thread experiments finish more per hour than one two-thread one (docs/ablations.md). LoRA
 # training writes the same weights at any thread count; full fine-tuning does not, so the regime
 # study (whose first candidate trains every weight) runs one at a time with every core.
 JOBS=2
@@ -65,7 +65,7 @@ queue_all() {
   q t4-llava       -S model.base=tiny-llava                          # Table 4: both rows (base and + A^3)
   q t4-qwen        -S model.base=tiny-qwen2.5-vl                     # Table 4, beyond the paper: Qwen2.5-VL
   q x-ccc-logsumexp -S align.ccc=logsumexp                           # not in the paper: eq. 7 as written
-  # the release's loss and batch forms (README: Paper, release, ours)
+  # the release's loss and batch forms (docs/forms.md)
   q x-release-ccc -S align.ccc=release                                # the release's eq. 7 alone
   q x-release-sequence -S train.generation_loss=sequence             # the release's loss on every token alone
   q x-release -S align.ccc=release -S align.negatives_scope=batch -S align.temperatures=two -S align.learn_temperature=false -S align.mask_same_class=false -S align.contrastive_batch=device -S align.text_bos=true -S train.generation_loss=sequence -S train.weight_decay=0.01
