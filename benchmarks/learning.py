@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from finedefics import ledger
-from finedefics.ledger import Experiment
-from finedefics.report import committed_params, compare, side
+from finedefics.reporting import ledger
+from finedefics.reporting.comparison import compare, side
+from finedefics.reporting.experiments import committed_params
+from finedefics.reporting.ledger import Experiment
 from finedefics.stats import across_seeds
 
 REPO = Path(__file__).resolve().parents[1]

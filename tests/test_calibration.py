@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from finedefics.ledger import Experiment
-from finedefics.report import Row, Table, committed_params, table_md
+from finedefics.reporting.experiments import committed_params
+from finedefics.reporting.ledger import Experiment
+from finedefics.reporting.paper import Row, Table
+from finedefics.reporting.results import table_md
 
 DATASETS = ["toy-bird", "toy-flower"]
 IMAGES = 600  # test images per dataset

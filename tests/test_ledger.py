@@ -9,8 +9,8 @@ from conftest import REPO
 from test_report import exp, show
 from typer.testing import CliRunner
 
-from finedefics import ledger
 from finedefics.cli import app
+from finedefics.reporting import ledger
 
 FIXTURE = REPO / "tests" / "fixtures" / "ledger"
 

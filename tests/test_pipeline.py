@@ -225,7 +225,7 @@ def test_changing_negatives_reruns_mining_and_diffs_against_the_committed_defaul
     # run`), does not test one seed, and leaves the rows nobody ran missing
     average = json.loads((clone / "metrics" / "eval.json").read_text())["average"]
     sh("finedefics ledger --ledger scratch", clone)  # not the committed ledger the clone holds
-    from finedefics import ledger
+    from finedefics.reporting import ledger
 
     book = ledger.read(clone / "scratch")
     (exp,) = book.experiments
@@ -243,7 +243,7 @@ def test_changing_negatives_reruns_mining_and_diffs_against_the_committed_defaul
     if average["accuracy_high"] - average["accuracy_low"] > 1e-9:
         ci += f" [{100 * average['accuracy_low']:.1f}, {100 * average['accuracy_high']:.1f}]"
     assert simple[4:6] == [ci, "1"] and simple[8] == "no test (one seed)"  # one seed is never tested
-    from finedefics.report import TABLES
+    from finedefics.reporting.paper import TABLES
 
     obj_cat = next(r for t in TABLES for r in t.rows if r.label == "CL (obj.-cat.)")  # the paper's number it prints
     assert next(line for line in report.splitlines() if line.startswith("| CL (obj.-cat.)")).endswith(

@@ -4,9 +4,10 @@ import yaml
 from conftest import REPO
 from test_report import exp, show
 
-from finedefics.ledger import experiments
-from finedefics.regimes import FULL, REGIMES, UNSEEN, Regime, chosen, criteria, render
-from finedefics.report import OBJ_CAT, committed_params
+from finedefics.reporting.experiments import committed_params
+from finedefics.reporting.ledger import experiments
+from finedefics.reporting.paper import OBJ_CAT
+from finedefics.reporting.regimes import FULL, REGIMES, UNSEEN, Regime, chosen, criteria, render
 
 DEFAULT = committed_params(REPO / "params.yaml")
 
@@ -25,8 +26,8 @@ def regime_exp(name, regime, final, seed=0, attributes=0.9, knowledge=0.99, zero
     return e
 
 
-def passed(checks):
-    return [c.passed for c in checks]
+def passed(results):
+    return [c.passed for c in results]
 
 
 def test_each_criterion_is_checked_against_its_pre_registered_bound():
@@ -94,8 +95,8 @@ def test_the_printed_queue_names_every_cell_of_the_study_with_three_seeds():
     from typer.testing import CliRunner
 
     from finedefics.cli import app
-    from finedefics.regimes import UNSEEN_ROWS, _study_tables
-    from finedefics.report import find
+    from finedefics.reporting.experiments import experiments_with
+    from finedefics.reporting.regimes import UNSEEN_ROWS, _study_tables
 
     def queued(*args):
         result = CliRunner().invoke(app, ["regimes-queue", "--seeds", "3", *args])
@@ -112,17 +113,17 @@ def test_the_printed_queue_names_every_cell_of_the_study_with_three_seeds():
     assert len(runs) == len(REGIMES) * 6 * 3
     for regime in REGIMES:
         for row in (r for t in _study_tables() for r in t.rows if r.model == "final"):
-            assert len(find(runs, DEFAULT, regime.overrides | row.overrides)) == 3, (regime.name, row.label)
+            assert len(experiments_with(runs, DEFAULT, regime.overrides | row.overrides)) == 3, (regime.name, row.label)
     unseen = queued("--unseen", "1")
     for row in UNSEEN_ROWS:
-        assert len(find(unseen, DEFAULT, REGIMES[1].overrides | UNSEEN | row.overrides)) == 3, row.label
+        assert len(experiments_with(unseen, DEFAULT, REGIMES[1].overrides | UNSEEN | row.overrides)) == 3, row.label
     assert CliRunner().invoke(app, ["regimes-queue", "--unseen", "9"]).exit_code == 2
 
 
 def test_the_unseen_table_tests_each_row_over_seeds_on_the_unseen_images():
     from test_report import cells, seeded_scores
 
-    from finedefics.regimes import unseen_table
+    from finedefics.reporting.regimes import unseen_table
 
     lora = REGIMES[0]
     shown = [regime_exp(f"d{s}", lora, 0.5, s, extra=UNSEEN) for s in range(3)]

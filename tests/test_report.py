@@ -10,25 +10,13 @@ import yaml
 from conftest import REPO
 from typer.testing import CliRunner
 
-from finedefics import ledger
 from finedefics.cli import app
 from finedefics.inference import mcnemar_p
-from finedefics.ledger import experiments
-from finedefics.report import (
-    EXTRA,
-    OTHER_BASES,
-    TABLES,
-    Row,
-    Table,
-    alignment_table,
-    committed_params,
-    family_gains,
-    find,
-    main_table,
-    render,
-    table_md,
-    used,
-)
+from finedefics.reporting import ledger
+from finedefics.reporting.experiments import committed_params, experiments_with, used
+from finedefics.reporting.ledger import experiments
+from finedefics.reporting.paper import EXTRA, OTHER_BASES, TABLES, Row, Table
+from finedefics.reporting.results import alignment_table, family_gains, main_table, render, table_md
 
 DEFAULT_TREE = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -67,7 +55,7 @@ def show(*exps):
     ]
 
 
-def test_find_takes_the_newest_finished_experiment_with_exactly_those_switches():
+def test_a_row_reads_the_newest_finished_experiment_with_exactly_those_switches():
     default = committed_params(REPO / "params.yaml")
     runs = experiments(
         show(
@@ -79,15 +67,17 @@ def test_find_takes_the_newest_finished_experiment_with_exactly_those_switches()
         )
     )
     assert [e.name for e in runs] == ["both", "new", "types", "old"]  # running ones left out; ties by rev
-    assert [e.name for e in find(runs, default, {"negatives": "simple"})] == ["new"]
-    assert [e.name for e in find(runs, default, {"attributes.types": ["shape", "texture", "size"]})] == ["types"]
-    assert find(runs, default, {"attributes.types": ["color", "texture", "size"]}) == []
-    assert find(runs, default, {}) == []
+    assert [e.name for e in experiments_with(runs, default, {"negatives": "simple"})] == ["new"]
+    assert [e.name for e in experiments_with(runs, default, {"attributes.types": ["shape", "texture", "size"]})] == [
+        "types"
+    ]
+    assert experiments_with(runs, default, {"attributes.types": ["color", "texture", "size"]}) == []
+    assert experiments_with(runs, default, {}) == []
     shorter = experiments(show(exp("shorter", {"train.stage2.epochs": 2}, 0.5, "t")))
-    assert find(shorter, default, {}) == []  # any other param differing keeps it out of the rows
+    assert experiments_with(shorter, default, {}) == []  # any other param differing keeps it out of the rows
 
 
-def test_find_gives_one_experiment_per_training_seed_newest_first_ordered_by_seed():
+def test_a_row_reads_one_experiment_per_training_seed_newest_first_ordered_by_seed():
     default = committed_params(REPO / "params.yaml")
     runs = experiments(
         show(
@@ -98,8 +88,8 @@ def test_find_gives_one_experiment_per_training_seed_newest_first_ordered_by_see
             exp("simple-s1", {"train.seed": 1, "negatives": "simple"}, 0.5, "2026-01-02T00:00:00"),
         )
     )
-    assert [e.name for e in find(runs, default, {})] == ["s0", "s1", "s2"]
-    assert [e.name for e in find(runs, default, {"negatives": "simple"})] == ["simple-s1"]
+    assert [e.name for e in experiments_with(runs, default, {})] == ["s0", "s1", "s2"]
+    assert [e.name for e in experiments_with(runs, default, {"negatives": "simple"})] == ["simple-s1"]
 
 
 def test_the_commits_listed_are_those_of_the_experiments_the_rows_read():
@@ -367,6 +357,6 @@ def test_the_queue_covers_every_row_of_the_report():
 
 @pytest.mark.parametrize(("p", "text"), [(0.04996, "0.049"), (0.0539, "0.053"), (0.5, "0.500"), (0.00012, "1.2e-04")])
 def test_a_printed_p_below_the_threshold_never_reads_as_the_threshold(p, text):
-    from finedefics.report import p_text
+    from finedefics.reporting.markdown import p_text
 
     assert p_text(p) == text

@@ -241,7 +241,7 @@ def test_a_dep_that_moved_away_is_caught():
 def test_every_param_a_stage_lists_is_in_params_and_every_config(config):
     """DVC refuses to run a stage whose listed param is missing from params.yaml, so a config that
     `finedefics use-config` copies over it must hold every one, used or not."""
-    from finedefics.ledger import flatten
+    from finedefics.reporting.ledger import flatten
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     listed = set()

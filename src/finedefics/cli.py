@@ -11,7 +11,7 @@ import typer
 from finedefics.config import ConfigError, load_params
 
 if TYPE_CHECKING:
-    from finedefics.ledger import Ledger
+    from finedefics.reporting.ledger import Ledger
 
 LEDGER_HELP = "the experiment ledger (default: reports/ledger)"  # pandas and pyarrow load only where a command reads it
 
@@ -133,7 +133,7 @@ def ledger(
     folder: Path = typer.Option(None, "--ledger", help=LEDGER_HELP),
 ) -> None:
     """Append the finished DVC experiments (`dvc exp show`) and their predictions to the experiment ledger."""
-    from finedefics import ledger as ledger_module
+    from finedefics.reporting import ledger as ledger_module
 
     folder = _folder(folder)
     try:
@@ -151,15 +151,15 @@ def ledger(
 
 def _folder(folder: Path | None) -> Path:
     """`--ledger`, or the committed ledger's folder."""
-    from finedefics.ledger import FOLDER
+    from finedefics.reporting.ledger import FOLDER
 
     return folder or FOLDER
 
 
 def _evidence(folder: Path, params: Path) -> tuple[Ledger, dict, list[str]]:
     """The ledger, the committed params (flattened) and the datasets they name."""
-    from finedefics import ledger as ledger_module
-    from finedefics.report import committed_params
+    from finedefics.reporting import ledger as ledger_module
+    from finedefics.reporting.experiments import committed_params
 
     try:
         datasets = list(load_params(params).datasets)
@@ -177,22 +177,23 @@ def report(
     out: Path = typer.Option(None, help="where to write it (default: reports/results.md, or reports/regimes.md)"),
     params: Path = typer.Option(Path("params.yaml"), help="the committed params the ablations differ from"),
     folder: Path = typer.Option(None, "--ledger", help=LEDGER_HELP),
-    regimes: bool = typer.Option(False, "--regimes", help="the pre-registered regime study (finedefics/regimes.py)"),
+    study: bool = typer.Option(
+        False, "--regimes", help="the pre-registered regime study (finedefics/reporting/regimes.yaml)"
+    ),
 ) -> None:
     """Fill the paper's tables from the experiment ledger (`finedefics ledger`; see scripts/ablations.sh)."""
-    from finedefics import regimes as reg
-    from finedefics import report as rep
+    from finedefics.reporting import regimes, results
 
     folder = _folder(folder)
     book, default, datasets = _evidence(folder, params)
     exps = list(book.experiments)
     scores = book.scores(datasets)
-    if regimes:
+    if study:
         out = out or Path("reports/regimes.md")
-        text = reg.render(exps, default, datasets, scores, book.scores(datasets, unseen=True))
+        text = regimes.render(exps, default, datasets, scores, book.scores(datasets, unseen=True))
     else:
         out = out or Path("reports/results.md")
-        text = rep.render(exps, default, datasets, scores)
+        text = results.render(exps, default, datasets, scores)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     typer.echo(f"{out}: from {len(exps)} experiment(s) in {folder}")
@@ -207,7 +208,7 @@ def compare(
 ) -> None:
     """Seed-level comparison of named experiments in the ledger: a paired t over the seeds both have when
     their switches share seed streams, Welch's t otherwise (one row, no multiplicity correction)."""
-    from finedefics import report as rep
+    from finedefics.reporting import comparison
 
     folder = _folder(folder)
     book, default, datasets = _evidence(folder, params)
@@ -219,18 +220,16 @@ def compare(
     for group in (row, reference):
         if len({e.seed(default) for e in group}) < len(group):
             _fail("two experiments of one side share a training seed: give one per seed")
-    keys = {k for e in (*row, *reference) for k in e.params if k != rep.SEED}
-    value = lambda e, k: e.params.get(k, default.get(k))  # noqa: E731 (an older experiment lacks a newer param)
-    switched = [k for k in sorted(keys) if any(value(e, k) != value(r, k) for e in row for r in reference)]
+    switched = comparison.switched(row, reference, default)
     scores = book.scores(datasets)
-    c = rep.compare(
-        rep.side(row, "final", scores, default),
-        rep.side(reference, "final", scores, default),
-        rep.shares_streams(switched),
+    c = comparison.compare(
+        comparison.side(row, "final", scores, default),
+        comparison.side(reference, "final", scores, default),
+        comparison.shares_streams(switched),
     )
     if c is None:
         _fail("the ledger lacks these experiments' predictions")
-    diff, design, mark, mcnemar = rep.comparison_cells(c, c.test.p, label="p")
+    diff, design, mark, mcnemar = comparison.comparison_cells(c, c.test.p, label="p")
     typer.echo(f"switches: {', '.join(switched) or '(none)'}")
     typer.echo(f"difference (points): {diff}\ntest: {design}\nresolved (alpha 0.05, uncorrected): {mark}")
     typer.echo(f"McNemar p per dataset (test images only): {mcnemar}")
@@ -241,10 +240,10 @@ def regimes_queue(
     seeds: int = typer.Option(3, min=1, help="training seeds per experiment"),
     unseen: int = typer.Option(None, help="queue the unseen table's rows under this candidate (its index)"),
 ) -> None:
-    """Print the regime study's `dvc exp run --queue` commands (finedefics/regimes.py)."""
+    """Print the regime study's `dvc exp run --queue` commands (finedefics/reporting/regimes.yaml)."""
     import shlex
 
-    from finedefics import regimes as reg
+    from finedefics.reporting import regimes as reg
 
     if unseen is not None and not 0 <= unseen < len(reg.REGIMES):
         _fail(f"--unseen takes a candidate index 0-{len(reg.REGIMES) - 1}, not {unseen}")

@@ -10,8 +10,8 @@ which variant of the method wins:
 2. adaptation: parameter-efficient (LoRA or QLoRA), at most `MAX_EPOCHS` epochs per stage;
 3. headroom: the final model's multiple-choice average (mean over 3 training seeds) between 40% and 85%.
 
-`REGIMES` lists the candidates in an order of preference fixed before the study (the paper's
-regime first); the default becomes the first that meets all three. Under each regime, Tables 3b,
+The candidates (`regimes.yaml`, read into `REGIMES`) are listed in an order of preference fixed before
+the study (the paper's regime first); the default becomes the first that meets all three. Under each regime, Tables 3b,
 6a and 6b are filled as in reports/results.md, paired with the regime's own final model; a regime
 with `world.unseen` also gets the seen/unseen table: categories whose images training never
 showed, where a bridge through the base's text knowledge is the only way to name them.
@@ -20,33 +20,28 @@ showed, where a bridge through the base's text knowledge is the only way to name
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
-from finedefics.ledger import Experiment, Scores
-from finedefics.report import (
+from finedefics.reporting.comparison import (
     COMPARISON_HEAD,
-    OBJ_CAT,
-    TABLES,
-    Row,
-    Table,
     compare,
-    find,
     holm_cells,
-    md_head,
-    md_row,
-    power_line,
-    provenance,
-    seed_text,
     seed_values,
     shares_streams,
     side,
-    table_md,
-    used,
 )
+from finedefics.reporting.experiments import experiments_with, provenance, used
+from finedefics.reporting.ledger import Experiment, Scores
+from finedefics.reporting.markdown import md_head, md_row, power_line, seed_text
+from finedefics.reporting.paper import TABLES, Row, Table
+from finedefics.reporting.results import table_md
 from finedefics.stats import across_seeds
 
+REGIMES_FILE = Path(__file__).with_name("regimes.yaml")
 ATTRIBUTES_READ, KNOWLEDGE, CHANCE_BAND = 0.85, 0.95, 0.05  # criterion 1
 MAX_EPOCHS = 6  # criterion 2: "a few epochs per stage at most"
 HEADROOM = (0.40, 0.85)  # criterion 3
@@ -62,73 +57,37 @@ class Regime:
     note: str = ""
 
 
-# every knob a regime sets, absolute: a regime names the same experiments whatever the default becomes
-FULL = {
-    "model.finetune": "full",
-    "model.lora.r": 8,
-    "model.lora.alpha": 8,
-    "model.lora.dropout": 0.05,
-    "train.stage1.epochs": 10,
-    "train.stage1.lr": 5.0e-4,
-    "train.stage2.epochs": 18,
-    "train.stage2.lr": 5.0e-4,
-    "train.stage2.batch_size": 32,
-    "bootstrap.mllm.hidden": 128,
-    "bootstrap.mllm.layers": 4,
-    "bootstrap.mllm.epochs": 20,
-}
-LORA = FULL | {
-    "model.finetune": "lora",
-    "model.lora.r": 16,
-    "model.lora.alpha": 32,
-    "model.lora.dropout": 0.0,  # 0.05 (the earlier default) costs a third of a LoRA step on CPU (random masks)
-    "train.stage1.epochs": 3,
-    "train.stage1.lr": 2.0e-3,
-    "train.stage2.epochs": 6,
-    "train.stage2.lr": 2.0e-3,
-    "train.stage2.batch_size": 16,  # twice the steps of 32 in the same epochs (pilot: 35.8% -> 44.8%)
-}
-REGIMES = (
-    Regime("LoRA r=16, 3 + 6 epochs", LORA, "The paper's adaptation on the world's base as it is."),
-    Regime(
-        "LoRA r=16, 3 + 6 epochs, base pre-trained twice as long",
-        LORA | {"bootstrap.mllm.epochs": 40},
-        "A better pre-trained base, so that LoRA has more to bridge through.",
-    ),
-)
-UNSEEN = {"world.unseen": 4}  # one category per cluster of three siblings
-UNSEEN_ROWS = (
-    Row("**CL (obj.-att.-cat.), hard negatives**", None),
-    Row("CL (obj.-cat.)", None, OBJ_CAT),
-    Row("No hard-negative terms", None, {"negatives": "none"}),
-    Row("I.T. only", None, {"align.paradigm": "stage2-only"}),
-)
+_DATA = yaml.safe_load(REGIMES_FILE.read_text())
+FULL: dict[str, Any] = _DATA["full"]  # not a candidate: the default before the study
+REGIMES = tuple(Regime(r["name"], r["overrides"], r.get("note", "")) for r in _DATA["candidates"])
+UNSEEN: dict[str, Any] = _DATA["unseen"]["overrides"]
+UNSEEN_ROWS = tuple(Row(r["label"], None, r.get("overrides", {})) for r in _DATA["unseen"]["rows"])
 
 
 @dataclass(frozen=True)
-class Check:
+class CriterionResult:
     label: str
     value: str
     passed: bool | None  # None: no finished experiment to tell
     caveat: str = ""  # what the mark does not say (criterion 3 is judged on the mean, as registered)
 
 
-def criteria(regime: Regime, exps: list[Experiment], default: dict[str, Any]) -> list[Check]:
+def criteria(regime: Regime, exps: list[Experiment], default: dict[str, Any]) -> list[CriterionResult]:
     """The three pre-registered criteria for `regime`, from its default experiments (any seed)."""
-    runs = find(exps, default, regime.overrides)
+    runs = experiments_with(exps, default, regime.overrides)
     boot = next((e.metrics["metrics/bootstrap.json"] for e in runs if "metrics/bootstrap.json" in e.metrics), {})
     base = next((e.metrics["metrics/eval_base.json"] for e in runs if "metrics/eval_base.json" in e.metrics), {})
     finals = [e.metrics.get("metrics/eval.json", {}).get("average", {}).get("accuracy") for e in runs]
     finals = [a for a in finals if a is not None]
     p = default | regime.overrides
-    checks = []
+    results = []
     for key, limit, label in (
         ("caption_attribute_accuracy", ATTRIBUTES_READ, "base reads attribute values from test images"),
         ("knowledge_attribute_accuracy", KNOWLEDGE, "base knows each category's attributes from text"),
     ):
         v = boot.get(key)
-        checks.append(
-            Check(
+        results.append(
+            CriterionResult(
                 f"1. {label} (>= {limit:.0%})",
                 "missing" if v is None else f"{100 * v:.1f}%",
                 None if v is None else v >= limit,
@@ -137,18 +96,20 @@ def criteria(regime: Regime, exps: list[Experiment], default: dict[str, Any]) ->
     zs = base.get("average", {})
     if "accuracy" in zs:
         value = f"{100 * zs['accuracy']:.1f}% [{100 * zs['accuracy_low']:.1f}, {100 * zs['accuracy_high']:.1f}]"
-        checks.append(
-            Check(
+        results.append(
+            CriterionResult(
                 f"1. base zero-shot multiple choice within {CHANCE_BAND:.0%} of chance (25%)",
                 value,
                 abs(zs["accuracy"] - CHANCE) <= CHANCE_BAND,
             )
         )
     else:
-        checks.append(Check("1. base zero-shot multiple choice within 5 points of chance (25%)", "missing", None))
+        results.append(
+            CriterionResult("1. base zero-shot multiple choice within 5 points of chance (25%)", "missing", None)
+        )
     epochs = [p.get(f"train.stage{k}.epochs") for k in (1, 2)]
-    checks.append(
-        Check(
+    results.append(
+        CriterionResult(
             f"2. parameter-efficient, at most {MAX_EPOCHS} epochs per stage",
             f"{p.get('model.finetune')}, {epochs[0]} + {epochs[1]} epochs",
             p.get("model.finetune") in ("lora", "qlora") and all(e is not None and e <= MAX_EPOCHS for e in epochs),
@@ -159,8 +120,8 @@ def criteria(regime: Regime, exps: list[Experiment], default: dict[str, Any]) ->
         spread = across_seeds(finals) if len(finals) > 1 else None
         value = f"{100 * mean:.1f}%" + (f" [{100 * spread.low:.1f}, {100 * spread.high:.1f}]" if spread else "")
         inside = spread is not None and HEADROOM[0] <= spread.low and spread.high <= HEADROOM[1]
-        checks.append(
-            Check(
+        results.append(
+            CriterionResult(
                 f"3. final multiple-choice average in {HEADROOM[0]:.0%}-{HEADROOM[1]:.0%} over {MIN_SEEDS} seeds",
                 f"{value}, {len(finals)} seed(s)",
                 HEADROOM[0] <= mean <= HEADROOM[1] if len(finals) >= MIN_SEEDS else None,
@@ -168,8 +129,10 @@ def criteria(regime: Regime, exps: list[Experiment], default: dict[str, Any]) ->
             )
         )
     else:
-        checks.append(Check(f"3. final multiple-choice average in 40%-85% over {MIN_SEEDS} seeds", "missing", None))
-    return checks
+        results.append(
+            CriterionResult(f"3. final multiple-choice average in 40%-85% over {MIN_SEEDS} seeds", "missing", None)
+        )
+    return results
 
 
 def chosen(exps: list[Experiment], default: dict[str, Any]) -> Regime | None:
@@ -188,7 +151,7 @@ def unseen_table(regime: Regime, exps: list[Experiment], default: dict[str, Any]
     """Seen and unseen categories' accuracy under `regime` with `world.unseen`: each row's mean over
     seeds, and its difference from the regime's final model on the unseen categories' test images."""
     base = regime.overrides | UNSEEN
-    reference = find(exps, default, base)
+    reference = experiments_with(exps, default, base)
     head = [
         "Method",
         "seeds",
@@ -202,7 +165,7 @@ def unseen_table(regime: Regime, exps: list[Experiment], default: dict[str, Any]
         "",
         *md_head(head),
     ]
-    found = [find(exps, default, base | row.overrides) for row in UNSEEN_ROWS]
+    found = [experiments_with(exps, default, base | row.overrides) for row in UNSEEN_ROWS]
     ours = side(reference, "final", unseen, default)
     comparisons = [
         None
@@ -279,7 +242,7 @@ def render(
         parts.append("")
         for table in _study_tables():
             parts += [table_md(table, exps, default, datasets, scores, regime.overrides), ""]
-        if find(exps, default, regime.overrides | UNSEEN):
+        if experiments_with(exps, default, regime.overrides | UNSEEN):
             parts += [unseen_table(regime, exps, default, unseen), ""]
     return "\n".join(parts)
 
