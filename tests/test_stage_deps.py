@@ -239,8 +239,9 @@ def test_a_dep_that_moved_away_is_caught():
 
 @pytest.mark.parametrize("config", ["params.yaml", *sorted(p.name for p in (REPO / "configs").glob("*.yaml"))])
 def test_every_param_a_stage_lists_is_in_params_and_every_config(config):
-    """DVC refuses to run a stage whose listed param is missing from params.yaml, so a config that
-    `finedefics use-config` copies over it must hold every one, used or not."""
+    """DVC refuses to run a stage whose listed param is missing from params.yaml, so params.yaml and
+    what `finedefics use-config` writes for each overlay must hold every one, used or not."""
+    from finedefics.config import dump_params, load_params
     from finedefics.reporting.ledger import flatten
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -249,9 +250,12 @@ def test_every_param_a_stage_lists_is_in_params_and_every_config(config):
         for entry in stage.get("do", stage).get("params", []):  # a name, or {file: [names]}
             names = [entry] if isinstance(entry, str) else entry.get("params.yaml") or []
             listed |= {n for n in names if "${" not in n}
-    have = flatten(
-        yaml.safe_load((REPO / config if config == "params.yaml" else REPO / "configs" / config).read_text())
+    text = (
+        (REPO / config).read_text()
+        if config == "params.yaml"
+        else dump_params(load_params(REPO / "configs" / config), "")
     )
+    have = flatten(yaml.safe_load(text))
     missing = sorted(k for k in listed if k not in have and not any(h.startswith(k + ".") for h in have))
     assert not missing, f"{config} lacks {missing}"
 

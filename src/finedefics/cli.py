@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
-from finedefics.config import ConfigError, load_params
+from finedefics.config import ConfigError, dump_params, load_params
 
 if TYPE_CHECKING:
     from finedefics.reporting.ledger import Ledger
@@ -35,16 +34,21 @@ def check(params: Path = typer.Argument(Path("params.yaml"), help="params file t
 
 @app.command("use-config")
 def use_config(
-    config: Path = typer.Argument(..., help="e.g. configs/paper.yaml"),
+    config: Path = typer.Argument(..., help="an overlay, e.g. configs/paper.yaml"),
     params: Path = typer.Option(Path("params.yaml"), help="the params file DVC reads"),
 ) -> None:
-    """Switch this checkout to another config (validated first), e.g. paper scale."""
+    """Switch this checkout to a config: the embedded default with the overlay's values, validated,
+    written in full over params.yaml (`git checkout params.yaml` returns to the default)."""
     try:
-        load_params(config)
+        merged = load_params(config)
     except ConfigError as err:
         _fail(str(err))
-    shutil.copyfile(config, params)
-    typer.echo(f"{params} now holds {config}; `dvc repro` runs it")
+    header = (
+        f"Written by `finedefics use-config {config}`: the embedded default with its values.\n"
+        "Edit the overlay and rerun the command rather than this file."
+    )
+    params.write_text(dump_params(merged, header))
+    typer.echo(f"{params} now holds {config} over the embedded default; `dvc repro` runs it")
 
 
 @app.command()
