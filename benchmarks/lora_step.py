@@ -2,7 +2,7 @@
 
     python benchmarks/lora_step.py [--batch 32] [--steps 5]
 
-The regime study's candidates (finedefics/regimes.py) adapt the tiny base with LoRA r=16 and no
+The regime study's candidates (finedefics/reporting/regimes.yaml) adapt the tiny base with LoRA r=16 and no
 LoRA dropout, where the paper (and `model.lora.dropout`'s default) has 0.05. PEFT draws a
 dropout mask on every adapted linear layer's input, a random number per activation, which on CPU
 costs more than the tiny layers themselves. Same world rows, same model (the default bootstrap

@@ -7,7 +7,7 @@
 #   scripts/ablations.sh --queue ...           # only queue them
 #   scripts/ablations.sh --run                 # run what is queued (e.g. after an interruption), then report
 #   scripts/ablations.sh --jobs 1              # one experiment at a time with every core (default: 2; --regimes: 1)
-#   scripts/ablations.sh --regimes --seeds 3   # the pre-registered regime study instead (finedefics/regimes.py):
+#   scripts/ablations.sh --regimes --seeds 3   # the pre-registered regime study instead (finedefics/reporting/regimes.yaml):
 #                                              # every candidate's default and Tables 3b/6a/6b rows -> reports/regimes.md
 #   scripts/ablations.sh --regimes --unseen K --seeds 3   # then the unseen-categories table under candidate K
 # Each experiment changes the params named on its line and nothing else; stages whose inputs did

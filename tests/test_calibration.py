@@ -1,5 +1,5 @@
 """The report's `resolved` rule is calibrated: simulated experiments at the world's measured spread, run
-through the same code that writes the reports (`report.table_md`), are marked resolved in about 5% of rows
+through the same code that writes the reports (`reporting.results.table_md`), are marked resolved in about 5% of rows
 when there is no true difference, and in most rows when there is one of 3 seed standard deviations."""
 
 import numpy as np

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from finedefics.config import load_params
+
 TABLES_FILE = Path(__file__).with_name("tables.yaml")
 
 
@@ -27,18 +29,22 @@ class Table:
     families: bool = False  # also each family's final model against its own zero-shot base (Table 4)
 
 
-# the authors' release's loss and batch forms, on the world (configs/release.yaml has all)
-RELEASE = {
-    "align.ccc": "release",
-    "align.negatives_scope": "batch",
-    "align.temperatures": "two",
-    "align.learn_temperature": False,
-    "align.mask_same_class": False,
-    "align.contrastive_batch": "device",
-    "align.text_bos": True,
-    "train.generation_loss": "sequence",
-    "train.weight_decay": 0.01,
-}
+# The authors' release's loss and batch forms that apply on the world, as configs/release.yaml sets
+# them (its QLoRA, fp16 and scale switches do not apply to the world's LoRA on a CPU).
+RELEASE_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "release.yaml"
+WORLD_FORMS = (
+    "align.ccc",
+    "align.negatives_scope",
+    "align.temperatures",
+    "align.learn_temperature",
+    "align.mask_same_class",
+    "align.contrastive_batch",
+    "align.text_bos",
+    "train.generation_loss",
+    "train.weight_decay",
+)
+_RELEASE = load_params(RELEASE_CONFIG).flat()
+RELEASE = {key: _RELEASE[key] for key in WORLD_FORMS}
 NAMED_OVERRIDES = {"release": RELEASE}  # sets of switches a row of tables.yaml names instead of listing
 
 

@@ -208,15 +208,15 @@ def render(
         "",
         "Written by `finedefics report --regimes` from the experiment ledger (`reports/ledger/`, the experiments "
         "of `scripts/ablations.sh --regimes`). The criteria and the candidates "
-        "(in their order of preference) were fixed in `finedefics/regimes.py` before the study ran; the default "
+        "(in their order of preference) were fixed (now in `finedefics/reporting/regimes.yaml`) before the study ran; the default "
         "regime is the first candidate that meets all three criteria, whatever its tables show. Cells as in "
         "reports/results.md: means over training seeds with 95% CIs, differences from the regime's own "
         "final model tested over training seeds on the same test images, Holm-corrected within each table.",
         "",
         provenance(read),
         "",
-        "Not a candidate: the default before this study, full fine-tuning for 10 + 18 epochs (`FULL` in "
-        "`finedefics/regimes.py`), fails criterion 2 by its params alone; its reports/results.md is at commit "
+        "Not a candidate: the default before this study, full fine-tuning for 10 + 18 epochs (`full` in "
+        "`finedefics/reporting/regimes.yaml`), fails criterion 2 by its params alone; its reports/results.md is at commit "
         "7a5c18f.",
         "",
         "## The choice",
