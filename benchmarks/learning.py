@@ -1,7 +1,7 @@
 """Does a change of the training recipe learn as well? Two sets of DVC experiments (before and after,
 one per training seed), their final models' multiple-choice average with the 95% t-interval over
 seeds, Stage I's alignment rise, and the difference after - before on the same test images, tested
-over seeds (`finedefics.inference`: Welch's t, since a recipe change gives other seed streams).
+over seeds (`reporting.inference`: Welch's t, since a recipe change gives other seed streams).
 
     python benchmarks/learning.py --before default-s0 default-s1 default-s2 --after fast-s0 fast-s1 fast-s2
 

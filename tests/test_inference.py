@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from finedefics.inference import (
+from finedefics.reporting.inference import (
     ONE_SAMPLE,
     PAIRED,
     WELCH,

@@ -11,9 +11,9 @@ from conftest import REPO
 from typer.testing import CliRunner
 
 from finedefics.cli import app
-from finedefics.inference import mcnemar_p
 from finedefics.reporting import ledger
 from finedefics.reporting.experiments import committed_params, experiments_with, used
+from finedefics.reporting.inference import mcnemar_p
 from finedefics.reporting.ledger import experiments
 from finedefics.reporting.paper import EXTRA, OTHER_BASES, TABLES, Row, Table
 from finedefics.reporting.results import alignment_table, family_gains, main_table, render, table_md
@@ -214,7 +214,7 @@ def test_rows_on_other_seed_streams_are_tested_by_welch():
 
 
 def test_power_line_reports_the_smallest_resolvable_difference_from_the_reference_spread():
-    from finedefics.inference import ONE_SAMPLE, PAIRED, WELCH, smallest_resolvable
+    from finedefics.reporting.inference import ONE_SAMPLE, PAIRED, WELCH, smallest_resolvable
 
     default = committed_params(REPO / "params.yaml")
     accuracies = [0.482, 0.412, 0.358]

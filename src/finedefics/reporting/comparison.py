@@ -1,6 +1,6 @@
 """What a row's experiments say: its accuracies over training seeds, and its difference from a reference.
 
-Every row's difference from its reference is tested over training seeds (`finedefics.inference`): a paired t
+Every row's difference from its reference is tested over training seeds (`reporting.inference`): a paired t
 on the seeds both rows have when they share seed streams, Welch's t when they do not, a one-sample t against
 a seedless model; Holm-corrected within a table.
 """
@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from finedefics import inference
-from finedefics.inference import PAIRED, SeedTest, holm, resolved
+from finedefics.reporting import inference
 from finedefics.reporting.experiments import PREDICTIONS, SEEDLESS, metrics_of
+from finedefics.reporting.inference import PAIRED, SeedTest, holm, resolved
 from finedefics.reporting.ledger import SEED, Experiment, Scores
 from finedefics.reporting.markdown import p_text
 from finedefics.stats import across_seeds

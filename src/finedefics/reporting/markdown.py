@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from finedefics import inference
-from finedefics.inference import ONE_SAMPLE, PAIRED, WELCH, smallest_resolvable
+from finedefics.reporting import inference
+from finedefics.reporting.inference import ONE_SAMPLE, PAIRED, WELCH, smallest_resolvable
 from finedefics.stats import across_seeds
 
 PLANNED_SEEDS = 5  # the power line also says what this many seeds per row would resolve

@@ -5,7 +5,7 @@ Each row of a table (`tables.yaml`) names the params that differ from the commit
 ablation switches); its cells come from the ledger's experiments whose params are exactly those apart from
 `train.seed` (the newest per training seed), and are marked missing when none matches. Every cell is the
 mean over seeds with its 95% CI; every row's difference from its reference is tested over training seeds
-(`finedefics.inference`), Holm-corrected within the table. The report is a pure function of the ledger
+(`reporting.inference`), Holm-corrected within the table. The report is a pure function of the ledger
 (`finedefics.reporting.ledger`) and the committed params.
 """
 
