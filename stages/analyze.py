@@ -10,102 +10,114 @@ Numbers to metrics/analysis.json, images to plots/analysis/<model>/<dataset>/.
 
 from pathlib import Path
 
+from finedefics import runner
 from finedefics.config import load_or_exit
-from finedefics.io import run_main
 
 DESCRIBE = "Give a brief description of distinguishing features of {name}"
 PER_CLASS = 12  # sampled descriptions per category: half to train the probe, half to test it
 
 
+PLOTS, METRICS = Path("plots/analysis"), Path("metrics/analysis.json")
+
+
 def main() -> None:
     params = load_or_exit("params.yaml")
+    runner.writes(PLOTS, METRICS)
 
-    import numpy as np
+    from finedefics.models.paths import Role
+
+    # each model's multiple-choice answers (evaluate@base, evaluate@finedefics), before a model loads
+    answers = {
+        role.value: {name: Path("results/predictions") / role.value / f"{name}.json" for name in params.datasets}
+        for role in Role
+    }
+    runner.reads(*(path for paths in answers.values() for path in paths.values()))
+
     import torch
+
+    from finedefics.io import atomic_path, write_json
+    from finedefics.models.mllm import MLLM, ImageSettings
+    from finedefics.models.paths import model_path
+    from finedefics.tracking import stage_run
+
+    results: dict = {}
+    with stage_run("analyze", params) as run:
+        with atomic_path(PLOTS) as plots:
+            for role in Role:
+                which = role.value
+                torch.manual_seed(params.seed)
+                mllm = MLLM.load(model_path(params.model, role), ImageSettings.of(params.model))
+                results[which] = {
+                    name: analyze(mllm, which, name, answers[which][name], params, plots / which / name)
+                    for name in params.datasets
+                }
+                run.log_metrics(
+                    {
+                        f"{which}/{n}/{k}": v
+                        for n, ms in results[which].items()
+                        for k, v in ms.items()
+                        if k != "per_class_accuracy"
+                    }
+                )
+        run.log_artifact(PLOTS)
+    write_json(METRICS, results)
+
+
+def analyze(mllm, which: str, name: str, answers: Path, params, plots: Path) -> dict:
+    """One model's representation analyses on one dataset; its plots in `plots`."""
+    import numpy as np
 
     from finedefics.data.prepared import load_prepared
     from finedefics.evaluate import analysis as an
     from finedefics.evaluate import features
-    from finedefics.io import read_json, write_json
-    from finedefics.models.mllm import MLLM, ImageSettings
-    from finedefics.models.paths import Role, model_path
-    from finedefics.tracking import stage_run
+    from finedefics.io import read_json
 
-    plots = Path("plots/analysis")
-    results: dict = {}
-    with stage_run("analyze", params) as run:
-        for role in Role:
-            which = role.value
-            torch.manual_seed(params.seed)
-            mllm = MLLM.load(model_path(params.model, role), ImageSettings.of(params.model))
-            results[which] = {}
-            for name in params.datasets:
-                dataset = load_prepared(name)
-                names, train, test = dataset.names, dataset.train, dataset.test
-                o_train, o_test = features.objects(mllm, list(train.path)), features.objects(mllm, list(test.path))
-                y_train, y_test = train.label.to_numpy(), test.label.to_numpy()
-                cats = features.texts(mllm, names, params.align.text_bos)
-                descriptions = describe(mllm, names, params.seed)
-                d = features.texts(mllm, [t for ts in descriptions for t in ts], params.align.text_bos)
-                d_labels = np.repeat(np.arange(len(names)), PER_CLASS)
-                d_train = np.tile(np.arange(PER_CLASS) < PER_CLASS // 2, len(names))
-                m = {
-                    "probe_object_last": an.probe_accuracy(o_train.last, y_train, o_test.last, y_test),
-                    "probe_object_mean": an.probe_accuracy(o_train.mean, y_train, o_test.mean, y_test),
-                    "probe_description_last": an.probe_accuracy(
-                        d.last[d_train], d_labels[d_train], d.last[~d_train], d_labels[~d_train]
-                    ),
-                    "probe_description_mean": an.probe_accuracy(
-                        d.mean[d_train], d_labels[d_train], d.mean[~d_train], d_labels[~d_train]
-                    ),
-                    "alignment": an.alignment_quality(o_test.last, y_test, cats.last),
-                    "object_inter_class_distance": an.inter_class_distance(o_test.last, y_test),
-                    "object_intra_class_variance": an.intra_class_variance(o_test.last, y_test),
-                    "category_inter_class_distance": an.inter_class_distance(cats.last, np.arange(len(names))),
-                    "modality_gap": an.modality_gap(o_test.last, cats.last),
-                }
-                predictions = read_json(Path("results/predictions") / which / f"{name}.json")["predictions"]
-                truth = [p["correct"] for p in predictions]  # FOCI: the ground-truth class name
-                matrix = an.confusion(truth, [p["predicted"] for p in predictions], names)
-                m["per_class_accuracy"] = {
-                    n: float(matrix[i, i] / max(1, matrix[i].sum())) for i, n in enumerate(names)
-                }
-                results[which][name] = m
-                an.plot_tsne(
-                    {"objects": (o_test.last, y_test)},
-                    f"{which}: objects ({name})",
-                    plots / which / name / "tsne_objects.png",
-                    params.seed,
-                )
-                an.plot_tsne(
-                    {"categories": (cats.last, np.arange(len(names)))},
-                    f"{which}: category names ({name})",
-                    plots / which / name / "tsne_categories.png",
-                    params.seed,
-                )
-                an.plot_tsne(
-                    {"objects": (o_test.last, y_test), "categories": (cats.last, np.arange(len(names)))},
-                    f"{which}: objects and categories ({name})",
-                    plots / which / name / "tsne_joint.png",
-                    params.seed,
-                )
-                an.plot_confusion(
-                    matrix, names, f"{which}: multiple choice ({name})", plots / which / name / "confusion.png"
-                )
-                print(
-                    f"{which} on {name}: "
-                    + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "per_class_accuracy")
-                )
-            run.log_metrics(
-                {
-                    f"{which}/{n}/{k}": v
-                    for n, ms in results[which].items()
-                    for k, v in ms.items()
-                    if k != "per_class_accuracy"
-                }
-            )
-        run.log_artifact(plots)
-    write_json(Path("metrics/analysis.json"), results)
+    dataset = load_prepared(name)
+    names, train, test = dataset.names, dataset.train, dataset.test
+    o_train, o_test = features.objects(mllm, list(train.path)), features.objects(mllm, list(test.path))
+    y_train, y_test = train.label.to_numpy(), test.label.to_numpy()
+    cats = features.texts(mllm, names, params.align.text_bos)
+    descriptions = describe(mllm, names, params.seed)
+    d = features.texts(mllm, [t for ts in descriptions for t in ts], params.align.text_bos)
+    d_labels = np.repeat(np.arange(len(names)), PER_CLASS)
+    d_train = np.tile(np.arange(PER_CLASS) < PER_CLASS // 2, len(names))
+    m = {
+        "probe_object_last": an.probe_accuracy(o_train.last, y_train, o_test.last, y_test),
+        "probe_object_mean": an.probe_accuracy(o_train.mean, y_train, o_test.mean, y_test),
+        "probe_description_last": an.probe_accuracy(
+            d.last[d_train], d_labels[d_train], d.last[~d_train], d_labels[~d_train]
+        ),
+        "probe_description_mean": an.probe_accuracy(
+            d.mean[d_train], d_labels[d_train], d.mean[~d_train], d_labels[~d_train]
+        ),
+        "alignment": an.alignment_quality(o_test.last, y_test, cats.last),
+        "object_inter_class_distance": an.inter_class_distance(o_test.last, y_test),
+        "object_intra_class_variance": an.intra_class_variance(o_test.last, y_test),
+        "category_inter_class_distance": an.inter_class_distance(cats.last, np.arange(len(names))),
+        "modality_gap": an.modality_gap(o_test.last, cats.last),
+    }
+    predictions = read_json(answers)["predictions"]
+    truth = [p["correct"] for p in predictions]  # FOCI: the ground-truth class name
+    matrix = an.confusion(truth, [p["predicted"] for p in predictions], names)
+    m["per_class_accuracy"] = {n: float(matrix[i, i] / max(1, matrix[i].sum())) for i, n in enumerate(names)}
+    plot(which, name, (o_test.last, y_test), (cats.last, np.arange(len(names))), matrix, names, params.seed, plots)
+    print(f"{which} on {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "per_class_accuracy"))
+    return m
+
+
+def plot(which: str, name: str, objects, categories, matrix, names: list[str], seed: int, plots: Path) -> None:
+    """t-SNE of the test objects, of the category names and of both (Figures 2, 4); the confusion matrix."""
+    from finedefics.evaluate import analysis as an
+
+    an.plot_tsne({"objects": objects}, f"{which}: objects ({name})", plots / "tsne_objects.png", seed)
+    an.plot_tsne({"categories": categories}, f"{which}: category names ({name})", plots / "tsne_categories.png", seed)
+    an.plot_tsne(
+        {"objects": objects, "categories": categories},
+        f"{which}: objects and categories ({name})",
+        plots / "tsne_joint.png",
+        seed,
+    )
+    an.plot_confusion(matrix, names, f"{which}: multiple choice ({name})", plots / "confusion.png")
 
 
 def describe(mllm, names: list[str], seed: int) -> list[list[str]]:
@@ -128,4 +140,4 @@ def describe(mllm, names: list[str], seed: int) -> list[list[str]]:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runner.run(main)

@@ -14,35 +14,27 @@ import json
 import sys
 from pathlib import Path
 
+from finedefics import runner
 from finedefics.config import load_or_exit
-from finedefics.io import run_main
 
 BASE, METRICS = Path("models/base"), Path("metrics/bootstrap.json")
 
 
 def main() -> None:
     params = load_or_exit("params.yaml")
+    runner.writes(BASE, Path("models/clip"), Path("models/clip_baseline"), METRICS)
 
     import torch
 
     from finedefics.data.prepare import is_world
-    from finedefics.data.prepared import load_prepared
-    from finedefics.io import atomic_path, load_image, write_json
+    from finedefics.io import write_json
     from finedefics.models.families import TINY_BASES
-    from finedefics.models.resolve import ModelNotAvailable, check_clip, check_mllm
+    from finedefics.models.resolve import ModelNotAvailable, check_clip
     from finedefics.tracking import stage_run
 
     torch.manual_seed(params.seed)
-    world = {n: s for n, s in params.datasets.items() if is_world(s)}
-    tiny = [
-        k
-        for k, v in (
-            ("model.base", params.model.base),
-            ("model.clip", params.model.clip),
-            ("model.clip_baseline", params.model.clip_baseline),
-        )
-        if v in ("tiny", *TINY_BASES)
-    ]
+    world = [n for n, s in params.datasets.items() if is_world(s)]
+    tiny = [k for k, v in specs(params).items() if v in ("tiny", *TINY_BASES)]
     if tiny:
         from finedefics.models.bootstrap import THREADS
 
@@ -59,77 +51,91 @@ def main() -> None:
     try:
         with stage_run("bootstrap", params) as run:
             # published CLIPs are found offline before anything trains: a wrong spec fails in seconds
-            clips = (
-                ("mining", "model.clip", params.model.clip),
-                ("baseline", "model.clip_baseline", params.model.clip_baseline),
-            )
-            records = {role: check_clip(spec, key) for role, key, spec in clips if spec != "tiny"}
+            clips = (("mining", "model.clip"), ("baseline", "model.clip_baseline"))
+            records = {role: check_clip(specs(params)[key], key) for role, key in clips if specs(params)[key] != "tiny"}
             if params.model.base in TINY_BASES:
-                from finedefics.models import sft
-                from finedefics.models.bootstrap import build_base, diagnose
-                from finedefics.models.mllm import ImageSettings
-
-                datasets = [load_prepared(n) for n in world]
-                cfg = params.bootstrap.mllm
-                family = TINY_BASES[params.model.base].name
-                images = ImageSettings.of(params.model)
-                mllm, examples = build_base(datasets, cfg, params.world.image_size, params.seed, family, images.pixels)
-                images.apply(mllm.processor)
-                n_params = sum(p.numel() for p in mllm.model.parameters())
-                visual_tokens = mllm.visual_token_count(load_image(datasets[0].train.path.iloc[0]))
-                print(
-                    f"tiny {family}: {n_params / 1e6:.2f}M parameters, {visual_tokens} visual tokens per image, "
-                    f"{len(examples)} pre-training examples, vocabulary {len(mllm.tokenizer)}"
-                )
-                sft.train(
-                    mllm,
-                    examples,
-                    cfg.epochs,
-                    cfg.batch_size,
-                    cfg.lr,
-                    params.seed,
-                    "pre-train base",
-                    log=run.every(10, prefix="base_"),
-                )
-                with atomic_path(BASE) as tmp:
-                    mllm.model.save_pretrained(tmp)
-                    mllm.processor.save_pretrained(tmp)
-                    write_json(
-                        tmp / "base.json",
-                        {
-                            "model": params.model.base,
-                            "parameters": n_params,
-                            "examples": len(examples),
-                            "visual_tokens_per_image": visual_tokens,
-                            "image_splitting": params.model.image_splitting,
-                            "qwen_pixels": list(images.pixels),
-                        },
-                    )
-                diagnosis, samples = diagnose(mllm, datasets, params.seed)
-                metrics.update(diagnosis, visual_tokens_per_image=visual_tokens)
-                for name, (caption, knowledge, choice) in samples.items():
-                    print(
-                        f"{name}: caption of a test image: {caption}\n{name}: knowledge: {knowledge}\n{name}: multiple choice answer: {choice!r}"
-                    )
+                metrics.update(pretrain_base(params, world, run))
             else:
-                record = {
-                    **check_mllm(params.model.base),
-                    "image_splitting": params.model.image_splitting,
-                    "qwen_pixels": [params.model.qwen_pixels.min, params.model.qwen_pixels.max],
-                }
-                with atomic_path(BASE) as tmp:
-                    tmp.mkdir()
-                    write_json(tmp / "base.json", record)
-                print(f"base MLLM: {record['model']} ({record.get('revision') or 'local files hashed'})")
+                record_base(params)
             for role, seed in (("mining", params.seed), ("baseline", params.seed + 1)):
-                metrics.update(build_clip(params, records.get(role), seed, role, list(world), run))
+                metrics.update(build_clip(params, records.get(role), seed, role, world, run))
             write_json(METRICS, metrics)
             run.log_metrics(metrics)
-    except (ModelNotAvailable, ValueError, OSError) as err:
+    except (ModelNotAvailable, ValueError) as err:
         print(f"error: bootstrap: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     if metrics:
         print(json.dumps(metrics, indent=2))
+
+
+def specs(params) -> dict[str, str]:
+    """The models bootstrap provides, by param: `tiny` (or a tiny base) is built here."""
+    return {
+        "model.base": params.model.base,
+        "model.clip": params.model.clip,
+        "model.clip_baseline": params.model.clip_baseline,
+    }
+
+
+def pretrain_base(params, world: list[str], run) -> dict[str, float]:
+    """In BASE: the tiny base MLLM, pre-trained on the world datasets; its diagnosis returned."""
+    from finedefics.data.prepared import load_prepared
+    from finedefics.io import atomic_path, load_image, write_json
+    from finedefics.models import sft
+    from finedefics.models.bootstrap import build_base, diagnose
+    from finedefics.models.families import TINY_BASES
+    from finedefics.models.mllm import ImageSettings
+
+    datasets = [load_prepared(n) for n in world]
+    cfg = params.bootstrap.mllm
+    family = TINY_BASES[params.model.base].name
+    images = ImageSettings.of(params.model)
+    mllm, examples = build_base(datasets, cfg, params.world.image_size, params.seed, family, images.pixels)
+    images.apply(mllm.processor)
+    n_params = sum(p.numel() for p in mllm.model.parameters())
+    visual_tokens = mllm.visual_token_count(load_image(datasets[0].train.path.iloc[0]))
+    print(
+        f"tiny {family}: {n_params / 1e6:.2f}M parameters, {visual_tokens} visual tokens per image, "
+        f"{len(examples)} pre-training examples, vocabulary {len(mllm.tokenizer)}"
+    )
+    log = run.every(10, prefix="base_")
+    sft.train(mllm, examples, cfg.epochs, cfg.batch_size, cfg.lr, params.seed, "pre-train base", log=log)
+    with atomic_path(BASE) as tmp:
+        mllm.model.save_pretrained(tmp)
+        mllm.processor.save_pretrained(tmp)
+        write_json(
+            tmp / "base.json",
+            {
+                "model": params.model.base,
+                "parameters": n_params,
+                "examples": len(examples),
+                "visual_tokens_per_image": visual_tokens,
+                "image_splitting": params.model.image_splitting,
+                "qwen_pixels": list(images.pixels),
+            },
+        )
+    diagnosis, samples = diagnose(mllm, datasets, params.seed)
+    for name, (caption, knowledge, choice) in samples.items():
+        print(
+            f"{name}: caption of a test image: {caption}\n{name}: knowledge: {knowledge}\n{name}: multiple choice answer: {choice!r}"
+        )
+    return {**diagnosis, "visual_tokens_per_image": visual_tokens}
+
+
+def record_base(params) -> None:
+    """In BASE: which published base MLLM is used (found offline and checked), nothing heavy."""
+    from finedefics.io import atomic_path, write_json
+    from finedefics.models.resolve import check_mllm
+
+    record = {
+        **check_mllm(params.model.base),
+        "image_splitting": params.model.image_splitting,
+        "qwen_pixels": [params.model.qwen_pixels.min, params.model.qwen_pixels.max],
+    }
+    with atomic_path(BASE) as tmp:
+        tmp.mkdir()
+        write_json(tmp / "base.json", record)
+    print(f"base MLLM: {record['model']} ({record.get('revision') or 'local files hashed'})")
 
 
 def build_clip(params, record: dict | None, seed: int, role: str, world: list[str], run) -> dict[str, float]:
@@ -168,4 +174,4 @@ def build_clip(params, record: dict | None, seed: int, role: str, world: list[st
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runner.run(main)

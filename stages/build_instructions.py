@@ -10,12 +10,14 @@ has the same count as `train_images_without_description`.
 
 from pathlib import Path
 
+from finedefics import runner
 from finedefics.config import load_or_exit
-from finedefics.io import run_main
 
 
 def main() -> None:
     params = load_or_exit("params.yaml")
+    out1, out2 = Path("data/instructions/stage1.parquet"), Path("data/instructions/stage2.parquet")
+    runner.writes(out1, out2)
 
     import pandas as pd
 
@@ -34,8 +36,8 @@ def main() -> None:
         stage2.append(stage2_frame(dataset, negatives, params.instructions.stage2, params.seed))
     with stage_run("build_instructions", params) as run:
         s1, s2 = pd.concat(stage1, ignore_index=True), pd.concat(stage2, ignore_index=True)
-        STAGE1.write(Path("data/instructions/stage1.parquet"), s1)
-        STAGE2.write(Path("data/instructions/stage2.parquet"), s2)
+        STAGE1.write(out1, s1)
+        STAGE2.write(out2, s2)
         stats = {
             "stage1_triples": len(s1),
             "stage2_open": int((s2.kind == "open").sum()),
@@ -55,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runner.run(main)

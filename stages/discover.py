@@ -8,8 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from finedefics import runner
 from finedefics.config import load_or_exit
-from finedefics.io import run_main
 
 
 def main() -> None:
@@ -18,6 +18,8 @@ def main() -> None:
     name = parser.parse_args().dataset
     params = load_or_exit("params.yaml")
     cfg = params.attributes.discover
+    out = Path("data/attributes") / name / "keys.json"
+    runner.writes(out)
 
     from finedefics.attributes.backends import BackendError, text_backend
     from finedefics.attributes.discover import llm_keys, static_keys
@@ -35,7 +37,7 @@ def main() -> None:
                 keys, raw = llm_keys(text_backend(cfg, "discover"), dataset, cfg.retries)
             types = {t: sum(k.type == t for k in keys) for t in ("color", "shape", "texture", "size", "other")}
             write_json(
-                Path("data/attributes") / name / "keys.json",
+                out,
                 {
                     "dataset": name,
                     "super_category": dataset.super_category,
@@ -45,11 +47,11 @@ def main() -> None:
                 },
             )
             run.log_metrics({"keys": len(keys), **{f"keys_{t}": n for t, n in types.items()}})
-    except (NoAttributeList, BackendError, ValueError, OSError) as err:
+    except (NoAttributeList, BackendError, ValueError) as err:
         print(f"error: discover@{name}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"{name}: {len(keys)} keys ({', '.join(f'{n} {t}' for t, n in types.items() if n)})")
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runner.run(main)

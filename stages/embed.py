@@ -7,8 +7,8 @@ mining alone, never the embedding.
 import argparse
 from pathlib import Path
 
+from finedefics import runner
 from finedefics.config import load_or_exit
-from finedefics.io import run_main
 
 
 def main() -> None:
@@ -16,6 +16,8 @@ def main() -> None:
     parser.add_argument("dataset")
     name = parser.parse_args().dataset
     params = load_or_exit("params.yaml")
+    out = Path("data/embeddings") / f"{name}.npz"
+    runner.writes(out)
 
     from finedefics.data.prepared import load_prepared
     from finedefics.io import atomic_path
@@ -28,7 +30,7 @@ def main() -> None:
         clip = Clip.load(params.model.clip)
         images = clip.embed_images(list(dataset.images.path), desc=f"embed {name}")
         texts = clip.embed_texts([class_prompt(n, params.model.clip_prompt) for n in dataset.names])
-        with atomic_path(Path("data/embeddings") / f"{name}.npz") as tmp:
+        with atomic_path(out) as tmp:
             with open(tmp, "wb") as f:
                 Embeddings(list(dataset.images.image_id), images, texts).save(f)
         run.log_metrics({"images": len(images), "classes": len(texts), "dim": images.shape[1]})
@@ -36,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runner.run(main)

@@ -3,15 +3,17 @@
 Writes data/attributes/<dataset>/values.parquet (image_id, key, value), failures.csv (unit, key,
 error; written also when too many items failed) and metrics/extract/<dataset>.json. Resumable:
 answers go to shards under .resume/extract/ as they come, and what was received is written
-before the stage ends on an error; a killed run started again continues where it stopped.
+before the stage ends on an error; a killed run started again continues where it stopped. A run
+that ends with failed items (fewer than `max_failure_rate` allows) says how to ask them again:
+`dvc repro -f -s extract@<dataset>` asks the failed (image, key) items alone.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+from finedefics import runner
 from finedefics.config import load_or_exit
-from finedefics.io import run_main
 
 
 def main() -> None:
@@ -21,6 +23,8 @@ def main() -> None:
     params = load_or_exit("params.yaml")
     cfg = params.attributes.extract
     construction = params.attributes.construction
+    out, metrics = Path("data/attributes") / name, Path("metrics/extract") / f"{name}.json"
+    runner.writes(out / "values.parquet", out / "failures.csv", metrics, Path(".resume/extract") / name)
 
     from finedefics.artefacts import VALUES
     from finedefics.attributes.backends import vqa_backend
@@ -30,7 +34,6 @@ def main() -> None:
     from finedefics.io import atomic_path, read_json, write_json
     from finedefics.tracking import stage_run
 
-    out = Path("data/attributes") / name
     dataset = load_prepared(name)
     keys = load_keys(read_json(out / "keys.json"))
     oracle = cfg.backend == "oracle" or construction == "ground-truth"
@@ -41,19 +44,23 @@ def main() -> None:
             VALUES.write(out / "values.parquet", result.values)
             with atomic_path(out / "failures.csv") as tmp:
                 result.failures.to_csv(tmp, index=False)
-            write_json(Path("metrics/extract") / f"{name}.json", result.stats)
+            write_json(metrics, result.stats)
             run.log_metrics(result.stats)
-    except (TooManyFailures, ValueError, OSError) as err:
+    except (TooManyFailures, ValueError) as err:
         if isinstance(err, TooManyFailures):  # what failed, also when the stage fails
             with atomic_path(out / "failures.csv") as tmp:
                 err.failures.to_csv(tmp, index=False)
         print(f"error: extract@{name}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     s = result.stats
+    failed = int(s["failed_items"])
+    retry = (
+        f", listed in {out / 'failures.csv'}; `dvc repro -f -s extract@{name}` asks them alone again" if failed else ""
+    )
     print(
-        f"{name}: {int(s['n_values'])} values for {int(s['units'])} units x {int(s['n_keys'])} keys; {int(s['failed_items'])} failed"
+        f"{name}: {int(s['n_values'])} values for {int(s['units'])} units x {int(s['n_keys'])} keys; {failed} failed{retry}"
     )
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runner.run(main)

@@ -13,8 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from finedefics import runner
 from finedefics.config import load_or_exit
-from finedefics.io import run_main
 
 
 def main() -> None:
@@ -22,6 +22,12 @@ def main() -> None:
     parser.add_argument("dataset")
     name = parser.parse_args().dataset
     params = load_or_exit("params.yaml")
+    negatives_path, options_path = (
+        Path("data/negatives") / f"{name}.parquet",
+        Path("data/eval_options") / f"{name}.json",
+    )
+    metrics_path = Path("metrics/mine") / f"{name}.json"
+    runner.writes(negatives_path, options_path, metrics_path)
 
     import numpy as np
 
@@ -38,13 +44,12 @@ def main() -> None:
     descriptions = DESCRIPTIONS.read(Path("data/descriptions") / f"{name}.parquet")
     emb = Embeddings.load(Path("data/embeddings") / f"{name}.npz")
     train, test = dataset.train, dataset.test
-    options_path = Path("data/eval_options") / f"{name}.json"
     try:
         with stage_run("mine", params, run_name=f"mine@{name}") as run:
             described = dict(zip(descriptions.image_id, descriptions.description))
             unseen = dataset.unseen(params.world.unseen, params.seed) if is_world(params.datasets[name]) else []
             negatives = mine(train, names, described, emb, params.negatives, params.seed, unseen)
-            NEGATIVES.write(Path("data/negatives") / f"{name}.parquet", negatives)
+            NEGATIVES.write(negatives_path, negatives)
             if is_world(params.datasets[name]):
                 options = eval_options(test, names, emb)
                 check_options(options, names)
@@ -68,7 +73,7 @@ def main() -> None:
                 stats["chance_same_cluster"] = float(
                     np.mean([(cluster == cluster[a]).sum() - 1 for a in range(len(cluster))]) / (len(cluster) - 1)
                 )
-            write_json(Path("metrics/mine") / f"{name}.json", stats)
+            write_json(metrics_path, stats)
             run.log_metrics(stats)
     except ValueError as err:
         print(f"error: mine@{name}: {err}", file=sys.stderr)
@@ -81,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runner.run(main)

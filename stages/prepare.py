@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from finedefics import runner
 from finedefics.config import load_or_exit
-from finedefics.io import run_main
 
 
 def main() -> None:
@@ -23,6 +23,11 @@ def main() -> None:
         print(f"error: dataset {name!r} is not in params.yaml datasets ({', '.join(params.datasets)})", file=sys.stderr)
         raise SystemExit(2)
 
+    source = params.datasets[name]
+    out = Path("data/prepared") / name
+    sheet_path, metrics_path = Path("plots/prepare") / f"{name}.png", Path("metrics/prepare") / f"{name}.json"
+    runner.writes(out, sheet_path, metrics_path)
+
     from finedefics.artefacts import IMAGES
     from finedefics.data.contact_sheet import contact_sheet
     from finedefics.data.manifest import EmptyClassError, LeakageError
@@ -31,9 +36,8 @@ def main() -> None:
     from finedefics.io import atomic_path, write_json
     from finedefics.tracking import stage_run
 
-    source = params.datasets[name]
-    out = Path("data/prepared") / name
-    sheet_path = Path("plots/prepare") / f"{name}.png"
+    if is_world(source):
+        runner.reads(source)  # a real dataset's folder is checked by its loader, which names the file it lacks
     try:
         with stage_run("prepare", params, run_name=f"prepare@{name}") as run:
             with atomic_path(out) as tmp:
@@ -50,10 +54,10 @@ def main() -> None:
             with atomic_path(sheet_path) as tmp_sheet:
                 contact_sheet(prepared.dataset.train, prepared.dataset.names).save(tmp_sheet, format="PNG")
             stats = statistics(prepared)
-            write_json(Path("metrics/prepare") / f"{name}.json", stats)
+            write_json(metrics_path, stats)
             run.log_metrics(stats)
             run.log_artifact(sheet_path)
-    except (DatasetNotFound, LeakageError, EmptyClassError, FileNotFoundError, ValueError) as err:
+    except (DatasetNotFound, LeakageError, EmptyClassError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 
@@ -69,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runner.run(main)

@@ -8,8 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from finedefics import runner
 from finedefics.config import load_or_exit
-from finedefics.io import run_main
 
 
 def main() -> None:
@@ -18,6 +18,10 @@ def main() -> None:
     name = parser.parse_args().dataset
     params = load_or_exit("params.yaml")
     cfg = params.attributes
+    attributes = Path("data/attributes") / name
+    out, metrics = Path("data/descriptions") / f"{name}.parquet", Path("metrics/summarize") / f"{name}.json"
+    runner.writes(out, metrics)
+    runner.reads(attributes / "keys.json", attributes / "values.parquet")
 
     from finedefics.artefacts import DESCRIPTIONS, VALUES
     from finedefics.attributes.backends import BackendError, text_backend
@@ -27,7 +31,6 @@ def main() -> None:
     from finedefics.io import read_json, write_json
     from finedefics.tracking import stage_run
 
-    attributes = Path("data/attributes") / name
     dataset = load_prepared(name)
     keys = load_keys(read_json(attributes / "keys.json"))
     values = VALUES.read(attributes / "values.parquet")
@@ -35,10 +38,10 @@ def main() -> None:
         with stage_run("summarize", params, run_name=f"summarize@{name}") as run:
             backend = None if cfg.summarize.backend == "template" else text_backend(cfg.summarize, "summarize")
             result = summarize(values, dataset, keys, cfg, params.seed, backend)
-            DESCRIPTIONS.write(Path("data/descriptions") / f"{name}.parquet", result.descriptions)
-            write_json(Path("metrics/summarize") / f"{name}.json", result.stats)
+            DESCRIPTIONS.write(out, result.descriptions)
+            write_json(metrics, result.stats)
             run.log_metrics(result.stats)
-    except (BackendError, ValueError, OSError) as err:
+    except (BackendError, ValueError) as err:
         print(f"error: summarize@{name}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"{name}: {result.stats['descriptions']} descriptions, {result.stats['names_scrubbed']} names scrubbed")
@@ -47,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runner.run(main)

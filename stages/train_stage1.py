@@ -8,8 +8,8 @@ Table 8). When `align.paradigm` runs no Stage I here, models/stage1 points at th
 
 from pathlib import Path
 
+from finedefics import runner
 from finedefics.config import load_or_exit
-from finedefics.io import run_main
 
 STAGE1, STAGE2 = Path("data/instructions/stage1.parquet"), Path("data/instructions/stage2.parquet")
 OUT, METRICS = Path("models/stage1"), Path("metrics/train_stage1.json")
@@ -17,6 +17,8 @@ OUT, METRICS = Path("models/stage1"), Path("metrics/train_stage1.json")
 
 def main() -> None:
     params = load_or_exit("params.yaml")
+    runner.writes(OUT, METRICS, Path(".resume"))  # before anything loads or trains
+    runner.reads(STAGE1, STAGE2)
 
     from finedefics.training import process, relaunch
 
@@ -24,11 +26,13 @@ def main() -> None:
     from finedefics.align.train import PARADIGMS, Inputs, train
     from finedefics.data.prepared import test_images
     from finedefics.io import atomic_path, write_json
-    from finedefics.models.paths import base_model, pass_through
+    from finedefics.models.paths import BASE, base_model, pass_through
     from finedefics.tracking import stage_run
 
     _, main_process = process()
     source, task = base_model(params.model), PARADIGMS[params.align.paradigm].stage1
+    if source == str(BASE):
+        runner.reads(BASE)  # the tiny base `bootstrap` builds (a published one is found by its loader)
     if task is None:
         if main_process:
             with atomic_path(OUT) as tmp:
@@ -51,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runner.run(main)

@@ -9,8 +9,8 @@ models/stage1 through.
 
 from pathlib import Path
 
+from finedefics import runner
 from finedefics.config import load_or_exit
-from finedefics.io import run_main
 
 SOURCE = Path("models/stage1")
 STAGE1, STAGE2 = Path("data/instructions/stage1.parquet"), Path("data/instructions/stage2.parquet")
@@ -19,6 +19,8 @@ OUT, METRICS = Path("models/finedefics"), Path("metrics/train_stage2.json")
 
 def main() -> None:
     params = load_or_exit("params.yaml")
+    runner.writes(OUT, METRICS, Path(".resume"))  # before anything loads or trains
+    runner.reads(SOURCE, STAGE1, STAGE2)
 
     from finedefics.training import process, relaunch
 
@@ -48,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runner.run(main)

@@ -98,6 +98,7 @@ def test_extract_stage_with_the_hf_backend(workdir, tiny_models):
 
 
 def test_ground_truth_construction_uses_the_oracle_whatever_the_backend(workdir):
+    """An hf backend whose model does not exist is never loaded: every value is the image's ground truth."""
     set_params(
         workdir,
         **{
@@ -108,6 +109,15 @@ def test_ground_truth_construction_uses_the_oracle_whatever_the_backend(workdir)
     )
     proc = run_stage(workdir, "extract.py", "toy-bird")
     assert proc.returncode == 0, proc.stderr
+    values = pd.read_parquet(workdir / "data" / "attributes" / "toy-bird" / "values.parquet")
+    dataset, keys = load(workdir)
+    train = dataset.train.set_index("image_id")
+    assert len(values) == len(train) * len(keys) and set(values.image_id) == set(train.index)
+    for row in values.itertuples():
+        if row.key == GENERAL_KEY:
+            assert row.value == scene_sentence("bird", json.loads(train.loc[row.image_id, "scene"]))
+        else:
+            assert row.value == json.loads(train.loc[row.image_id, "attributes"])[row.key]
 
 
 def test_openai_client_retries_server_errors_then_gives_up(tiny_models):
@@ -227,12 +237,50 @@ def test_failures_are_recorded_below_the_threshold_and_fatal_above_it(tmp_path, 
         assert not (again / "data" / "attributes" / "toy-bird" / "values.parquet").exists()
         kept = list((again / ".resume" / "extract" / "toy-bird").rglob("shard-*.parquet"))
         assert kept
-        # the server recovers: the rerun asks again only about images with a failed or missing answer
+        # the server recovers: the rerun asks again only the items with a failed or missing answer
         server.fail = lambda index, record: None
         before = len(server.requests)
-        complete = {u for u, g in pd.concat(pd.read_parquet(s) for s in kept).groupby("unit") if (g.error == "").all()}
+        answered = (pd.concat(pd.read_parquet(s) for s in kept).error == "").sum()
         assert run_stage(again, "extract.py", "toy-bird").returncode == 0
-        assert len(server.requests) - before == (n_train - len(complete)) * 8
+        assert len(server.requests) - before == n_train * 8 - answered
+
+
+def test_a_rerun_asks_the_failed_items_alone_and_the_stage_says_how(tmp_path, tiny_models):
+    """Permanent failures below the allowed rate: the stage succeeds, lists them, and its summary line
+    gives the command that asks them again (DVC sees the stage as up to date: `-f`); that rerun asks
+    the failed (image, key) items alone: 12 requests for the 12 failed items (it asked all 96
+    questions of their images before)."""
+    mllm = MLLM.load(tiny_models["vlm"])
+    root = make_world_workdir(tmp_path)
+    dataset, keys = load(root)
+    train = list(dataset.train.itertuples())
+    flaky = question_of(keys[2])
+    with ModelServer(vlm=mllm, max_tokens=4) as server:
+        server.fail = lambda index, record: 500 if record["text"] == flaky else None
+        openai_params(root, server, max_failure_rate=0.2)  # 1 key of 8 fails for each of the 12 images
+        first = run_stage(root, "extract.py", "toy-bird")
+        assert first.returncode == 0, first.stderr
+        assert len(server.requests) == len(train) * len(keys)
+        failures = pd.read_csv(root / "data" / "attributes" / "toy-bird" / "failures.csv")
+        assert len(failures) == len(train) and set(failures.key) == {keys[2].key}
+        assert first.stdout.strip().splitlines()[-1] == (
+            f"toy-bird: {len(train) * 7} values for {len(train)} units x {len(keys)} keys; {len(train)} failed, "
+            "listed in data/attributes/toy-bird/failures.csv; `dvc repro -f -s extract@toy-bird` asks them alone again"
+        )
+
+        server.fail = lambda index, record: None
+        before = len(server.requests)
+        again = run_stage(root, "extract.py", "toy-bird")
+        assert again.returncode == 0, again.stderr
+        asked = server.requests[before:]
+        assert len(asked) == len(train) and {r["text"] for r in asked} == {flaky}  # 12 requests, not 96
+        assert {r["image_sha1"] for r in asked} == set(dataset.train.sha1)
+    assert again.stdout.strip().splitlines()[-1].endswith(f"{len(train)} units x {len(keys)} keys; 0 failed")
+    values = pd.read_parquet(root / "data" / "attributes" / "toy-bird" / "values.parquet")
+    assert len(values) == len(train) * len(keys)
+    assert pd.read_csv(root / "data" / "attributes" / "toy-bird" / "failures.csv").empty
+    stats = json.loads((root / "metrics" / "extract" / "toy-bird.json").read_text())
+    assert stats["resumed_items"] == len(train) * 7 and stats["computed_items"] == len(train)
 
 
 # the 200 replies an OpenAI-compatible server must not be trusted to get right
@@ -334,7 +382,7 @@ def test_answers_received_before_a_crash_are_written(tmp_path, crash):
             raise crash
         return [f"answer {i}"] * len(keys)
 
-    units = [Unit(f"u{i}", [f"u{i}"], lambda i=i: ask(i)) for i in range(12)]
+    units = [Unit(f"u{i}", [f"u{i}"], lambda idx, i=i: [ask(i)[j] for j in idx]) for i in range(12)]
     with pytest.raises(type(crash)):
         run_units(units, keys, tmp_path, ExtractConfig(shard_size=3), desc="test")
     assert shard_units(tmp_path) == ["u0", "u1", "u2", "u3"]  # one full shard and the received rest

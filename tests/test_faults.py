@@ -1,42 +1,37 @@
 """Faults a user meets (issue 15): non-finite training, Ctrl-C and SIGTERM, MLflow runs of killed
-stages, resuming onto a rebuilt base, and a SIGKILL at a random step that a re-run repairs."""
+stages, resuming onto a rebuilt base, and a SIGKILL at a random step that a re-run repairs.
+Issue 30: I/O faults at the edges (a read-only output folder, a full disk, a missing input, a
+safetensors write error) end a stage in one line, and a SIGKILLed stage's run is marked KILLED."""
 
 import dataclasses
+import functools
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_world_workdir, run_stage, set_params, stage_env
-from test_training import TRAIN, write_instructions
+from conftest import REPO, run_stage, set_params, stage_env
 
 from finedefics.io import StageError, write_json
 from finedefics.models.paths import model_fingerprint
-from finedefics.tracking import tracking_uri
+from finedefics.tracking import KILLED_WITHOUT_A_WORD, tracking_uri
 from finedefics.training import Diverged, FitConfig, fit, plan
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_models):
-    """A stage working directory with Stage I / II data and the tiny VLM as its base."""
-    root = make_world_workdir(
-        tmp_path_factory.mktemp("faults"), categories=6, cluster_size=3, train_per_class=2, test_per_class=1
-    )
-    write_instructions(root)
-    set_params(root, **{"model.base": str(tiny_models["vlm"]), **TRAIN})
-    return root
-
-
 @pytest.fixture
-def copy(workdir, tmp_path):
+def copy(train_workdir, tmp_path):
+    """A copy of the module's training workdir (conftest), with the world specs `prepare` reads."""
     root = tmp_path / "w"
-    shutil.copytree(workdir, root)
+    shutil.copytree(train_workdir, root)
+    (root / "world").symlink_to(REPO / "world")
     return root
 
 
@@ -314,8 +309,8 @@ def test_sigkill_at_a_random_step_then_dvc_repro_gives_the_uninterrupted_model(c
     """The whole story of a killed training stage under DVC (a one-stage pipeline over the test's data):
 
     1. `dvc repro`, SIGKILL at a seeded random step: the checkpoint before it is kept;
-    2. `dvc repro` runs the stage again, which resumes from that checkpoint (and closes the killed
-       run's MLflow run as FAILED);
+    2. `dvc repro` runs the stage again, which resumes from that checkpoint (the killed run's MLflow
+       run is marked KILLED by its watcher);
     3. `dvc repro -f`, uninterrupted from step 1, gives the same model (float tolerance);
     4. once DVC has a finished run of these inputs, a killed `dvc repro -f` followed by `dvc repro`
        does not resume: DVC restores the recorded result (the same model) and skips the stage."""
@@ -337,7 +332,8 @@ def test_sigkill_at_a_random_step_then_dvc_repro_gives_the_uninterrupted_model(c
     client = MlflowClient(tracking_uri())
     exp = client.get_experiment_by_name("fault-injection").experiment_id
     first = client.search_runs([exp], order_by=["attributes.start_time ASC"])[0]
-    assert first.info.status == "FAILED"  # closed when the stage next started
+    # marked by its watcher (KILLED), or closed when the stage next started (FAILED) if that came first
+    assert first.info.status in ("KILLED", "FAILED") and first.data.tags["end_reason"] == KILLED_WITHOUT_A_WORD
     after_resume = weights(copy)
     assert not list((copy / ".resume" / "train_stage1").iterdir())  # finished: no checkpoint left
 
@@ -356,3 +352,220 @@ def test_sigkill_at_a_random_step_then_dvc_repro_gives_the_uninterrupted_model(c
     assert checkpoint_step(copy) >= 2  # the killed run's checkpoint stays (`dvc repro -f` would resume it)
     for name, value in weights(copy).items():
         torch.testing.assert_close(value, uninterrupted[name], rtol=0, atol=0)
+
+
+# --- issue 30: I/O faults end a stage in one line naming the stage, the path and what to do -----------
+#
+# The light stage is `prepare@toy-bird` (writes data/prepared/toy-bird, plots/prepare/, metrics/prepare/),
+# the training stage `train_stage1` (writes models/stage1, metrics/train_stage1.json).
+# Real faults, no mocks: a read-only folder is `chattr +i` as root (root writes through permission
+# bits) and `chmod a-w` otherwise; a full disk is a small tmpfs mounted over the output folder in a
+# private mount namespace (`unshare -rm`, no root needed where user namespaces are allowed), filled
+# before the stage starts (ENOSPC on the first write) or left with room for the model's JSON files
+# but not its weights (the SafetensorError of safetensors' own writer).
+
+LIGHT = ("prepare.py", "toy-bird")
+TRAINING = ("train_stage1.py",)
+
+
+def error_line(stderr: str) -> str:
+    """The one error line of a failed stage; progress bars and logs may surround it, a traceback may not."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("error")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def left_over(folder: Path) -> list[str]:
+    """What a failed stage left in `folder`: any temporary (`.name.tmp`) or probe file is half-written."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.is_dir() else []
+
+
+@contextmanager
+def read_only(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not supported here (root writes through permission bits)")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+
+
+@functools.cache
+def can_mount_tmpfs() -> bool:
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", probe], capture_output=True).returncode == 0
+
+
+FULL_DISK = """
+mount -t tmpfs -o size="$SIZE" tmpfs "$FOLDER" || exit 99
+if [ "$FILL" = 1 ]; then head -c 64m /dev/zero > "$FOLDER/filler" 2>/dev/null; fi
+"$@"
+rc=$?
+rm -f "$FOLDER/filler"
+ls -A "$FOLDER" > "$LISTING"
+exit $rc
+"""
+
+
+def on_full_disk(root: Path, folder: str, stage: tuple[str, ...], size: str = "64k", fill: bool = True):
+    """Run `stage` with a `size` tmpfs mounted over root/folder (filled first if `fill`); the finished
+    process and what the tmpfs held after it (the folder as the stage left it)."""
+    if not can_mount_tmpfs():
+        pytest.skip("no private mount namespace (unshare -rm) to mount a small tmpfs in")
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    listing = root.parent / "listing.txt"
+    env = stage_env() | {"SIZE": size, "FOLDER": str(root / folder), "FILL": str(int(fill)), "LISTING": str(listing)}
+    command = [sys.executable, str(REPO / "stages" / stage[0]), *stage[1:]]
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", FULL_DISK, "sh", *command], cwd=root, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode != 99, proc.stderr
+    return proc, listing.read_text().split()
+
+
+def experiment_runs(experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def nothing_trained(root: Path) -> bool:
+    return not (root / ".resume" / "train_stage1").exists() and not (root / "models" / "stage1").exists()
+
+
+@pytest.mark.parametrize("stage", [LIGHT, TRAINING], ids=["prepare", "train_stage1"])
+def test_a_read_only_output_folder_is_named_before_the_stage_starts(copy, stage):
+    folder, out = (
+        (copy / "data" / "prepared", "data/prepared/toy-bird") if stage is LIGHT else (copy / "models", "models/stage1")
+    )
+    name = "prepare@toy-bird" if stage is LIGHT else "train_stage1"
+    before = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    set_params(copy, **{"tracking.experiment": f"read-only-{name}"})
+    with read_only(folder):
+        start = time.monotonic()
+        proc = run_stage(copy, *stage)
+        took = time.monotonic() - start
+        assert sorted(p.name for p in folder.iterdir()) == before  # nothing written, nothing half-written
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = error_line(proc.stderr)
+    reason = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+    assert line == (
+        f"error: {name}: cannot write {out} ({reason}); make {folder.relative_to(copy)} writable "
+        f"and rerun `dvc repro {name}`"
+    )
+    assert experiment_runs(f"read-only-{name}") == []  # failed before its MLflow run, let alone training
+    assert nothing_trained(copy) and not (copy / "metrics").exists() and not (copy / "plots").exists()
+    assert took < 60
+
+
+@pytest.mark.parametrize(
+    "stage, size, fill",
+    [(LIGHT, "64k", True), (LIGHT, "16k", False), (TRAINING, "64k", True)],
+    ids=["prepare-full", "prepare-fills-up", "train_stage1-full"],
+)
+def test_a_full_disk_ends_the_stage_in_one_line_and_leaves_nothing_half_written(copy, stage, size, fill):
+    """A disk full from the start is found before the stage starts; one that fills up while the stage
+    writes (16 KiB: less than the world's images) when the write fails, the MLflow run FAILED."""
+    folder, out = ("data/prepared", "data/prepared/toy-bird") if stage is LIGHT else ("models", "models/stage1")
+    name = "prepare@toy-bird" if stage is LIGHT else "train_stage1"
+    set_params(copy, **{"tracking.experiment": f"full-{name}-{size}"})
+    proc, listing = on_full_disk(copy, folder, stage, size, fill)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = error_line(proc.stderr)
+    assert line == (
+        f"error: {name}: cannot write {out} (No space left on device); free disk space and rerun `dvc repro {name}`"
+    )
+    assert listing == []  # no temporary folder, no probe
+    assert not (copy / "metrics").exists() and nothing_trained(copy)
+    runs = experiment_runs(f"full-{name}-{size}")
+    if fill:
+        assert runs == []  # found before the stage started
+    else:
+        (run,) = runs
+        assert run.info.status == "FAILED" and run.data.tags["end_reason"].startswith("OSError: [Errno 28]")
+
+
+def test_a_safetensors_write_error_ends_training_in_one_line(copy):
+    """Room for the model's config files, not for its weights: safetensors' writer fails (not Python's)."""
+    set_params(copy, **{"tracking.experiment": "safetensors"})
+    proc, listing = on_full_disk(copy, "models", TRAINING, size="256k", fill=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = error_line(proc.stderr)
+    assert line == (
+        "error: train_stage1: cannot write models/stage1 (No space left on device); "
+        "free disk space and rerun `dvc repro train_stage1`"
+    )
+    assert listing == [] and not (copy / "metrics").exists()
+    (run,) = experiment_runs("safetensors")
+    assert run.info.status == "FAILED" and run.data.tags["end_reason"].startswith("SafetensorError: ")
+
+
+@pytest.mark.parametrize(
+    "stage, missing",
+    [(LIGHT, "world/toy-bird.yaml"), (TRAINING, "data/instructions/stage1.parquet")],
+    ids=["prepare", "train_stage1"],
+)
+def test_a_missing_input_is_named_before_the_stage_starts(copy, stage, missing):
+    name = "prepare@toy-bird" if stage is LIGHT else "train_stage1"
+    (copy / missing.split("/")[0] if stage is LIGHT else copy / missing).unlink()  # world/: the link to REPO/world
+    set_params(copy, **{"tracking.experiment": f"missing-{name}"})
+    proc = run_stage(copy, *stage)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = error_line(proc.stderr)
+    assert line.startswith(f"error: {name}: {missing} is missing (No such file or directory); "), line
+    assert f"`dvc repro {name}`" in line
+    assert experiment_runs(f"missing-{name}") == [] and nothing_trained(copy)
+    assert left_over(copy / "data" / "prepared") == [] and not (copy / "metrics").exists()
+
+
+def test_analyze_names_a_missing_predictions_file_before_loading_a_model(copy):
+    proc = run_stage(copy, "analyze.py")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = error_line(proc.stderr)
+    assert line.startswith("error: analyze: results/predictions/base/toy-bird.json is missing (No such file"), line
+    assert not (copy / "plots").exists() and not (copy / "metrics").exists()
+
+
+# --- issue 30: a SIGKILLed stage's MLflow run is marked KILLED without waiting for a next start ---------
+
+
+def test_a_sigkilled_stage_run_is_marked_killed_by_its_watcher(copy, tiny_models):
+    """SIGKILL cannot be caught: the stage's watcher sees its pipe close with the run still RUNNING.
+    Nothing else starts meanwhile (the next start's clean-up would mark it FAILED)."""
+    from openai_server import ModelServer
+
+    with ModelServer() as server:  # holds every request: the stage waits there, its run RUNNING
+        server.hold_from = 0
+        set_params(
+            copy,
+            **{
+                "tracking.experiment": "sigkill",
+                "attributes.extract.backend": "openai",
+                "attributes.extract.model": "tiny",
+                "attributes.extract.base_url": server.base_url,
+            },
+        )
+        proc = start_stage(copy, "extract.py", "toy-bird")
+        wait_until(proc, server.holding.is_set, timeout=120)
+        (run,) = experiment_runs("sigkill")
+        assert run.info.status == "RUNNING"
+        proc.kill()
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while experiment_runs("sigkill")[0].info.status == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        server.release.set()
+    (run,) = experiment_runs("sigkill")
+    assert run.info.status == "KILLED" and run.data.tags["end_reason"] == KILLED_WITHOUT_A_WORD
+    assert run.info.end_time is not None

@@ -8,36 +8,46 @@ import json
 import math
 import os
 import shutil
-import signal
-import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
+if TYPE_CHECKING:  # imported where used: the stage runner and light stages start without them
+    import pandas as pd
+    import pyarrow as pa
+    from PIL import Image
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` (file or folder)."""
+    """Yield a temporary path beside `path`; on success it replaces `path` (file or folder). On any
+    failure the temporary path is removed, so nothing half-written is left, and the exception carries
+    `path` as its `WRITING` attribute (the outermost, when one write holds others: the stage's
+    output, which the stage runner names)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    _remove(tmp)
     try:
-        yield tmp
-    except BaseException:
+        path.parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            setattr(err, WRITING, path)
+        except AttributeError:
+            pass
+        try:
+            _remove(tmp)
+        except OSError:
+            pass  # the error that stopped the write is the one to report
         raise
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+
+
+WRITING = "finedefics_writing"
 
 
 def _remove(path: Path) -> None:
@@ -48,7 +58,7 @@ def _remove(path: Path) -> None:
 
 
 class StageError(RuntimeError):
-    """A failure a stage reports in one line (exit code 1): `run_main` prints it, no traceback."""
+    """A failure a stage reports in one line (exit code 1): the stage runner prints it, no traceback."""
 
 
 class ArtefactError(ValueError):
@@ -78,6 +88,8 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def _plain(kind: pa.DataType) -> pa.DataType:
     """`kind` with large strings and lists as plain ones (pandas writes either)."""
+    import pyarrow as pa
+
     if pa.types.is_large_string(kind):
         return pa.string()
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
@@ -86,6 +98,8 @@ def _plain(kind: pa.DataType) -> pa.DataType:
 
 
 def _fits(actual: pa.DataType, declared: pa.DataType) -> bool:
+    import pyarrow as pa
+
     actual, declared = _plain(actual), _plain(declared)
     if pa.types.is_list(actual) and pa.types.is_list(declared):
         return pa.types.is_null(actual.value_type) or _fits(actual.value_type, declared.value_type)  # only empty lists
@@ -109,12 +123,18 @@ class Table:
             raise ArtefactError(f"{path}: column '{extra[0]}' is not declared (columns: {', '.join(self.columns)})")
 
     def write(self, path: str | Path, frame: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         self.check(pa.Schema.from_pandas(frame, preserve_index=False), path)
         table = pa.Table.from_pandas(frame[list(self.columns)], schema=pa.schema(self.columns), preserve_index=False)
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
 
     def read(self, path: str | Path) -> pd.DataFrame:
+        import pandas as pd
+        import pyarrow.parquet as pq
+
         path = Path(path)
         if not path.is_file():
             raise ArtefactError(f"{path}: not found (run the stage that writes it: `dvc repro`)")
@@ -127,16 +147,14 @@ def read_json(path: str | Path) -> Any:
 
 
 def load_image(path: str | Path) -> Image.Image:
+    from PIL import Image
+
     with Image.open(Path(path)) as im:
         return im.convert("RGB")
 
 
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, raised where the stage is (as Ctrl-C's SIGINT raises `KeyboardInterrupt`)."""
-
-
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted(signal.Signals(signum).name)
 
 
 @dataclass
@@ -153,33 +171,10 @@ def progress(where: str | None, resumes: str | None = None) -> None:
     _PROGRESS.where, _PROGRESS.resumes = where, resumes
 
 
-def stage_name(argv: list[str] | None = None) -> str:
-    """The DVC stage a stage entry file runs as: `train_stage1`, `extract@toy-bird`."""
-    argv = sys.argv if argv is None else argv
-    name = Path(argv[0]).stem
-    return f"{name}@{argv[1]}" if len(argv) > 1 else name
-
-
 def interrupted_line(stage: str, signame: str) -> str:
     where = f" at {_PROGRESS.where}" if _PROGRESS.where else ""
     then = f"resumes from {_PROGRESS.resumes}" if _PROGRESS.resumes else "runs it again"
     return f"interrupted ({signame}): {stage} stopped{where}; `dvc repro` {then}"
 
 
-def run_main(main: Callable[[], None]) -> None:
-    """A stage's entry point. An artefact that is not what its declaration says, or any `StageError`,
-    ends the stage with one line (`error: ...`) and exit code 1. Ctrl-C (SIGINT) and SIGTERM end it
-    with one line saying where it stopped and what a re-run resumes, and exit code 130."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupted)
-    try:
-        main()
-    except (ArtefactError, StageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt as err:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not break the last line
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signame = str(err) if isinstance(err, Interrupted) else "SIGINT"
-        print(interrupted_line(stage_name(), signame), file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+STAGE_ENV = "FINEDEFICS_STAGE"  # set by the stage runner while a stage runs (its name), for tracking

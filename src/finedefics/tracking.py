@@ -7,9 +7,13 @@ queued or `--temp` DVC experiment run in `.dvc/tmp/exps/<tmp>/`; their runs stil
 main repository's store.
 
 A run ends FINISHED, FAILED (the stage raised) or KILLED (Ctrl-C or SIGTERM), with the reason in
-its `end_reason` tag. A run left RUNNING by a process that died without a word (SIGKILL, out of
-memory, power loss) is closed as FAILED when the same stage next starts on that machine: each run
-records its host and process, and a run whose process is gone is closed.
+its `end_reason` tag. A stage's process cannot catch SIGKILL (nor the out-of-memory killer's), so a
+stage run by the stage runner (`finedefics.runner`) leaves a watcher beside its run: a small process
+holding one end of a pipe, which the stage closes when it ends the run. If the pipe closes with the
+run still RUNNING, the stage died without a word and the watcher marks the run KILLED within a
+second or two. A run left RUNNING all the same (the watcher died too: power loss) is closed as
+FAILED when the same stage next starts on that machine: each run records its host and process, and
+a run whose process is gone is closed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from finedefics.config import Params
-from finedefics.io import Interrupted
+from finedefics.io import STAGE_ENV, Interrupted
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+KILLED_WITHOUT_A_WORD = "its process ended without a word (SIGKILL?)"
 
 
 def repo_root(start: str | Path | None = None) -> Path:
@@ -150,14 +156,61 @@ def close_abandoned(experiment_id: str, stage: str) -> list[str]:
     closed = []
     for run in client.search_runs([experiment_id], f"tags.stage = '{stage}' and attributes.status = 'RUNNING'"):
         if not _alive(run.data.tags):
-            client.set_tag(run.info.run_id, "end_reason", "its process ended without a word (SIGKILL?)")
+            client.set_tag(run.info.run_id, "end_reason", KILLED_WITHOUT_A_WORD)
             client.set_terminated(run.info.run_id, "FAILED")
             closed.append(run.info.run_id)
     return closed
 
 
-def _end(status: str, reason: str) -> None:
-    """End the active run; a second Ctrl-C meanwhile waits until it is written."""
+# The watcher: waits on a pipe (stdin) whose only writer is the stage. A byte: the stage ended its
+# run itself. End of file without one: the stage died; its run, if still RUNNING, is marked KILLED.
+# It imports mlflow only then, so a watcher costs an idle interpreter while the stage runs.
+WATCHER = """
+import os, sys
+if os.read(0, 1):
+    raise SystemExit
+from mlflow.tracking import MlflowClient
+run_id, uri, reason = sys.argv[1:4]
+client = MlflowClient(uri)
+if client.get_run(run_id).info.status == "RUNNING":
+    client.set_tag(run_id, "end_reason", reason)
+    client.set_terminated(run_id, "KILLED")
+"""
+
+
+def _watch(run_id: str, uri: str) -> int:
+    """Start the watcher of `run_id` (in its own session: a signal to the stage's process group does
+    not reach it); the write end of its pipe, which `_release` closes."""
+    read, write = os.pipe()  # neither end is inherited but as the watcher's stdin
+    try:
+        os.posix_spawn(  # not subprocess.Popen: the stage never waits for it
+            sys.executable,
+            [sys.executable, "-c", WATCHER, run_id, uri, KILLED_WITHOUT_A_WORD],
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, read, 0),
+                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(read)
+    return write
+
+
+def _release(watcher: int | None) -> None:
+    """Tell the watcher that the run is ended (it exits)."""
+    if watcher is not None:
+        try:
+            os.write(watcher, b"1")
+        except OSError:
+            pass  # the watcher is gone: nothing to tell
+        os.close(watcher)
+
+
+def _end(status: str, reason: str, watcher: int | None = None) -> None:
+    """End the active run, then release its watcher; a second Ctrl-C meanwhile waits until both are done."""
     import mlflow
 
     signals = {signal.SIGINT, signal.SIGTERM}
@@ -167,14 +220,16 @@ def _end(status: str, reason: str) -> None:
             mlflow.set_tag("end_reason", reason)
         mlflow.end_run(status)
     finally:
+        _release(watcher)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 @contextmanager
 def stage_run(stage: str, params: Params, run_name: str | None = None) -> Iterator[StageRun]:
     """Start an MLflow run for `stage` and log `params`; end it FINISHED, FAILED if the stage raises,
-    KILLED if it is interrupted (SIGINT, SIGTERM). Earlier runs of `stage` whose process is gone are
-    closed first."""
+    KILLED if it is interrupted (SIGINT, SIGTERM) and, under the stage runner, by its watcher if the
+    process is killed outright (SIGKILL). Earlier runs of `stage` whose process is gone are closed
+    first."""
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -197,19 +252,20 @@ def stage_run(stage: str, params: Params, run_name: str | None = None) -> Iterat
         "process_started": repr(_process_started(os.getpid())),
     }
     run = mlflow.start_run(run_name=run_name or stage, tags=tags)
+    watcher = _watch(run.info.run_id, uri) if os.environ.get(STAGE_ENV) else None
     try:
         handle = StageRun(run.info.run_id)
         handle.log_params(params.flat())
         yield handle
     except KeyboardInterrupt as err:
-        _end("KILLED", str(err) if isinstance(err, Interrupted) else "SIGINT")
+        _end("KILLED", str(err) if isinstance(err, Interrupted) else "SIGINT", watcher)
         raise
     except SystemExit as err:
         ok = err.code in (None, 0)
-        _end("FINISHED" if ok else "FAILED", "" if ok else f"exit code {err.code}")
+        _end("FINISHED" if ok else "FAILED", "" if ok else f"exit code {err.code}", watcher)
         raise
     except BaseException as err:
-        _end("FAILED", f"{type(err).__name__}: {err}".splitlines()[0][:500])
+        _end("FAILED", f"{type(err).__name__}: {err}".splitlines()[0][:500], watcher)
         raise
     else:
-        _end("FINISHED", "")
+        _end("FINISHED", "", watcher)

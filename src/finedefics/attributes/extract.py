@@ -4,8 +4,9 @@ Work is split into units: an image (per-sample and ground-truth construction) or
 (tag-based construction: values from the category name, given to every image of the class).
 Answers are written in shards under a resume folder named by a fingerprint of everything that
 decides them, so a run killed at any moment continues where it stopped and ends with the same
-output as an uninterrupted run. Items whose request failed are recorded, counted and retried on
-the next run; the stage fails, keeping its shards, once failures exceed the allowed rate.
+output as an uninterrupted run. Items whose request failed are recorded, counted and asked again
+on the next run, alone (not the other keys of their image); the stage fails, keeping its shards,
+once failures exceed the allowed rate.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class Unit:
 
     id: str
     images: list[str]  # image_ids that receive the unit's answers
-    ask: Callable[[], list[str | BackendError | None]]  # per key: answer, failure, or None (no ground truth)
+    # the answers to the keys at the given positions: per key an answer, a failure, or None (no ground truth)
+    ask: Callable[[list[int]], list[str | BackendError | None]]
 
 
 @dataclass
@@ -125,9 +127,9 @@ def plan_units(
         for c in dataset.categories:
             images = list(train.loc[train.label == c.label, "image_id"])
             if backend is None:
-                ask = lambda t=truth.get(c.label, {}): oracle_answers(keys, super_category, t, None)  # noqa: E731
+                ask = lambda idx, t=truth.get(c.label, {}): _at(oracle_answers(keys, super_category, t, None), idx)  # noqa: E731
             else:
-                ask = lambda qs=questions(keys, super_category, c.name): backend.answer_text(qs)  # noqa: E731
+                ask = lambda idx, qs=questions(keys, super_category, c.name): backend.answer_text(_at(qs, idx))  # noqa: E731
             units.append(Unit(f"class:{c.label}", images, ask))
         return units
     asked = questions(keys, super_category)
@@ -136,11 +138,15 @@ def plan_units(
         if backend is None:
             attrs = json.loads(row.attributes) if row.attributes else {}
             scene = json.loads(row.scene) if row.scene else None
-            ask = lambda a=attrs, s=scene: oracle_answers(keys, super_category, a, s)  # noqa: E731
+            ask = lambda idx, a=attrs, s=scene: _at(oracle_answers(keys, super_category, a, s), idx)  # noqa: E731
         else:
-            ask = lambda path=row.path: backend.answer(Image.open(path).convert("RGB"), asked)  # noqa: E731
+            ask = lambda idx, path=row.path: backend.answer(Image.open(path).convert("RGB"), _at(asked, idx))  # noqa: E731
         units.append(Unit(row.image_id, [row.image_id], ask))
     return units
+
+
+def _at(items: list, positions: list[int]) -> list:
+    return [items[i] for i in positions]
 
 
 def fingerprint(
@@ -192,12 +198,13 @@ def run_units(
     names = [k.key for k in keys]
     failed = sum(1 for got in answers.values() for _, err in got.values() if err)
 
-    def complete(unit_id: str) -> bool:
+    def pending(unit_id: str) -> list[int]:
+        """The positions of the keys the unit has no answer to yet (never asked, or failed)."""
         got = answers.get(unit_id, {})
-        return all(k in got and not got[k][1] for k in names)
+        return [i for i, k in enumerate(names) if k not in got or got[k][1]]
 
     total = len(units) * len(names)
-    resumed = sum(complete(u.id) for u in units) * len(names)
+    resumed = total - sum(len(pending(u.id)) for u in units)
     budget = cfg.max_failure_rate * total
     buffer: list[dict] = []
 
@@ -214,10 +221,11 @@ def run_units(
     units_in_buffer = 0
     try:
         for unit in units:
-            if complete(unit.id):
+            todo = pending(unit.id)
+            if not todo:
                 continue
             got = answers.setdefault(unit.id, {})
-            for key, result in zip(names, unit.ask()):
+            for key, result in zip(_at(names, todo), unit.ask(todo)):
                 if result is None:
                     value, error = None, ""
                 elif isinstance(result, BaseException):
@@ -227,7 +235,7 @@ def run_units(
                 failed += bool(error) - bool(got.get(key, ("", ""))[1])
                 got[key] = (value, error)
                 buffer.append({"unit": unit.id, "key": key, "value": value, "error": error})
-            bar.update(len(names))
+            bar.update(len(todo))
             units_in_buffer += 1
             if units_in_buffer >= cfg.shard_size:
                 flush()
