@@ -71,16 +71,43 @@ def test_diagnosis_is_measured_from_generations(world, monkeypatch):
     ]
     sft.train(mllm, lessons * 8, epochs=25, batch_size=8, lr=2e-3, seed=0, desc="teach")
     taught, samples = diagnose(mllm, [ds], seed=0)
-    # Measured with build_base and sft.train seeded 0-14 with 1 thread, and 0-4 with 2 threads: untrained
-    # 0.0 and 0.0 every time; taught captions 0.61-1.0 (seed 0: 0.61; 1 and 2 threads differ at some
-    # seeds, e.g. 0.79 against 0.93) and knowledge 1.0 every time. The bars lie well below. They cannot
-    # show that the tiny model reads the image: a well-formed caption copied from another test image
-    # scores 0.57 here, and another class's knowledge 0.50. They show that diagnose parses what it
-    # generates, where the untrained model scores 0. Re-measured on finedefics.training.fit (transformers'
-    # cosine schedule), seeds 0-4 with 1 and with 2 threads: captions 0.61-0.64, knowledge 1.0.
+    # Under build_base and sft.train seeded 0-4, with 1 and with 2 threads: untrained 0.0 and 0.0 every
+    # time; taught captions 0.61-0.64 and knowledge 1.0. The bars lie well below. They cannot show that
+    # the tiny model reads the image (a well-formed caption copied from another test image scores 0.57
+    # here, another class's knowledge 0.50); they show that diagnose parses what it generates, where the
+    # untrained model scores 0.
     assert taught["caption_attribute_accuracy"] > 0.3 and taught["knowledge_attribute_accuracy"] > 0.75
     assert samples["toy-bird"][0].startswith("A bird:")
-    assert 0.0 <= taught["zero_shot_mc_accuracy"] <= 1.0
+
+
+def test_zero_shot_accuracy_counts_the_letters_that_name_the_image_s_class(world, monkeypatch):
+    """diagnose's multiple choice against ground truth: a model that answers the letter of the
+    image's class on the first test image of each class and "E" (no option) on the others scores
+    the share of first images, and fails on the rest."""
+    from finedefics.models import bootstrap
+
+    root, ds = world
+    monkeypatch.chdir(root)
+    test = ds.test.groupby("label").head(bootstrap.DIAGNOSIS_PER_CLASS)
+    label_of = dict(zip(test.path, test.label))
+    firsts = set(test.groupby("label").path.first())
+
+    def answer_all(mllm, questions, images, max_new_tokens):
+        if images is None or "Choices:" not in questions[0]:
+            return [""] * len(questions)  # captions and knowledge: nothing to read
+        out = []
+        for question, path in zip(questions, images):
+            options = [line[3:] for line in question.splitlines() if line[:3] in ("A. ", "B. ", "C. ", "D. ")]
+            out.append("ABCD"[options.index(ds.names[label_of[path]])] if path in firsts else "E")
+        return out
+
+    monkeypatch.setattr(bootstrap, "answer_all", answer_all)
+    metrics, _ = bootstrap.diagnose(type("Stub", (), {"family": "idefics2"})(), [ds], seed=0)
+    share = len(firsts) / len(test)
+    assert 0 < share < 1
+    assert metrics["zero_shot_mc_accuracy"] == pytest.approx(share)
+    assert metrics["zero_shot_mc_failure_rate"] == pytest.approx(1 - share)
+    assert metrics["caption_attribute_accuracy"] == 0.0
 
 
 @pytest.mark.parametrize(

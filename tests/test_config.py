@@ -3,9 +3,9 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, stage_env
+from conftest import REPO, set_dotted, stage_env
 
-from finedefics.config import ConfigError, Params, load_params, parse_params
+from finedefics.config import ConfigError, Params, load_params, parse_params, read_config
 
 
 def defaults() -> dict:
@@ -15,11 +15,7 @@ def defaults() -> dict:
 def error_for(**changes) -> str:
     raw = defaults()
     for dotted, value in changes.items():
-        node = raw
-        *path, last = dotted.split("__")
-        for part in path:
-            node = node[part]
-        node[last] = value
+        set_dotted(raw, dotted, value, sep="__", create=False)
     with pytest.raises(ConfigError) as info:
         parse_params(raw)
     return str(info.value)
@@ -73,11 +69,7 @@ def test_wrong_type_names_key_and_value():
 def test_every_ablation_key_takes_exactly_its_values(key, allowed):
     for value in allowed:
         raw = defaults()
-        node = raw
-        *path, last = key.split("__")
-        for part in path:
-            node = node[part]
-        node[last] = value
+        set_dotted(raw, key, value, sep="__", create=False)
         parse_params(raw)
     msg = error_for(**{key: "bogus"})
     assert all(v in msg for v in allowed)
@@ -166,8 +158,25 @@ def test_schema_defaults_are_the_committed_params():
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_config_validates(path):
-    assert isinstance(load_params(path), Params)
+def test_every_config_validates_with_the_values_it_sets(path):
+    """Validation keeps every value an overlay sets (none dropped, none coerced to another value),
+    and each overlay changes the default."""
+    raw, validated = read_config(path), load_params(path).model_dump(mode="json")
+    for dotted, value in leaves(raw):
+        node = validated
+        for part in dotted.split("."):
+            node = node[part]
+        assert node == value, (dotted, value, node)
+    assert validated != Params().model_dump(mode="json")
+
+
+def leaves(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every leaf of a params mapping; an empty mapping is a leaf."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def test_python_m_cli_has_every_command():
@@ -209,10 +218,7 @@ def test_every_float_field_is_found():
 def test_no_float_field_takes_a_non_finite_number(tmp_path, key, text):
     """YAML's .inf / .nan are floats: `train.stage1.lr: .inf` once validated, and training wrote a NaN model."""
     raw = defaults()
-    node = raw
-    for part in key[:-1]:
-        node = node.setdefault(part, {})
-    node[key[-1]] = "__VALUE__"
+    set_dotted(raw, ".".join(key), "__VALUE__")
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw).replace("__VALUE__", text))
     with pytest.raises(ConfigError) as info:

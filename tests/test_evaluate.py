@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import stage_env
+from conftest import stage_env, wilson_by_hand
 from PIL import Image
 
 from finedefics.evaluate import analysis as an
@@ -121,12 +121,6 @@ def test_score_reads_a_results_file_written_by_foci(tmp_path):
     f.write_text("{not json")
     proc = cli("score", str(f))
     assert proc.returncode == 2 and "not a FOCI results file" in proc.stderr
-
-
-def wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    p = k / n
-    centre, half = (p + z * z / (2 * n)), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
 def test_score_takes_several_files_and_warns_when_a_metrics_block_disagrees(tmp_path):
@@ -283,6 +277,43 @@ def test_qwen_answers_its_chat_template_and_writes_foci_predictions(tiny_models,
 
 def test_normalised_names():
     assert normalise("Black_footed_Albatross") == normalise("black-footed albatross ") == "black footed albatross"
+
+
+class Scripted:
+    """An MLLM stand-in whose greedy answers are given: one per prompt, in order."""
+
+    family = "idefics2"
+    answers_in_one_pass = False
+
+    def __init__(self, answers: list[str]):
+        self.answers = list(answers)
+        self.asked: list[str] = []
+
+    def prompt(self, question: str) -> str:
+        return question
+
+    def generate(self, prompts, images, max_new_tokens):
+        self.asked += prompts
+        return [self.answers.pop(0) for _ in prompts]
+
+
+def test_open_set_answers_are_right_only_when_they_name_the_ground_truth(tmp_path):
+    """Open-set recognition is scored against each image's own class: a name differing only in
+    case, punctuation or underscores is right; another class, a longer answer, an empty one or an
+    unreadable image is wrong."""
+    from finedefics.evaluate.mc import open_set
+
+    image = tmp_path / "bird.png"
+    Image.new("RGB", (64, 64), "red").save(image)
+    truths = ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross", "Crested_Auklet", "Least_Auklet"]
+    answers = ["black-footed albatross", "Sooty Albatross", "sooty  albatross.", "a crested auklet", ""]
+    paths = [str(image)] * 5 + [str(tmp_path / "missing.png")]
+    mllm = Scripted(answers)
+    results = open_set(mllm, "bird", paths, [*truths, "Least_Auklet"], batch_size=2)
+    assert [r["correct"] for r in results] == [True, False, True, False, False, False]
+    assert [r["groundtruth"] for r in results] == [*truths, "Least_Auklet"]
+    assert [r["predicted_raw"] for r in results] == [*answers, UNREADABLE]
+    assert mllm.asked == ["What is the name of the bird in the image?"] * 5  # the unreadable image is not asked
 
 
 def clusters(n_classes=4, per_class=20, d=16, spread=0.05, seed=0):

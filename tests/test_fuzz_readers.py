@@ -87,11 +87,9 @@ def trees(tmp_path_factory):
     built = {}
     for name, layout in {(n, layout) for n, layout, _ in TEXT_FILES} | {(n, "published") for n, _ in MAT_FILES}:
         top = tmp_path_factory.mktemp(f"{name}-{layout}")
-        if layout == "flat":
-            make_flat(top / name, name)
-        else:
-            MAKERS[name](top / name)
+        fixture = make_flat(top / name, name) if layout == "flat" else MAKERS[name](top / name)
         built[name, layout] = Tree(top, name)
+        built[name, layout].fixture = fixture
     return built
 
 
@@ -219,11 +217,17 @@ def test_matlab_annotation_readers_give_a_dataset_or_one_error_line(trees, name,
 
 
 def test_a_fuzzed_file_that_is_valid_reads_as_before(trees):
-    """The harness itself: the unchanged files read to the fixture's dataset."""
-    for (name, _), tree in trees.items():
+    """The harness itself: the unchanged files read to the fixture's dataset, its classes in label
+    order, its train images and its test images under their FOCI keys and classes."""
+    for (name, layout), tree in trees.items():
         rel = next(iter(tree.files))
         folder, outcome = tree.load(str(rel), tree.files[rel])
-        assert isinstance(outcome, Source) and outcome.images, (name, outcome)
+        assert isinstance(outcome, Source), (name, outcome)
+        fx = tree.fixture
+        assert outcome.classes == fx.classes, (name, layout)
+        assert sum(img.split == "train" for img in outcome.images) == fx.train_count, (name, layout)
+        test = {img.foci_key: outcome.classes[img.label] for img in outcome.images if img.split == "test"}
+        assert test == fx.test_keys, (name, layout, set(test.items()) ^ set(fx.test_keys.items()))
 
 
 # --- the FOCI results file (`finedefics score`) ---------------------------------------------

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from finedefics.align.losses import (
     Batch,
@@ -258,16 +259,6 @@ def test_frozen_temperatures_are_clamped_buffers(two):
     assert b.o.grad is not None and all(x.grad is None for x in t.buffers())
 
 
-def _free_port() -> int:
-    """A port the OS reports free now; a port derived from the pid could collide with another
-    test run's (or anything else listening) and fail the rendezvous."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
 
@@ -306,7 +297,7 @@ def test_two_processes_see_the_negatives_of_both():
     loss.backward()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

@@ -3,6 +3,7 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
+from conftest import wilson_by_hand
 
 from finedefics.stats import across_seeds, average_ci, wilson
 
@@ -12,13 +13,6 @@ Z95 = NormalDist().inv_cdf(0.975)
 def right_on(n: int, right: int) -> np.ndarray:
     """0/1 scores: the first `right` of `n` images correct."""
     return (np.arange(n) < right).astype(float)
-
-
-def wilson_by_hand(k: float, n: int, z: float = Z95) -> tuple[float, float]:
-    p = k / n
-    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
-    half = z / (1 + z**2 / n) * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
-    return centre - half, centre + half
 
 
 @pytest.mark.parametrize(("k", "n"), [(7, 10), (0, 20), (6.5, 10)])

@@ -3,24 +3,22 @@ import subprocess
 import sys
 
 import pytest
-from conftest import stage_env
+from conftest import REPO, stage_env
 from mlflow.tracking import MlflowClient
 
 from finedefics.config import Params
 from finedefics.io import Interrupted
-from finedefics.tracking import repo_root, stage_run, tracking_uri
+from finedefics.tracking import git_commit, repo_root, stage_run, tracking_uri
 
 
-def test_run_is_written_and_read_back(monkeypatch, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+def test_run_is_written_and_read_back(mlflow_uri, monkeypatch, tmp_path):
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-fern")
     params = Params(negatives="simple", tracking={"experiment": "unit"})
     with stage_run("prepare", params, run_name="prepare@toy-bird") as run:
         run.log_metrics({"train_images": 240, "classes": 12})
         (tmp_path / "note.txt").write_text("hello")
         run.log_artifact(tmp_path / "note.txt")
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     got = client.get_run(run.run_id)
     assert got.info.status == "FINISHED" and got.info.run_name == "prepare@toy-bird"
     assert client.get_experiment(got.info.experiment_id).name == "unit"
@@ -28,13 +26,21 @@ def test_run_is_written_and_read_back(monkeypatch, tmp_path):
     assert got.data.metrics == {"train_images": 240.0, "classes": 12.0}
     tags = got.data.tags
     assert tags["stage"] == "prepare" and tags["dvc_exp_name"] == "tidy-fern"
-    assert len(tags["git_commit"]) == 40 or tags["git_commit"] == "unknown"
+    assert tags["git_commit"] == git_head()  # the tests run in a checkout of this repository
     assert [a.path for a in client.list_artifacts(run.run_id)] == ["note.txt"]
 
 
-def test_step_values_are_batched_yet_every_step_is_kept_even_when_the_stage_fails(monkeypatch, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+def git_head() -> str:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    return head.stdout.strip()
+
+
+def test_the_commit_is_the_checkout_s_head_and_unknown_outside_a_repository(tmp_path):
+    assert len(git_head()) == 40 and git_commit(REPO) == git_head() and git_commit(REPO / "src") == git_head()
+    assert git_commit(tmp_path) == "unknown"
+
+
+def test_step_values_are_batched_yet_every_step_is_kept_even_when_the_stage_fails(mlflow_uri):
     with stage_run("train_stage2", Params(tracking={"experiment": "unit"})) as run:
         with run.steps(flush_every=20) as log:
             for step in range(1, 46):
@@ -45,20 +51,18 @@ def test_step_values_are_batched_yet_every_step_is_kept_even_when_the_stage_fail
                 for step in range(1, 8):
                     log({"loss": float(step)}, step)
                 raise RuntimeError("diverged")
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, "loss"))
     assert history == [(step, 1.0 / step) for step in range(1, 46)]
     assert len(client.get_metric_history(run.run_id, "lr")) == 45
     assert [m.step for m in client.get_metric_history(failed.run_id, "loss")] == list(range(1, 8))
 
 
-def test_failed_stage_marks_the_run_failed(monkeypatch, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+def test_failed_stage_marks_the_run_failed(mlflow_uri):
     with pytest.raises(RuntimeError):
         with stage_run("mine", Params(tracking={"experiment": "unit"})) as run:
             raise RuntimeError("boom")
-    assert MlflowClient(uri).get_run(run.run_id).info.status == "FAILED"
+    assert MlflowClient(mlflow_uri).get_run(run.run_id).info.status == "FAILED"
 
 
 def test_default_store_is_the_main_repository_even_from_a_dvc_temp_workspace(monkeypatch, tmp_path):
@@ -82,20 +86,16 @@ def run_of(uri: str, run_id: str):
 @pytest.mark.parametrize(
     "raised, reason", [(KeyboardInterrupt(), "SIGINT"), (Interrupted("SIGTERM"), "SIGTERM")], ids=["SIGINT", "SIGTERM"]
 )
-def test_interrupted_stage_marks_the_run_killed(monkeypatch, tmp_path, raised, reason):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+def test_interrupted_stage_marks_the_run_killed(mlflow_uri, raised, reason):
     with pytest.raises(KeyboardInterrupt):
         with stage_run("train_stage1", Params(tracking={"experiment": "unit"})) as run:
             raise raised
-    got = run_of(uri, run.run_id)
+    got = run_of(mlflow_uri, run.run_id)
     assert got.info.status == "KILLED" and got.data.tags["end_reason"] == reason
     assert got.info.end_time is not None
 
 
-def test_failed_stage_says_why_and_a_clean_exit_finishes(monkeypatch, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+def test_failed_stage_says_why_and_a_clean_exit_finishes(mlflow_uri):
     with pytest.raises(ValueError):
         with stage_run("mine", Params(tracking={"experiment": "unit"})) as failed:
             raise ValueError("no images\nsecond line")
@@ -105,10 +105,10 @@ def test_failed_stage_says_why_and_a_clean_exit_finishes(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         with stage_run("mine", Params(tracking={"experiment": "unit"})) as done:
             raise SystemExit(0)
-    assert run_of(uri, failed.run_id).info.status == "FAILED"
-    assert run_of(uri, failed.run_id).data.tags["end_reason"] == "ValueError: no images"
-    assert run_of(uri, exited.run_id).info.status == "FAILED"
-    assert run_of(uri, done.run_id).info.status == "FINISHED"
+    assert run_of(mlflow_uri, failed.run_id).info.status == "FAILED"
+    assert run_of(mlflow_uri, failed.run_id).data.tags["end_reason"] == "ValueError: no images"
+    assert run_of(mlflow_uri, exited.run_id).info.status == "FAILED"
+    assert run_of(mlflow_uri, done.run_id).info.status == "FINISHED"
 
 
 HOLD_A_RUN = """
@@ -121,11 +121,9 @@ with stage_run(sys.argv[1], Params(tracking={"experiment": "unit"})) as run:
 """
 
 
-def test_a_run_left_running_by_sigkill_is_closed_when_the_stage_next_starts(monkeypatch, tmp_path):
+def test_a_run_left_running_by_sigkill_is_closed_when_the_stage_next_starts(mlflow_uri):
     """A SIGKILLed stage cannot end its run; the next start of the same stage closes it as FAILED,
     but leaves alone a run whose process still runs (a parallel `dvc exp run`) and other stages' runs."""
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
 
     def hold(stage: str) -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen(
@@ -141,14 +139,14 @@ def test_a_run_left_running_by_sigkill_is_closed_when_the_stage_next_starts(monk
         killed.wait(timeout=60)
         other.send_signal(signal.SIGKILL)
         other.wait(timeout=60)
-        assert run_of(uri, killed_run).info.status == "RUNNING"  # what a SIGKILL leaves behind
+        assert run_of(mlflow_uri, killed_run).info.status == "RUNNING"  # what a SIGKILL leaves behind
         with stage_run("train_stage1", Params(tracking={"experiment": "unit"})) as run:
             pass
-        gone = run_of(uri, killed_run)
+        gone = run_of(mlflow_uri, killed_run)
         assert gone.info.status == "FAILED" and "SIGKILL" in gone.data.tags["end_reason"]
-        assert run_of(uri, live_run).info.status == "RUNNING"  # its process still runs
-        assert run_of(uri, other_run).info.status == "RUNNING"  # another stage's: closed when `mine` starts
-        assert run_of(uri, run.run_id).info.status == "FINISHED"
+        assert run_of(mlflow_uri, live_run).info.status == "RUNNING"  # its process still runs
+        assert run_of(mlflow_uri, other_run).info.status == "RUNNING"  # another stage's: closed when `mine` starts
+        assert run_of(mlflow_uri, run.run_id).info.status == "FINISHED"
     finally:
         live.kill()
         live.wait(timeout=60)
@@ -167,12 +165,11 @@ with stage_run(sys.argv[1], Params(), run_name=sys.argv[2]) as run:
 """
 
 
-def test_two_stages_writing_the_store_at_once_lose_nothing(tmp_path):
+def test_two_stages_writing_the_store_at_once_lose_nothing(mlflow_uri):
     """Two experiments of a queue with two workers write one sqlite store at once (the MLflow
     default's store): both runs end FINISHED with every step's value, and neither meets a locked
     database."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = stage_env() | {"MLFLOW_TRACKING_URI": uri}
+    env = stage_env()  # with the test's store
     steps = 150
 
     def writer(stage: str, name: str, n: int) -> subprocess.Popen:
@@ -185,7 +182,7 @@ def test_two_stages_writing_the_store_at_once_lose_nothing(tmp_path):
     outputs = [p.communicate()[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert not any("database is locked" in out for out in outputs)
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'train_stage1'")
     assert sorted(r.info.run_name for r in runs) == ["exp-a", "exp-b"]
     for r in runs:

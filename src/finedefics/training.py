@@ -130,6 +130,119 @@ def _not_finite(loss: torch.Tensor, values: dict[str, float]) -> str | None:
     return None
 
 
+class _Checkpoint:
+    """A run's resume point in `resume`/checkpoint.pt: trainable weights, optimizer, schedule, scaler,
+    random state and step; `saved` is the step of the last one (None before the first)."""
+
+    def __init__(self, resume: Path | None, desc: str, total: int):
+        self.folder, self.desc, self.total = resume, desc, total
+        self.path = resume / "checkpoint.pt" if resume else None
+        self.saved: int | None = None
+
+    def restore(self, modules: list[torch.nn.Module], optimizer, sched, scaler) -> int:
+        """Load the checkpoint into the run, if there is one; the step to start from."""
+        if self.path is None or not self.path.is_file():
+            return 0
+        state = torch.load(self.path, weights_only=False)
+        for module, weights in zip(modules, state["weights"]):
+            module.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state.get("scaler", {}))
+        torch.set_rng_state(state["rng"])
+        self.saved = state["step"] or None
+        return state["step"]
+
+    def save(self, step: int, modules: list[torch.nn.Module], optimizer, sched, scaler) -> None:
+        """Write the run's state after optimizer step `step` (1-based)."""
+        state = {
+            "weights": _trainable_state(modules),
+            "optimizer": optimizer.state_dict(),
+            "schedule": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "step": step,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+        self.saved = step
+
+    def resumes(self) -> str | None:
+        """Where a re-run starts, as `progress` words it."""
+        return f"its checkpoint of step {self.saved}" if self.saved else None
+
+    def stop(self, step: int, what: str) -> None:
+        """Raise `Diverged`: `what` is not finite at (0-based) `step`."""
+        kept = (
+            f"the checkpoint of step {self.saved} is kept in {self.folder}"
+            if self.saved
+            else "no checkpoint was written"
+        )
+        raise Diverged(f"{self.desc}: {what} is not finite at step {step + 1} of {self.total}; stopped ({kept})")
+
+
+def _optimizer(params: list[torch.nn.Parameter], cfg: FitConfig, steps: int):
+    """AdamW and its learning-rate schedule over `steps` optimizer steps."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    extra = {"min_lr_rate": cfg.min_lr_rate} if cfg.schedule == "cosine_with_min_lr" else None
+    sched = get_scheduler(cfg.schedule, optimizer, cfg.warmup_steps, steps, scheduler_specific_kwargs=extra)
+    return optimizer, sched
+
+
+def _precision(cfg: FitConfig, device_type: str):
+    """The autocast of `step_fn` and the gradient scaler. fp16 gradients under-/overflow without loss
+    scaling: scaled, and a step whose gradients are not finite is skipped with a smaller scale (as the
+    Trainer's fp16); the scaler is the identity unless fp16."""
+    autocast = torch.autocast(
+        device_type,
+        dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16,
+        enabled=cfg.mixed_precision != "fp32",
+    )
+    return autocast, torch.amp.GradScaler(device_type, enabled=cfg.mixed_precision == "fp16")
+
+
+def _accumulate(share: np.ndarray, accum: int, step_fn, autocast, scaler) -> tuple[dict[str, float], str | None]:
+    """Back-propagate this process's `share` of a global batch in `accum` micro-batches, each loss
+    divided by `accum`; the mean logged values and what is not finite (None: all is)."""
+    logged: dict[str, float] = {}
+    for micro in np.array_split(share, accum):
+        with autocast:
+            loss, values = step_fn(micro)
+        problem = _not_finite(loss, values)
+        if problem is not None:
+            return logged, problem
+        scaler.scale(loss / accum).backward()
+        for k, v in values.items():
+            logged[k] = logged.get(k, 0.0) + v / accum
+    return logged, None
+
+
+def _average_across(params: list[torch.nn.Parameter], problem: str | None, size: int) -> str | None:
+    """Average the gradients over the `size` processes (what DDP does), unless a process found a loss
+    that is not finite: then every process stops at the same step, or the others would wait in
+    all_reduce. What is not finite here or elsewhere, or None."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(problem is not None)], device=params[0].device)
+    dist.all_reduce(flag)
+    if flag.item() and problem is None:
+        problem = "a loss on another process"
+    for p in params if problem is None else ():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= size
+    return problem
+
+
+def _gradient_norm(params: list[torch.nn.Parameter], cfg: FitConfig) -> torch.Tensor:
+    """The gradients' total norm, before clipping them to `max_grad_norm` where one is set."""
+    if cfg.max_grad_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
 def fit(
     modules: list[torch.nn.Module],
     batches: list[np.ndarray],
@@ -149,119 +262,52 @@ def fit(
     finite stops training with `Diverged` before the optimizer step, naming the step and the term; so
     do weights that are not finite when a checkpoint is due or at the end. The last checkpoint, written
     after a finite step, is kept."""
-    import torch.distributed as dist
-
     rank, size = world()
     accum = accumulation(cfg, size)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    device_type = params[0].device.type
-    autocast = torch.autocast(
-        device_type,
-        dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16,
-        enabled=cfg.mixed_precision != "fp32",
-    )
-    # fp16 gradients under-/overflow without loss scaling: scaled, and a step whose gradients are not
-    # finite is skipped with a smaller scale (as the Trainer's fp16); identity unless fp16
-    scaler = torch.amp.GradScaler(device_type, enabled=cfg.mixed_precision == "fp16")
-    extra = {"min_lr_rate": cfg.min_lr_rate} if cfg.schedule == "cosine_with_min_lr" else None
-    sched = get_scheduler(cfg.schedule, optimizer, cfg.warmup_steps, len(batches), scheduler_specific_kwargs=extra)
-    start = 0
-    checkpoint = resume / "checkpoint.pt" if resume else None
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        for module, weights in zip(modules, state["weights"]):
-            module.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state.get("scaler", {}))
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
-    saved = start or None  # the step of the last checkpoint
-
-    def resumes() -> str | None:
-        return f"its checkpoint of step {saved}" if saved else None
-
-    def stop(step: int, what: str) -> None:
-        kept = f"the checkpoint of step {saved} is kept in {resume}" if saved else "no checkpoint was written"
-        raise Diverged(f"{desc}: {what} is not finite at step {step + 1} of {len(batches)}; stopped ({kept})")
-
+    optimizer, sched = _optimizer(params, cfg, len(batches))
+    autocast, scaler = _precision(cfg, params[0].device.type)
+    checkpoint = _Checkpoint(resume, desc, len(batches))
+    start = checkpoint.restore(modules, optimizer, sched, scaler)
     for m in modules:
         m.train()
     bar = tqdm(total=len(batches), initial=start, desc=desc, unit="step", disable=rank != 0)
     try:
         for step in range(start, len(batches)):
-            progress(f"{desc} step {step + 1} of {len(batches)}", resumes())
+            progress(f"{desc} step {step + 1} of {len(batches)}", checkpoint.resumes())
             began = time.perf_counter()
-            mine = batches[step][rank::size]  # this process's share of the global batch
-            logged: dict[str, float] = {}
             optimizer.zero_grad(set_to_none=True)
-            problem = None
-            for micro in np.array_split(mine, accum):
-                with autocast:
-                    loss, values = step_fn(micro)
-                problem = _not_finite(loss, values)
-                if problem is not None:
-                    break
-                scaler.scale(loss / accum).backward()
-                for k, v in values.items():
-                    logged[k] = logged.get(k, 0.0) + v / accum
-            if size > 1:  # every process stops at the same step, or the others would wait in all_reduce
-                flag = torch.tensor([float(problem is not None)], device=params[0].device)
-                dist.all_reduce(flag)
-                if flag.item() and problem is None:
-                    problem = "a loss on another process"
-                for p in params if problem is None else ():
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                    p.grad /= size
+            share = batches[step][rank::size]  # this process's share of the global batch
+            logged, problem = _accumulate(share, accum, step_fn, autocast, scaler)
+            if size > 1:
+                problem = _average_across(params, problem, size)
             if problem is not None:
-                stop(step, problem)
+                checkpoint.stop(step, problem)
             scaler.unscale_(optimizer)
-            if cfg.max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            norm = _gradient_norm(params, cfg)
             if not torch.isfinite(norm) and not scaler.is_enabled():
-                stop(step, f"the gradient norm ({norm.item()})")
+                checkpoint.stop(step, f"the gradient norm ({norm.item()})")
             scaler.step(optimizer)  # skipped by the fp16 scaler when the gradients are not finite
             scaler.update()
             sched.step()
             if after_step is not None:
                 after_step()
             # the weights are the same on every process: each checks them, all stop together
-            due = checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0
+            due = checkpoint.path is not None and (step + 1) % cfg.checkpoint_every == 0
             if (due or step + 1 == len(batches)) and not all(torch.isfinite(p).all() for p in params):
-                stop(step, "a weight after the optimizer step")
+                checkpoint.stop(step, "a weight after the optimizer step")
             seconds = time.perf_counter() - began
-            logged.update(
-                {
-                    "lr": sched.get_last_lr()[0],
-                    "samples_per_s": len(batches[step]) / seconds,
-                    "peak_memory_mb": peak_memory_mb(),
-                }
-            )
+            logged |= {"lr": sched.get_last_lr()[0], "samples_per_s": len(batches[step]) / seconds}
+            logged["peak_memory_mb"] = peak_memory_mb()
             if log is not None and rank == 0:
                 log(logged, step + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.3f}")
             if due and rank == 0 and step + 1 < len(batches):
-                state = {
-                    "weights": _trainable_state(modules),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "step": step + 1,
-                }
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(checkpoint) as tmp:
-                    torch.save(state, tmp)
-                saved = step + 1
+                checkpoint.save(step + 1, modules, optimizer, sched, scaler)
     finally:
         bar.close()  # an interrupted run's last line is its own, not the bar's
-    progress(None, resumes())  # after the loop: a re-run still resumes from the last checkpoint
+    progress(None, checkpoint.resumes())  # after the loop: a re-run still resumes from the last checkpoint
     for m in modules:
         m.eval()
     return len(batches)
