@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import MistralForCausalLM, PreTrainedTokenizerFast
 
 from finedefics.attributes.prompts import DISCOVER, EXTRACT, SUMMARIZE
-from finedefics.models.tiny import TinySizes, build_causal_lm, build_idefics2, build_qwen2_5_vl
+from finedefics.models.tiny import TinySizes, build_idefics2, build_qwen2_5_vl, generation_config, text_config
 from finedefics.models.tokenizer import QWEN_FORMAT, train_tokenizer
 
 CORPUS = [
@@ -17,6 +18,14 @@ CORPUS = [
     "['wing color', 'beak shape', 'tail shape', 'body size']",
     "the bird has a red head, a long beak and a striped wing; the flower has pink round petals",
 ] * 20
+
+
+def build_causal_lm(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0) -> MistralForCausalLM:
+    """A randomly initialised tiny text-only Mistral."""
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(text_config(tok, sizes))
+    model.generation_config = generation_config(tok)
+    return model
 
 
 def build(root: Path) -> dict[str, Path]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,6 +15,15 @@ from finedefics.config import ModelConfig
 from finedefics.models.families import family_of
 from finedefics.models.paths import resolve
 from finedefics.models.representations import unwrap
+
+
+@contextmanager
+def _peft_wrapping() -> Iterator[None]:
+    """Quiet around peft wrapping a model, which reads an attribute transformers 5 deprecates."""
+    with warnings.catch_warnings():
+        # no upstream issue yet; peft's main still reads it: https://github.com/huggingface/peft/blob/5d602fdb/src/peft/peft_model.py#L183
+        warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
 
 
 def load_trainable(path: str, cfg: ModelConfig, gradient_checkpointing: bool, device: str = "cpu"):
@@ -44,7 +56,8 @@ def load_trainable(path: str, cfg: ModelConfig, gradient_checkpointing: bool, de
     )
     if gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, lora)
+    with _peft_wrapping():
+        return get_peft_model(model, lora)
 
 
 def dequantized_base(model, base_path: str):
@@ -87,5 +100,7 @@ def save_merged(model, cfg: ModelConfig, base_path: str, processor, out: Path) -
                 base = dequantized_base(model, base_path)
             else:
                 base = AutoModelForImageTextToText.from_pretrained(resolve(base_path))
-            PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out)
+            with _peft_wrapping():
+                merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+            merged.save_pretrained(out)
     processor.save_pretrained(out)

@@ -130,9 +130,9 @@ def train(
         if aligned:
             metrics.update(measured("end"))
             taus = temperature()
-            metrics["temperature"] = float(taus.oa)
+            metrics["temperature"] = taus.oa.item()
             if taus.ac is not taus.oa:
-                metrics["temperature_ac"] = float(taus.ac)
+                metrics["temperature_ac"] = taus.ac.item()
         with atomic_path(out) as tmp:
             save_merged(model, params.model, source, mllm.processor, tmp)
             write_json(tmp / "training.json", {"stage": task.value, "source": resolve(source), **metrics})

@@ -8,6 +8,7 @@ local-dir checkpoint), `<architecture>:<pretrained tag or weights file>` (e.g.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,13 @@ def register_tiny(cfg: TinyCLIPConfig, image_size: int, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{TINY_NAME}.json").write_text(json.dumps(tiny_model_config(cfg, image_size), indent=2))
     open_clip.add_model_config(folder / f"{TINY_NAME}.json")
+
+
+def untrained_tiny(cfg: TinyCLIPConfig, image_size: int) -> tuple[open_clip.CLIP, Callable]:
+    """A randomly initialised tiny CLIP and its inference transform, from open_clip's model class: its
+    factory would build the same weights, and log "No pretrained weights loaded" for a model to train."""
+    model = open_clip.CLIP(**tiny_model_config(cfg, image_size), output_dict=True)
+    return model, open_clip.image_transform(model.visual.image_size, is_train=False)
 
 
 @dataclass
@@ -117,7 +125,7 @@ def train_tiny(
 
     register_tiny(cfg, image_size, folder)
     torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY_NAME, output_dict=True)
+    model, preprocess = untrained_tiny(cfg, image_size)
     tokenizer = open_clip.get_tokenizer(TINY_NAME)
     pixels = torch.stack([preprocess(load_image(p)) for p in images])
     tokens = tokenizer(texts)

@@ -1,6 +1,6 @@
-"""Tiny models built from configs: an Idefics2 (SigLIP-style encoder, perceiver connector, Mistral
-LM) and a text-only Mistral, both with a locally trained tokenizer. They load with the Auto
-classes like any hub checkpoint."""
+"""Tiny models built from configs with a locally trained tokenizer: an Idefics2 (SigLIP-style encoder,
+perceiver connector, Mistral LM), a LLaVA-1.5 and a Qwen2.5-VL. They load with the Auto classes like
+any hub checkpoint."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from transformers import (
     Idefics2ForConditionalGeneration,
     Idefics2Processor,
     MistralConfig,
-    MistralForCausalLM,
     PreTrainedTokenizerFast,
 )
 from transformers.models.idefics2.image_processing_idefics2 import Idefics2ImageProcessor
@@ -42,7 +41,8 @@ class TinySizes:
         return cls(image_size=image_size, **{n: getattr(cfg, n) for n in names})
 
 
-def _text_config(tok: PreTrainedTokenizerFast, s: TinySizes) -> MistralConfig:
+def text_config(tok: PreTrainedTokenizerFast, s: TinySizes) -> MistralConfig:
+    """The language model of the tiny models: a Mistral (the tiny Qwen2.5-VL takes its sizes)."""
     return MistralConfig(
         vocab_size=len(tok),
         hidden_size=s.hidden,
@@ -58,7 +58,8 @@ def _text_config(tok: PreTrainedTokenizerFast, s: TinySizes) -> MistralConfig:
     )
 
 
-def _generation_config(tok: PreTrainedTokenizerFast) -> GenerationConfig:
+def generation_config(tok: PreTrainedTokenizerFast) -> GenerationConfig:
+    """Greedy decoding that stops at EOS or at the end of an utterance."""
     stop = [tok.eos_token_id, tok.convert_tokens_to_ids(END_OF_UTTERANCE)]
     return GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=stop, pad_token_id=tok.pad_token_id, do_sample=False
@@ -69,7 +70,7 @@ def build_idefics2(
     tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0
 ) -> tuple[Idefics2ForConditionalGeneration, Idefics2Processor]:
     """A randomly initialised tiny Idefics2 and its processor (no image splitting)."""
-    text = _text_config(tok, sizes)
+    text = text_config(tok, sizes)
     config = Idefics2Config(
         vision_config=dict(
             hidden_size=sizes.vision_hidden,
@@ -104,7 +105,7 @@ def build_idefics2(
     with torch.no_grad():
         resampler.latents.normal_(0.0, 0.02)
         resampler.norm.weight.fill_(config.text_config.initializer_range)
-    model.generation_config = _generation_config(tok)
+    model.generation_config = generation_config(tok)
     image_processor = Idefics2ImageProcessor(
         do_image_splitting=False, size={"longest_edge": sizes.image_size, "shortest_edge": sizes.image_size}
     )
@@ -112,14 +113,6 @@ def build_idefics2(
         image_processor=image_processor, tokenizer=tok, image_seq_len=sizes.latents, chat_template=CHAT_TEMPLATE
     )
     return model, processor
-
-
-def build_causal_lm(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0) -> MistralForCausalLM:
-    """A randomly initialised tiny text-only Mistral."""
-    torch.manual_seed(seed)
-    model = MistralForCausalLM(_text_config(tok, sizes))
-    model.generation_config = _generation_config(tok)
-    return model
 
 
 def build_llava(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0):
@@ -143,7 +136,7 @@ def build_llava(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0):
     )
     config = LlavaConfig(
         vision_config=vision.to_dict(),
-        text_config=_text_config(tok, sizes).to_dict(),
+        text_config=text_config(tok, sizes).to_dict(),
         image_token_id=tok.convert_tokens_to_ids(IMAGE),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -151,7 +144,7 @@ def build_llava(tok: PreTrainedTokenizerFast, sizes: TinySizes, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    model.generation_config = _generation_config(tok)
+    model.generation_config = generation_config(tok)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": sizes.image_size}, crop_size={"height": sizes.image_size, "width": sizes.image_size}
     )
@@ -188,7 +181,7 @@ def build_qwen2_5_vl(tok: PreTrainedTokenizerFast, sizes: TinySizes, pixels: tup
     from finedefics.models.tokenizer import QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_END, QWEN_VISION_START
 
     ids = tok.convert_tokens_to_ids
-    text = _text_config(tok, sizes).to_dict()
+    text = text_config(tok, sizes).to_dict()
     text.update(
         rope_parameters={
             "rope_type": "default",
