@@ -22,7 +22,7 @@ from finedefics.evaluate.mc import (
     seen_unseen,
 )
 from finedefics.models.mllm import MLLM
-from finedefics.protocol import mc_question, parse_choice, query
+from finedefics.protocol import foci_answer, mc_question, parse_choice, query
 
 
 def cli(*args):
@@ -142,6 +142,42 @@ def test_score_rejects_booleans_in_correct_and_other_tasks():
         score_results({"predictions": [], "config": {"task": "yn"}})
     with pytest.raises(ValueError, match="no predictions"):
         score([])
+
+
+def test_score_results_reads_a_foci_file_its_list_or_a_config_without_a_task():
+    shown = list("abcd")
+    predictions = [foci_prediction("x", shown, "a", "A"), foci_prediction("y", shown, "b", "C")]
+    want = score(predictions)
+    assert (want.accuracy, want.failure_rate, want.n, want.predictions) == (0.5, 0.0, 2, 2)
+    assert score_results(foci_file(predictions)) == want
+    assert score_results(predictions) == want
+    assert score_results({"predictions": predictions, "config": {"dataset": "cub"}}) == want  # FOCI's default task
+    assert score_results({"predictions": predictions, "config": "mc?"}) == want
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"predictions": {"a": 1}}, "expected an object with a list 'predictions' (or that list), got an object"),
+        ("x" * 100, '(or that list), got a string "' + "x" * 79 + "..."),
+        (None, "(or that list), got null"),
+        (True, "(or that list), got a boolean true"),
+        (3.5, "(or that list), got a number 3.5"),
+        ([[1]], "prediction 0: expected an object with 'image', 'predicted'"),
+        ([{"image": "a", "predicted": "x", "correct": "y"}, 7], "as strings, got a number 7"),
+        ({"predictions": [], "config": {"task": "yn"}}, "config.task is 'yn': only FOCI's multiple-choice task"),
+        ({"predictions": []}, "no predictions to score"),
+    ],
+)
+def test_an_unreadable_results_file_is_one_line_naming_what_it_got(data, message):
+    with pytest.raises(ValueError) as info:
+        score_results(data)
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_the_parser_of_an_unknown_family_keeps_the_whole_answer():
+    assert foci_answer("  C. Sooty Albatross ", "other") == "C. Sooty Albatross"
+    assert foci_answer("Answer: C", "llava") == "Answer: C" and foci_answer("Answer: C", "idefics2") == "C"
 
 
 def test_an_image_in_several_option_orders_counts_once_in_n():

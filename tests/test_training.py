@@ -798,3 +798,16 @@ def test_a_resume_folder_names_the_run_and_the_content_of_its_inputs(tmp_path):
     assert resume_dir("train_stage1", data, {"lr": 0.2}) != first
     data.write_bytes(b"two")
     assert resume_dir("train_stage1", data, {"lr": 0.1}) != first
+
+
+def test_each_step_logs_its_throughput_and_the_peak_memory():
+    import resource
+
+    logged = []
+    _, run = linear_run(fit_config(), plan(8, 2, 1, seed=0))
+    run(log=lambda values, step: logged.append((step, values)))
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux gives KiB)
+    for _, values in logged:
+        assert set(values) == {"loss", "lr", "samples_per_s", "peak_memory_mb"} and values["samples_per_s"] > 0
+        assert values["peak_memory_mb"] == pytest.approx(peak, rel=0.05)
