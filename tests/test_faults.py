@@ -411,14 +411,15 @@ if [ "$FILL" = 1 ]; then head -c 64m /dev/zero > "$FOLDER/filler" 2>/dev/null; f
 "$@"
 rc=$?
 rm -f "$FOLDER/filler"
-ls -A "$FOLDER" > "$LISTING"
+(cd "$FOLDER" && find . -mindepth 1 -printf '%y %P\n') > "$LISTING"
 exit $rc
 """
 
 
 def on_full_disk(root: Path, folder: str, stage: tuple[str, ...], size: str = "64k", fill: bool = True):
     """Run `stage` with a `size` tmpfs mounted over root/folder (filled first if `fill`); the finished
-    process and what the tmpfs held after it (the folder as the stage left it)."""
+    process and what the tmpfs held after it (the folder as the stage left it: "<type> <path>" per
+    entry, type f for a file, d for a folder)."""
     if not can_mount_tmpfs():
         pytest.skip("no private mount namespace (unshare -rm) to mount a small tmpfs in")
     (root / folder).mkdir(parents=True, exist_ok=True)
@@ -429,7 +430,7 @@ def on_full_disk(root: Path, folder: str, stage: tuple[str, ...], size: str = "6
         ["unshare", "-rm", "sh", "-c", FULL_DISK, "sh", *command], cwd=root, capture_output=True, text=True, env=env
     )
     assert proc.returncode != 99, proc.stderr
-    return proc, listing.read_text().split()
+    return proc, listing.read_text().splitlines()
 
 
 def experiment_runs(experiment: str) -> list:
@@ -535,6 +536,22 @@ def test_analyze_names_a_missing_predictions_file_before_loading_a_model(copy):
     line = error_line(proc.stderr)
     assert line.startswith("error: analyze: results/predictions/base/toy-bird.json is missing (No such file"), line
     assert not (copy / "plots").exists() and not (copy / "metrics").exists()
+
+
+def test_a_disk_that_fills_up_under_the_training_checkpoint_ends_in_one_line(copy):
+    """torch.save's writer names no OS error when the disk fills ("unexpected pos ..."): still one line."""
+    set_params(copy, **{"tracking.experiment": "checkpoint"})
+    proc, listing = on_full_disk(copy, ".resume", TRAINING, size="256k", fill=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = error_line(proc.stderr)
+    assert line.startswith("error: train_stage1: cannot write .resume/train_stage1/"), line
+    assert line.endswith(
+        "/checkpoint.pt (the write stopped short; the disk is likely full); "
+        "free disk space and rerun `dvc repro train_stage1`"
+    ), line
+    assert [entry for entry in listing if entry.startswith("f ")] == []  # no half-written checkpoint
+    (run,) = experiment_runs("checkpoint")
+    assert run.info.status == "FAILED" and run.data.tags["end_reason"].startswith("RuntimeError: ")
 
 
 # --- issue 30: a SIGKILLed stage's MLflow run is marked KILLED without waiting for a next start ---------

@@ -116,15 +116,26 @@ def _errno_of(err: BaseException) -> tuple[int | None, str] | None:
     return None
 
 
+def _torch_write_failure(err: BaseException, target: Path | None) -> tuple[int | None, str] | None:
+    """`torch.save`'s writer stopping short on `target`: a RuntimeError that names no OS error
+    ("unexpected pos ..."), which is what a full disk gives it."""
+    text = str(err)
+    if target is None or not isinstance(err, RuntimeError):
+        return None
+    if "inline_container" not in text and "PytorchStreamWriter" not in text:
+        return None
+    return errno.ENOSPC, "the write stopped short; the disk is likely full"
+
+
 def fault_of(err: BaseException) -> Fault | None:
     """The `Fault` an exception a stage raised stands for; None when it is not an I/O failure."""
     if isinstance(err, FaultError):
         return err.fault
-    found = _errno_of(err)
+    target: Path | None = getattr(err, WRITING, None)
+    found = _errno_of(err) or _torch_write_failure(err, target)
     if found is None:
         return None
     code, reason = found
-    target: Path | None = getattr(err, WRITING, None)
     name = getattr(err, "filename", None)
     if target is not None and name is not None and not _within(name, target):
         target = None  # another file failed while the stage was writing `target`: an input it reads
