@@ -270,3 +270,19 @@ def test_the_training_stages_list_every_train_param_that_changes_what_they_compu
     listed = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"])
     needed = {f"train.{k}" for k in TrainConfig.model_fields} - {"train.checkpoint_every", f"train.{other}"}
     assert needed <= listed, f"{stage} does not list {sorted(needed - listed)}"
+
+
+def test_deps_name_package_folders_and_no_empty_file():
+    """A package is a dep as its folder (a stage re-runs when any module of it changes: never misses one),
+    a top-level module as its file; no dep is an empty file, which DVC warns about on every run."""
+    dvc, params = load()
+    problems = []
+    for name, stage in expand_stages(dvc, params).items():
+        for dep in (next(iter(d)) if isinstance(d, dict) else str(d) for d in stage.get("deps", [])):
+            path = REPO / dep
+            if path.is_file() and path.stat().st_size == 0:
+                problems.append(f"{name}: {dep} is empty")
+            inner = dep.split("/")[2:] if dep.startswith("src/finedefics/") else []
+            if len(inner) > 1 and inner[0] != "reference":
+                problems.append(f"{name}: {dep} is inside a package: name its folder")
+    assert problems == []
