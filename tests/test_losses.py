@@ -209,6 +209,9 @@ def test_total_is_eq_8():
         ((1 + 2) / 2 + (3 + 4) / 2) / 2
     )
     assert stage1_total({}, torch.tensor(0.5)).item() == 0.5  # objective none: generation only
+    oc = {k: torch.tensor(v) for k, v in {"oc": 1.0, "co": 4.0, "ccc": 2.0}.items()}
+    assert stage1_total(oc, None).item() == pytest.approx(((1 + 4) / 2 + 2) / 2)  # obj-cat: (L_OCC + L_CCC) / 2
+    assert stage1_total({"oc": oc["oc"], "co": oc["co"]}, torch.tensor(0.5)).item() == pytest.approx(0.5 + 5 / 4)
 
 
 def float_batch() -> Batch:
