@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import resource
@@ -24,9 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import get_scheduler
 
 from finedefics.io import StageError, atomic_path, progress
+
+# transformers' schedules import peft, whose helpers import bitsandbytes eagerly (huggingface/peft#3106); bitsandbytes
+# then warns that its CPU 4-bit kernel is not in the offline hub cache (bitsandbytes-foundation/bitsandbytes#2064)
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 RESUME = Path(".resume")  # checkpoints of unfinished runs (git- and dvc-ignored)
 
@@ -186,6 +191,8 @@ def _optimizer(params: list[torch.nn.Parameter], cfg: FitConfig, steps: int):
     """AdamW and its learning-rate schedule over `steps` optimizer steps."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     extra = {"min_lr_rate": cfg.min_lr_rate} if cfg.schedule == "cosine_with_min_lr" else None
+    from transformers import get_scheduler  # imports peft and bitsandbytes (above)
+
     sched = get_scheduler(cfg.schedule, optimizer, cfg.warmup_steps, steps, scheduler_specific_kwargs=extra)
     return optimizer, sched
 
