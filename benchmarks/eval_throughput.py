@@ -47,7 +47,7 @@ def main() -> None:
     print(f"{n} questions ({', '.join(params.datasets)}), batch {args.batch}, torch threads 2")
     print("| model | generate q/s | one pass q/s | ratio | identical predictions |\n| --- | --- | --- | --- | --- |")
     for model in args.models:
-        mllm = MLLM.load(Path("models") / model, ImageSettings.of(params.model))
+        mllm = MLLM.load(Path("models") / model, ImageSettings.from_config(params.model))
         t_fast, fast = timed(mllm, questions, args.batch, params.evaluate.max_new_tokens, one_pass=True)
         t_gen, generated = timed(mllm, questions, args.batch, params.evaluate.max_new_tokens, one_pass=False)
         print(f"| {model} | {n / t_gen:.0f} | {n / t_fast:.0f} | {t_gen / t_fast:.2f}x | {fast == generated} |")

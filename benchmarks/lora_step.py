@@ -41,7 +41,7 @@ def main() -> None:
         def timed(dropout: float | None) -> float:
             """ms per step; `dropout` None: full fine-tuning."""
             torch.manual_seed(0)
-            model, processor = build_idefics2(tok, TinySizes.of(m, 64))
+            model, processor = build_idefics2(tok, TinySizes.from_config(m, 64))
             if dropout is not None:
                 targets = family_of(model).lora_targets(["text_model", "connector"])
                 model = get_peft_model(

@@ -60,7 +60,7 @@ def foci_loop(mllm: MLLM, plural: str, entries: list[Item], user_prefix: bool, b
 
 
 def bench_foci(params: Params, n: int) -> None:
-    mllm = MLLM.load("models/finedefics", ImageSettings.of(params.model))
+    mllm = MLLM.load("models/finedefics", ImageSettings.from_config(params.model))
     name = next(iter(params.datasets))
     dataset, entries = option_sets(params, name)
     entries = entries[:n]
@@ -90,7 +90,7 @@ def ours_stage2(params: Params, rows, steps: int) -> tuple[float, list[float]]:
     cfg = params.train.stage2
     torch.manual_seed(params.train.seed)
     model = load_trainable("models/stage1", params.model, params.train.gradient_checkpointing)
-    stage2 = Stage2(MLLM(model, load_processor("models/stage1", ImageSettings.of(params.model))))
+    stage2 = Stage2(MLLM(model, load_processor("models/stage1", ImageSettings.from_config(params.model))))
     batches = plan(len(rows), cfg.batch_size, cfg.epochs, params.train.seed)[:steps]
     losses: list[float] = []
     start = time.perf_counter()
@@ -125,7 +125,7 @@ def trl_stage2(params: Params, rows, steps: int, own_collator: bool) -> tuple[fl
     cfg = params.train.stage2
     torch.manual_seed(params.train.seed)
     model = load_trainable("models/stage1", params.model, params.train.gradient_checkpointing)
-    processor = load_processor("models/stage1", ImageSettings.of(params.model))
+    processor = load_processor("models/stage1", ImageSettings.from_config(params.model))
     if own_collator:
         examples = Dataset.from_list(
             [

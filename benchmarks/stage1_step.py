@@ -95,7 +95,7 @@ def main() -> None:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         rows, tok, index = step_inputs(Path(tmp), args.batch)
-        model, processor = build_idefics2(tok, TinySizes.of(TinyMLLMConfig(), 64))
+        model, processor = build_idefics2(tok, TinySizes.from_config(TinyMLLMConfig(), 64))
         mllm = MLLM(model.train(), processor)
 
         def timed(kind, grouped=True):

@@ -46,7 +46,7 @@ def main() -> None:
             for role in Role:
                 which = role.value
                 torch.manual_seed(params.seed)
-                mllm = MLLM.load(model_path(params.model, role), ImageSettings.of(params.model))
+                mllm = MLLM.load(model_path(params.model, role), ImageSettings.from_config(params.model))
                 results[which] = {
                     name: analyze(mllm, which, name, answers[which][name], params, plots / which / name)
                     for name in params.datasets

@@ -89,7 +89,7 @@ def pretrain_base(params, world: list[str], run) -> dict[str, float]:
     datasets = [load_prepared(n) for n in world]
     cfg = params.bootstrap.mllm
     family = TINY_BASES[params.model.base].name
-    images = ImageSettings.of(params.model)
+    images = ImageSettings.from_config(params.model)
     mllm, examples = build_base(datasets, cfg, params.world.image_size, params.seed, family, images.pixels)
     images.apply(mllm.processor)
     n_params = sum(p.numel() for p in mllm.model.parameters())

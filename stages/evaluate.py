@@ -46,7 +46,7 @@ def main() -> None:
             metrics = {role: evaluate_clip(params, role, tmp / role) for role in CLIP_DIRS}
         else:
             source = model_path(params.model, Role(which))
-            mllm = MLLM.load(source, ImageSettings.of(params.model), getattr(torch, params.evaluate.dtype))
+            mllm = MLLM.load(source, ImageSettings.from_config(params.model), getattr(torch, params.evaluate.dtype))
             metrics = evaluate_mllm(params, mllm, source, which, tmp)
         run.log_metrics(logged(metrics, which))
     write_json(METRICS[which], metrics)

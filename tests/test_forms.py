@@ -95,7 +95,7 @@ def test_idefics2_processors_load_with_image_splitting_off(hub_like):
 def test_every_processor_is_loaded_through_the_image_settings():
     """Training, merging (the processor saved with the merged model), evaluation, analysis and
     `predict` load processors only through `load_processor` / `MLLM.load`, and the stages pass
-    `model.image_splitting` and `model.qwen_pixels` (`ImageSettings.of(params.model)`)."""
+    `model.image_splitting` and `model.qwen_pixels` (`ImageSettings.from_config(params.model)`)."""
     sources = {p: p.read_text() for p in [*(REPO / "src").rglob("*.py"), *(REPO / "stages").glob("*.py")]}
     direct = {p.name for p, text in sources.items() if "AutoProcessor.from_pretrained(" in text}
     assert direct == {"mllm.py", "resolve.py"}  # resolve: an offline check that the processor loads
@@ -106,7 +106,7 @@ def test_every_processor_is_loaded_through_the_image_settings():
         if "def " not in line
     ]
     staged = [(name, args) for name, args in calls if name in {"evaluate.py", "analyze.py", "train.py"}]
-    assert len(staged) == 3 and all("ImageSettings.of(params.model)" in args for _, args in staged)
+    assert len(staged) == 3 and all("ImageSettings.from_config(params.model)" in args for _, args in staged)
 
 
 def _image(tmp_path, colour="red"):

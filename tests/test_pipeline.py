@@ -316,7 +316,7 @@ def test_one_pass_scoring_of_the_trained_models_writes_what_generation_wrote(rep
     from evaluate import option_sets
 
     params = load_params("params.yaml")
-    mllm = MLLM.load(Path("models") / model, ImageSettings.of(params.model))
+    mllm = MLLM.load(Path("models") / model, ImageSettings.from_config(params.model))
     for name in DATASETS:
         dataset, entries = option_sets(params, name)
         wrote = json.loads((Path("results/predictions") / model / f"{name}.json").read_text())["predictions"]

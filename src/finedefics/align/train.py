@@ -78,7 +78,7 @@ def train(
     device, main = process()
     torch.manual_seed(params.train.seed)  # LoRA initialisation and dropout; `plan` below orders the data
     model = load_trainable(source, params.model, params.train.gradient_checkpointing, device)
-    mllm = MLLM(model, load_processor(resolve(source), ImageSettings.of(params.model)))
+    mllm = MLLM(model, load_processor(resolve(source), ImageSettings.from_config(params.model)))
     align, sequence = params.align, params.train.generation_loss == "sequence"
     temperature = Temperatures(align.temperature, two=align.temperatures == "two", learn=align.learn_temperature)
     s1, s2 = STAGE1.read(inputs.stage1), STAGE2.read(inputs.stage2)

@@ -106,7 +106,7 @@ def build_base(
     examples = pretraining_examples(datasets, seed)
     fmt = QWEN_FORMAT if family == "qwen2_5_vl" else IDEFICS2_FORMAT
     tok = train_tokenizer(tokenizer_corpus(datasets, examples, fmt), cfg.vocab_size, fmt)
-    sizes = TinySizes.of(cfg, image_size)
+    sizes = TinySizes.from_config(cfg, image_size)
     if family == "qwen2_5_vl":
         model, processor = build_qwen2_5_vl(tok, sizes, pixels or (image_size**2, image_size**2), seed)
     else:

@@ -29,7 +29,7 @@ class ImageSettings:
     pixels: tuple[int, int] | None = None  # (min, max); None keeps the processor's own
 
     @classmethod
-    def of(cls, cfg) -> ImageSettings:
+    def from_config(cls, cfg) -> ImageSettings:
         """The settings of a `ModelConfig`."""
         return cls(cfg.image_splitting, (cfg.qwen_pixels.min, cfg.qwen_pixels.max))
 

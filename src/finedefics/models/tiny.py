@@ -35,7 +35,7 @@ class TinySizes:
     max_positions: int = 512
 
     @classmethod
-    def of(cls, cfg: TinyMLLMConfig, image_size: int) -> TinySizes:
+    def from_config(cls, cfg: TinyMLLMConfig, image_size: int) -> TinySizes:
         """The sizes `bootstrap.mllm` asks for, on images of `image_size`."""
         names = ("hidden", "layers", "heads", "kv_heads", "vision_hidden", "vision_layers", "patch", "latents")
         return cls(image_size=image_size, **{n: getattr(cfg, n) for n in names})
