@@ -330,6 +330,7 @@ class Scripted:
 
     def generate(self, prompts, images, max_new_tokens):
         self.asked += prompts
+        self.max_new_tokens = max_new_tokens
         return [self.answers.pop(0) for _ in prompts]
 
 
@@ -350,6 +351,7 @@ def test_open_set_answers_are_right_only_when_they_name_the_ground_truth(tmp_pat
     assert [r["groundtruth"] for r in results] == [*truths, "Least_Auklet"]
     assert [r["predicted_raw"] for r in results] == [*answers, UNREADABLE]
     assert mllm.asked == ["What is the name of the bird in the image?"] * 5  # the unreadable image is not asked
+    assert mllm.max_new_tokens == 12  # room for a class name
 
 
 def clusters(n_classes=4, per_class=20, d=16, spread=0.05, seed=0):

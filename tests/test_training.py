@@ -1,5 +1,7 @@
 """Stage I / Stage II training on tiny models: what is trained, QLoRA on CPU, merging, resuming,
-the one-pass text encoding, every paradigm and objective, and LLaVA-1.5."""
+the one-pass text encoding, every paradigm and objective, and LLaVA-1.5; and the training loop
+(`finedefics.training`) on a linear layer: the learning rate per step, accumulation, `plan`, resuming
+(fp16 scaler included), two processes, divergence, the launcher."""
 
 import dataclasses
 import json
@@ -499,11 +501,12 @@ X = torch.arange(36.0).reshape(12, 3) / 12
 Y = torch.tensor([1.0, -1.0, 0.5, 2.0, 0.0, -0.5, 1.5, -2.0, 0.25, -0.25, 1.0, 0.0])
 
 
-def linear_run(cfg, batches, resume=None, loss_of=None, seen=None):
+def linear_run(cfg, batches, resume=None, loss_of=None, seen=None, freeze_bias=False):
     """A seeded Linear(3, 1) and a call that trains it with `fit` on `batches` of (X, Y): squared
     error, or `loss_of(layer, indices)`; each micro-batch's indices are appended to `seen`."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(3, 1)
+    layer.bias.requires_grad_(not freeze_bias)
 
     def step(idx):
         if seen is not None:
@@ -567,6 +570,8 @@ def test_accumulated_micro_batches_give_the_gradient_and_step_of_the_full_batch(
 
     whole, whole_losses = trace(4)
     parts, part_losses = trace(per_device)
+    torch.manual_seed(0)
+    assert whole_losses[0] == pytest.approx(mse(torch.nn.Linear(3, 1), batches[0]).item(), rel=1e-6)
     assert len(parts) == len(whole) == 4
     for (grad, weight), (grad_whole, weight_whole) in zip(parts, whole):
         torch.testing.assert_close(grad, grad_whole, rtol=1e-6, atol=1e-7)
@@ -689,17 +694,17 @@ def test_a_loss_that_is_not_finite_on_one_process_stops_both_at_that_step(two_pr
 
 
 def test_fit_is_adamw_on_the_clipped_gradients_at_the_scheduled_rate():
-    """fit against the loop written out: AdamW (weight decay 0.01), the gradient's norm clipped to
+    """fit against the loop written out: AdamW (weight decay 0.05), the gradient's norm clipped to
     0.05, warm-up then linear decay; the layer is in training mode during the steps, in eval mode after."""
     batches = plan(8, 4, 2, seed=0)
     cfg = fit_config(lr=0.05, warmup_steps=1, batch_size=4, per_device_batch_size=4, max_grad_norm=0.05)
-    cfg = dataclasses.replace(cfg, schedule="linear", weight_decay=0.01)
+    cfg = dataclasses.replace(cfg, schedule="linear", weight_decay=0.05)
     modes = []
     layer, run = linear_run(cfg, batches, loss_of=lambda layer, idx: modes.append(layer.training) or mse(layer, idx))
     run()
     torch.manual_seed(0)
     ref = torch.nn.Linear(3, 1)
-    optimizer = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.05)
     for k, idx in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = 0.05 * by_hand("linear", k, 1, len(batches), 0.0)
@@ -716,32 +721,43 @@ def mse(layer, idx):
     return ((layer(X[idx]).squeeze(1) - Y[idx]) ** 2).mean()
 
 
-def test_a_resumed_run_with_random_steps_equals_the_uninterrupted_one(tmp_path):
-    """Checkpoints after steps 2 and 4 of 5 (none after the last); a run killed in step 4 resumes
-    from step 2 with the weights, optimizer, schedule and random state of then: the same weights
-    as the run never stopped, bit for bit."""
+def test_a_resumed_run_with_random_steps_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    """Checkpoints after steps 2 and 4 of 5 (none after the last), of the trainable weights only (the
+    bias is frozen); a run killed in step 4 resumes from step 2 with the weights, optimizer, schedule
+    and random state of then: the same weights as the run never stopped, bit for bit. Each step notes
+    where the stage is and which checkpoint a re-run resumes from."""
     batches = plan(12, 2, 5 / 6, seed=0)
     cfg = fit_config(checkpoint_every=2, schedule="linear", warmup_steps=1)
+    notes = []
+    monkeypatch.setattr("finedefics.training.progress", lambda where, resumes=None: notes.append((where, resumes)))
 
-    def run(resume, crash_at=None):
+    def run(resume, crash_at=None, nan_at=None):
         calls = []
 
         def noisy(layer, idx):
             if len(calls) == crash_at:
                 raise KeyboardInterrupt("killed")
             calls.append(list(idx))
-            return mse(layer, idx) * (1 + torch.rand(()))  # draws from torch's RNG, as dropout does
+            loss = mse(layer, idx) * (1 + torch.rand(()))  # draws from torch's RNG, as dropout does
+            return loss * math.nan if len(calls) == nan_at else loss
 
-        layer, train = linear_run(cfg, batches, resume, noisy)
+        layer, train = linear_run(cfg, batches, resume, noisy, freeze_bias=True)
         assert train() == 5
         return layer.weight.detach().clone(), calls
 
-    whole, calls = run(tmp_path / "whole")
-    assert torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["step"] == 4
+    whole, calls = run(tmp_path / "runs" / "whole")
+    assert torch.load(tmp_path / "runs" / "whole" / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert notes[0] == ("linear step 1 of 5", None) and notes[2] == ("linear step 3 of 5", "its checkpoint of step 2")
+    assert notes[-1] == (None, "its checkpoint of step 4")
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", crash_at=3)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 2
-    resumed, calls_after = run(tmp_path / "cut")
+        run(tmp_path / "runs" / "cut", crash_at=3)
+    state = torch.load(tmp_path / "runs" / "cut" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2 and list(state["weights"][0]) == ["weight"]
+    notes.clear()
+    with pytest.raises(Diverged, match=r"step 3 of 5; stopped \(the checkpoint of step 2 is kept in .*cut\)"):
+        run(tmp_path / "runs" / "cut", nan_at=1)
+    assert notes == [("linear step 3 of 5", "its checkpoint of step 2")]
+    resumed, calls_after = run(tmp_path / "runs" / "cut")
     assert calls_after == calls[2:] and torch.equal(resumed, whole)
 
 
@@ -798,6 +814,8 @@ def test_a_resume_folder_names_the_run_and_the_content_of_its_inputs(tmp_path):
     assert resume_dir("train_stage1", data, {"lr": 0.2}) != first
     data.write_bytes(b"two")
     assert resume_dir("train_stage1", data, {"lr": 0.1}) != first
+    params = resume_dir("x", {"lr": 0.1, "model": Path("models/base")})  # any value, by its text
+    assert resume_dir("x", {"model": "models/base", "lr": 0.1}) == params  # whatever the key order
 
 
 def test_each_step_logs_its_throughput_and_the_peak_memory():
@@ -811,3 +829,4 @@ def test_each_step_logs_its_throughput_and_the_peak_memory():
     for _, values in logged:
         assert set(values) == {"loss", "lr", "samples_per_s", "peak_memory_mb"} and values["samples_per_s"] > 0
         assert values["peak_memory_mb"] == pytest.approx(peak, rel=0.05)
+        assert (values["peak_memory_mb"] * 1024).is_integer()  # ru_maxrss counts KiB
