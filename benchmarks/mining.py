@@ -77,7 +77,10 @@ def main() -> None:
             looped.append((negatives, picks))
         t_loop = time.perf_counter() - start
 
-    same = [list(m.negatives) == n and list(m.negative_image_ids) == p for m, (n, p) in zip(mined.itertuples(), looped)]
+    same = [
+        list(m.negative_labels) == n and list(m.negative_image_ids) == p
+        for m, (n, p) in zip(mined.itertuples(), looped)
+    ]
     loop_rate, batched_rate = len(anchors) / t_loop, args.images / t_batched
     print(f"{args.images} train images, {args.classes} classes, tiny CLIP, torch threads 2")
     print(f"per-image loop ({len(anchors)} anchors): {loop_rate:8.1f} images/s")

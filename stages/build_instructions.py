@@ -30,10 +30,10 @@ def main() -> None:
     for name in params.datasets:
         dataset = load_prepared(name)
         descriptions = DESCRIPTIONS.read(Path("data/descriptions") / f"{name}.parquet")
-        negatives = NEGATIVES.read(Path("data/negatives") / f"{name}.parquet")
-        stage1.append(stage1_frame(dataset, descriptions, negatives))
-        skipped[name] = stage1_skipped(descriptions, negatives)
-        stage2.append(stage2_frame(dataset, negatives, params.instructions.stage2, params.seed))
+        mined = NEGATIVES.read(Path("data/negatives") / f"{name}.parquet")
+        stage1.append(stage1_frame(dataset, descriptions, mined))
+        skipped[name] = stage1_skipped(descriptions, mined)
+        stage2.append(stage2_frame(dataset, mined, params.instructions.stage2, params.seed))
     with stage_run("build_instructions", params) as run:
         s1, s2 = pd.concat(stage1, ignore_index=True), pd.concat(stage2, ignore_index=True)
         STAGE1.write(out1, s1)

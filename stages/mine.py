@@ -48,8 +48,8 @@ def main() -> None:
         with stage_run("mine", params, run_name=f"mine@{name}") as run:
             described = dict(zip(descriptions.image_id, descriptions.description))
             unseen = dataset.unseen(params.world.unseen, params.seed) if is_world(params.datasets[name]) else []
-            negatives = mine(train, names, described, emb, params.negatives, params.seed, unseen)
-            NEGATIVES.write(negatives_path, negatives)
+            mined = mine(train, names, described, emb, params.negatives, params.seed, unseen)
+            NEGATIVES.write(negatives_path, mined)
             if is_world(params.datasets[name]):
                 options = eval_options(test, names, emb)
                 check_options(options, names)
@@ -60,14 +60,14 @@ def main() -> None:
                 with atomic_path(options_path) as tmp:
                     shutil.copyfile(reference, tmp)
             stats = {
-                "train_images": len(negatives),
-                "negatives_per_image": float(negatives.negatives.str.len().mean()),
+                "train_images": len(mined),
+                "negatives_per_image": float(mined.negative_labels.str.len().mean()),
                 "unseen_classes": len(unseen),
-                **description_coverage(train, described, negatives),
+                **description_coverage(train, described, mined),
             }
             if dataset.categories[0].cluster is not None:
                 cluster = np.array([c.cluster for c in dataset.categories])
-                pairs = [(a, n) for a, ns in zip(negatives.label, negatives.negatives) for n in ns]
+                pairs = [(a, n) for a, ns in zip(mined.label, mined.negative_labels) for n in ns]
                 same = [cluster[a] == cluster[n] for a, n in pairs]
                 stats["negatives_in_same_cluster"] = float(np.mean(same)) if same else 0.0
                 stats["chance_same_cluster"] = float(
@@ -79,7 +79,7 @@ def main() -> None:
         print(f"error: mine@{name}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     print(
-        f"{name}: negatives ({params.negatives}) for {len(negatives)} train images; option sets for {len(test)} test images"
+        f"{name}: negatives ({params.negatives}) for {len(mined)} train images; option sets for {len(test)} test images"
     )
     if unseen:
         print(f"{name}: training never shows {', '.join(names[u] for u in unseen)} (world.unseen; test images only)")

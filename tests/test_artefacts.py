@@ -38,7 +38,7 @@ def test_negatives_with_no_negatives_at_all_fit_their_declaration(tmp_path):
     row = {c: [] for c in NEGATIVES.columns if c.startswith(("negative", "distractor"))}
     frame = pd.DataFrame([{"image_id": "a", "label": 0, **row}])  # negatives: none gives empty lists only
     NEGATIVES.write(tmp_path / "n.parquet", frame)
-    assert NEGATIVES.read(tmp_path / "n.parquet").negatives.iloc[0].tolist() == []
+    assert NEGATIVES.read(tmp_path / "n.parquet").negative_labels.iloc[0].tolist() == []
 
 
 def test_a_prepared_dataset_is_typed_and_writes_back_its_classes_json(tmp_path):

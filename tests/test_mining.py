@@ -42,13 +42,13 @@ def test_negatives_are_never_the_positive_and_carry_their_image(strategy):
     out = mine(train, names, descriptions, emb, strategy, seed=0)
     labels = dict(zip(manifest.image_id, manifest.label))
     for row in out.itertuples():
-        assert row.label not in row.negatives and len(set(row.negatives)) == 3
+        assert row.label not in row.negative_labels and len(set(row.negative_labels)) == 3
         assert row.label not in row.distractors and len(set(row.distractors)) == 3
-        assert [labels[i] for i in row.negative_image_ids] == list(row.negatives)
+        assert [labels[i] for i in row.negative_image_ids] == list(row.negative_labels)
         assert row.negative_descriptions == [descriptions[i] for i in row.negative_image_ids]
-        assert row.negative_categories == [names[n] for n in row.negatives]
+        assert row.negative_categories == [names[n] for n in row.negative_labels]
         anchor = emb.rows([row.image_id])[0]
-        for neg, pick in zip(row.negatives, row.negative_image_ids):  # the most similar image of the class
+        for neg, pick in zip(row.negative_labels, row.negative_image_ids):  # the most similar image of the class
             pool = train[train.label == neg].image_id
             assert pick == max(pool, key=lambda i: float(emb.rows([i])[0] @ anchor))
 
@@ -60,7 +60,7 @@ def test_hard_top_k_equals_a_brute_force_ranking():
     for row in out.itertuples():
         sims = emb.rows([row.image_id])[0] @ emb.classes.T
         ranked = sorted((c for c in range(len(names)) if c != row.label), key=lambda c: -sims[c])
-        assert list(row.negatives) == ranked[:3] == list(row.distractors)
+        assert list(row.negative_labels) == ranked[:3] == list(row.distractors)
 
 
 def test_top_wrong_breaks_ties_by_class_index():
@@ -84,9 +84,9 @@ def test_mining_is_deterministic_by_seed_and_none_takes_none():
     b = mine(train, names, descriptions, emb, "simple", seed=3)
     c = mine(train, names, descriptions, emb, "simple", seed=4)
     pd.testing.assert_frame_equal(a, b)
-    assert not a.negatives.equals(c.negatives)
+    assert not a.negative_labels.equals(c.negative_labels)
     none = mine(train, names, descriptions, emb, "none", seed=3)
-    assert none.negatives.str.len().eq(0).all() and none.distractors.str.len().eq(3).all()
+    assert none.negative_labels.str.len().eq(0).all() and none.distractors.str.len().eq(3).all()
     assert none.distractors.tolist() == a.distractors.tolist()  # distractors do not depend on `negatives`
 
 
@@ -148,7 +148,7 @@ def test_images_without_a_description_stay_anchors_but_never_serve_as_negatives(
     }
     if strategy == "hard":  # nothing to avoid: the same negatives as with every description
         full = mine(train, names, descriptions, emb, strategy, seed=0)
-        assert out.negatives.tolist() == full.negatives.tolist()
+        assert out.negative_labels.tolist() == full.negative_labels.tolist()
 
 
 def test_a_class_without_a_described_image_is_not_a_negative_and_distractors_do_not_change():
@@ -161,11 +161,11 @@ def test_a_class_without_a_described_image_is_not_a_negative_and_distractors_do_
     for row, before in zip(hard.itertuples(), full.itertuples()):
         sims = emb.rows([row.image_id])[0] @ emb.classes.T
         ranked = sorted((c for c in range(len(names)) if c not in (row.label, 3)), key=lambda c: -sims[c])
-        assert list(row.negatives) == ranked[:3]  # the next most similar class takes class 3's place
+        assert list(row.negative_labels) == ranked[:3]  # the next most similar class takes class 3's place
         assert list(row.distractors) == list(before.distractors)  # Stage II's options use every class
     assert 3 in {d for ds in hard.distractors for d in ds}  # (it was a distractor somewhere)
     simple = mine(train, names, partial, emb, "simple", seed=0)
-    assert 3 not in {n for ns in simple.negatives for n in ns}
+    assert 3 not in {n for ns in simple.negative_labels for n in ns}
     coverage = description_coverage(train, partial, hard)
     assert coverage == {
         "train_images_without_description": 3,
@@ -179,7 +179,7 @@ def test_with_fewer_than_three_described_wrong_classes_a_negative_keeps_an_empty
     train = manifest[manifest.split == "train"]
     partial = {i: d for i, d in descriptions.items() if i.startswith(("train/0_", "train/1_", "train/2_"))}
     out = mine(train, names, partial, emb, "hard", seed=0)
-    assert out.negatives.str.len().eq(3).all()  # still 3 negatives per image, as Stage I's batches need
+    assert out.negative_labels.str.len().eq(3).all()  # still 3 negatives per image, as Stage I's batches need
     coverage = description_coverage(train, partial, out)
     assert coverage["classes_without_description"] == 2 and coverage["train_images_without_description"] == 4
     empty = sum(d == "" for ds in out.negative_descriptions for d in ds)
@@ -264,13 +264,13 @@ def test_unseen_classes_are_never_anchors_negatives_or_distractors():
         assert set(out.label) == set(range(10)) - set(unseen)
         assert len(out) == (~train.label.isin(unseen)).sum()
         for row in out.itertuples():
-            assert not set(row.negatives) & set(unseen) and not set(row.distractors) & set(unseen)
+            assert not set(row.negative_labels) & set(unseen) and not set(row.distractors) & set(unseen)
             assert not {labels[i] for i in row.negative_image_ids} & set(unseen)
             assert len(set(row.distractors)) == 3 and row.label not in row.distractors
         # most classes without a described image: the fallbacks still keep to the seen classes
         few = {i: d for i, d in descriptions.items() if labels[i] in (0, 1)}
         for row in mine(train, names, few, emb, strategy, seed=0, unseen=unseen).itertuples():
-            assert not (set(row.negatives) | set(row.distractors)) & set(unseen)
+            assert not (set(row.negative_labels) | set(row.distractors)) & set(unseen)
             assert not {labels[i] for i in row.negative_image_ids} & set(unseen)
     with pytest.raises(ValueError, match="more than 3 seen classes"):
         mine(train, names, descriptions, emb, "hard", seed=0, unseen=list(range(7)))

@@ -120,7 +120,7 @@ def test_dvc_repro_prepares_the_default_datasets(reproduced, fresh):
         descriptions = pd.read_parquet(clone / "data" / "descriptions" / f"{name}.parquet")
         assert len(descriptions) == 15 and descriptions.description.str.len().min() > 50
         negatives = pd.read_parquet(clone / "data" / "negatives" / f"{name}.parquet")
-        assert len(negatives) == 15 and negatives.negatives.str.len().eq(3).all()
+        assert len(negatives) == 15 and negatives.negative_labels.str.len().eq(3).all()
         options = json.loads((clone / "data" / "eval_options" / f"{name}.json").read_text())
         assert sum(len(v) for v in options.values()) == 10
     diagnosis = json.loads((clone / "metrics" / "bootstrap.json").read_text())
@@ -212,7 +212,7 @@ def test_changing_negatives_reruns_mining_and_diffs_against_the_committed_defaul
         ran(proc.stdout) == {"check_params", "mine@toy-bird", "mine@toy-flower"} | downstream
     )  # base not re-evaluated
     after = pd.read_parquet(clone / "data" / "negatives" / "toy-bird.parquet")
-    assert not before.negatives.equals(after.negatives) and before.distractors.equals(after.distractors)
+    assert not before.negative_labels.equals(after.negative_labels) and before.distractors.equals(after.distractors)
     # `dvc metrics diff` and `dvc exp show` compare with the committed default: both columns filled
     diff = json.loads(sh("dvc metrics diff --all --json", clone).stdout)["metrics/eval.json"]
     for key in ("toy-bird.accuracy", "average.accuracy", "average.accuracy_low", "average.accuracy_high"):

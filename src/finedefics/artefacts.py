@@ -37,7 +37,7 @@ NEGATIVES = Table(  # data/negatives/<name>.parquet, one row per train image
     {
         "image_id": pa.string(),
         "label": pa.int64(),
-        "negatives": pa.list_(pa.int64()),  # K labels as `negatives` says (none for `none`)
+        "negative_labels": pa.list_(pa.int64()),  # K labels as the param `negatives` says (none for `none`)
         "negative_categories": pa.list_(pa.string()),
         "negative_image_ids": pa.list_(pa.string()),  # per negative, its train image most similar to the anchor
         "negative_descriptions": pa.list_(pa.string()),

@@ -116,19 +116,19 @@ def mine(
     has_description = np.zeros(len(names), dtype=bool)  # classes with a described train image
     has_description[labels[described]] = True
     if strategy == "hard":
-        negatives = top_wrong(_only_allowed(similarity, labels, has_description), labels)
+        negative_labels = top_wrong(_only_allowed(similarity, labels, has_description), labels)
     elif strategy == "simple":
-        negatives = random_wrong(
+        negative_labels = random_wrong(
             labels, len(names), np.random.default_rng([seed, 5]), allowed=has_description, among=seen
         )
     elif strategy == "none":
-        negatives = np.zeros((len(labels), 0), dtype=np.int64)
+        negative_labels = np.zeros((len(labels), 0), dtype=np.int64)
     else:
         raise ValueError(f"negatives = {strategy!r}; allowed: hard, simple, none")
     rows = []
     for a in range(len(ids)):
         picks = []
-        for neg in negatives[a]:
+        for neg in negative_labels[a]:
             pool = np.flatnonzero((labels == neg) & described)
             if len(pool) == 0:
                 pool = np.flatnonzero(labels == neg)
@@ -137,8 +137,8 @@ def mine(
             {
                 "image_id": ids[a],
                 "label": int(labels[a]),
-                "negatives": [int(n) for n in negatives[a]],
-                "negative_categories": [names[n] for n in negatives[a]],
+                "negative_labels": [int(n) for n in negative_labels[a]],
+                "negative_categories": [names[n] for n in negative_labels[a]],
                 "negative_image_ids": picks,
                 "negative_descriptions": [descriptions.get(p, "") for p in picks],
                 "distractors": [int(d) for d in distractors[a]],
@@ -148,14 +148,14 @@ def mine(
     return pd.DataFrame(rows, columns=list(NEGATIVES.columns))
 
 
-def description_coverage(train: pd.DataFrame, descriptions: dict[str, str], negatives: pd.DataFrame) -> dict[str, int]:
+def description_coverage(train: pd.DataFrame, descriptions: dict[str, str], mined: pd.DataFrame) -> dict[str, int]:
     """What `mine` did with the train images without a description, for metrics/mine/<name>.json."""
     described = set(descriptions)
     labels = set(train.label[train.image_id.isin(described)])
     return {
         "train_images_without_description": int((~train.image_id.isin(described)).sum()),
         "classes_without_description": int(train.label.nunique() - len(labels)),
-        "negatives_without_description": int(sum(d == "" for ds in negatives.negative_descriptions for d in ds)),
+        "negatives_without_description": int(sum(d == "" for ds in mined.negative_descriptions for d in ds)),
     }
 
 

@@ -24,11 +24,11 @@ from finedefics.data.prepared import PreparedDataset
 from finedefics.protocol import LETTERS, mc_question, open_question, query, shuffled
 
 
-def stage1_frame(dataset: PreparedDataset, descriptions: pd.DataFrame, negatives: pd.DataFrame) -> pd.DataFrame:
+def stage1_frame(dataset: PreparedDataset, descriptions: pd.DataFrame, mined: pd.DataFrame) -> pd.DataFrame:
     paths = dict(zip(dataset.images.image_id, dataset.images.path))
     text = dict(zip(descriptions.image_id, descriptions.description))
     rows = []
-    for n in negatives.itertuples():
+    for n in mined.itertuples():
         if n.image_id not in text:
             continue  # no description (failed extraction): no attribute to align through
         rows.append(
@@ -46,17 +46,17 @@ def stage1_frame(dataset: PreparedDataset, descriptions: pd.DataFrame, negatives
     return pd.DataFrame(rows, columns=list(STAGE1.columns))
 
 
-def stage1_skipped(descriptions: pd.DataFrame, negatives: pd.DataFrame) -> int:
+def stage1_skipped(descriptions: pd.DataFrame, mined: pd.DataFrame) -> int:
     """Train images `stage1_frame` leaves out because they have no description."""
-    return int((~negatives.image_id.isin(set(descriptions.image_id))).sum())
+    return int((~mined.image_id.isin(set(descriptions.image_id))).sum())
 
 
-def stage2_frame(dataset: PreparedDataset, negatives: pd.DataFrame, mode: str, seed: int) -> pd.DataFrame:
+def stage2_frame(dataset: PreparedDataset, mined: pd.DataFrame, mode: str, seed: int) -> pd.DataFrame:
     paths = dict(zip(dataset.images.image_id, dataset.images.path))
     names = dataset.names
     super_category, question = dataset.super_category, query(dataset.plural)
     rows = []
-    for n in negatives.itertuples():
+    for n in mined.itertuples():
         base = {
             "dataset": dataset.name,
             "image_id": n.image_id,

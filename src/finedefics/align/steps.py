@@ -31,13 +31,13 @@ def lm_loss(mllm: MLLM, examples: list[ChatExample]) -> torch.Tensor:
 @dataclass
 class Stage1:
     """Stage I (eq. 8) over rows of stage1.parquet: `objective` obj-att-cat | obj-cat | none;
-    `negatives` False drops the hard-negative terms (negatives: none). The other fields are the
+    `negative_terms` False drops the hard-negative terms (param `negatives: none`). The other fields are the
     align.* and train.generation_loss switches between our form and the release's."""
 
     mllm: MLLM  # the model being trained (PEFT-wrapped or not) with its processor
     temperature: Temperatures
     objective: str
-    negatives: bool
+    negative_terms: bool
     class_index: dict[str, int]  # category name -> id, for same-class masking
     form: LossForm = LossForm()  # align.mask_same_class, .ccc, .negatives_scope, .contrastive_batch
     text_bos: bool = False  # align.text_bos
@@ -64,9 +64,9 @@ class Stage1:
         device = visual.tokens[0].device
         o = last(*reader.visual_states(visual))
         descriptions = list(rows.description)
-        neg_descriptions = [d for ds in rows.negative_descriptions for d in ds] if self.negatives else []
+        neg_descriptions = [d for ds in rows.negative_descriptions for d in ds] if self.negative_terms else []
         categories = list(rows.category)
-        neg_categories = [c for cs in rows.negative_categories for c in cs] if self.negatives else []
+        neg_categories = [c for cs in rows.negative_categories for c in cs] if self.negative_terms else []
         K = len(neg_categories) // B if B else 0
         if self.grouped:  # two padded passes, each text once: the 80-token descriptions, then the names
             c_all = self._distinct(categories + neg_categories)

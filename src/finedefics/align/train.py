@@ -87,7 +87,7 @@ def train(
         mllm,
         temperature,
         align.objective,
-        bool(s1.negative_categories.str.len().max()),
+        bool(s1.negative_categories.str.len().max()),  # negatives: none mines none
         {n: i for i, n in enumerate(names)},
         LossForm(align.mask_same_class, align.ccc, align.negatives_scope, align.contrastive_batch),
         text_bos=align.text_bos,
