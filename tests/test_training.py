@@ -589,6 +589,8 @@ def test_plan_cuts_seeded_epochs_into_full_batches_and_ends_within_an_epoch():
     assert [b.tolist() for b in plan(10, 4, 1.5, seed=7)] == [b.tolist() for b in got]
     assert [b.tolist() for b in plan(10, 4, 1.5, seed=8)] != [b.tolist() for b in got]
     assert [len(plan(10, 4, epochs, seed=0)) for epochs in (0.1, 1, 1.2, 2.5, 3)] == [1, 2, 3, 5, 6]
+    third = np.random.default_rng([7, 2]).permutation(10)
+    assert [b.tolist() for b in plan(10, 4, 3, seed=7)[4:]] == [third[:4].tolist(), third[4:8].tolist()]
     small = plan(3, 4, 2, seed=0)  # fewer examples than a batch: one batch of all of them per epoch
     assert [b.tolist() for b in small] == [np.random.default_rng([0, e]).permutation(3).tolist() for e in (0, 1)]
 
