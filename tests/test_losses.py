@@ -11,7 +11,7 @@ from conftest import free_port
 from finedefics.align.losses import (
     Batch,
     LossForm,
-    Taus,
+    StepTemperatures,
     Temperatures,
     category_category,
     contrastive_set,
@@ -35,8 +35,10 @@ def keep(i, j, labels, mask):
     return j == i or not (mask and labels[j] == labels[i])
 
 
-def taus(oa=TAU, ac=None) -> Taus:
-    return Taus(torch.tensor(oa, dtype=torch.float64), torch.tensor(oa if ac is None else ac, dtype=torch.float64))
+def taus(oa=TAU, ac=None) -> StepTemperatures:
+    return StepTemperatures(
+        torch.tensor(oa, dtype=torch.float64), torch.tensor(oa if ac is None else ac, dtype=torch.float64)
+    )
 
 
 def ref_terms(b: Batch, mask: bool, scope: str = "own", tau_oa: float = TAU, tau_ac: float = TAU) -> dict[str, float]:
@@ -128,7 +130,9 @@ def test_release_ccc_matches_a_hand_computation():
     tau = 0.2
     got = category_category(b.c, b.c_hn, torch.tensor(tau, dtype=torch.float64), LossForm(ccc="release"))
     assert got.item() == pytest.approx(ref_release_ccc(b.c, b.c_hn, tau), rel=1e-9)
-    got = contrastive_terms(b, taus(tau, 0.05), LossForm(ccc="release"))["ccc"]  # at taus.oa, whatever the scope
+    got = contrastive_terms(b, taus(tau, 0.05), LossForm(ccc="release"))[
+        "ccc"
+    ]  # at taus.object_attribute, whatever the scope
     assert got.item() == pytest.approx(ref_release_ccc(b.c, b.c_hn, tau), rel=1e-9)
 
 
@@ -223,13 +227,13 @@ def test_temperature_is_learnable_and_clamped():
     t = Temperatures(0.07, two=False, learn=True)
     assert [p is t.oa for p in t.parameters()] == [True]
     now = t()
-    assert now.oa.item() == pytest.approx(0.07) and now.ac is now.oa
+    assert now.object_attribute.item() == pytest.approx(0.07) and now.attribute_category is now.object_attribute
     with torch.no_grad():
         t.oa.fill_(2.0)
-    assert t().oa.item() == 0.5 and t().ac.item() == 0.5
+    assert t().object_attribute.item() == 0.5 and t().attribute_category.item() == 0.5
     with torch.no_grad():
         t.oa.fill_(-1.0)
-    assert t().oa.item() == pytest.approx(0.001)
+    assert t().object_attribute.item() == pytest.approx(0.001)
     with torch.no_grad():
         t.oa.fill_(0.07)
     stage1_total(contrastive_terms(float_batch(), t(), LossForm()), None).backward()
@@ -239,7 +243,7 @@ def test_temperature_is_learnable_and_clamped():
 def test_two_temperatures_get_the_gradient_of_their_own_terms_only():
     t = Temperatures(0.07, two=True, learn=True)
     assert len(list(t.parameters())) == 2 and t.oa is not t.ac
-    assert t().oa.item() == pytest.approx(0.07) and t().ac.item() == pytest.approx(0.07)
+    assert t().object_attribute.item() == pytest.approx(0.07) and t().attribute_category.item() == pytest.approx(0.07)
     b = float_batch()
     for form in (LossForm(ccc="release"), LossForm(negatives_scope="batch")):
         terms = contrastive_terms(b, t(), form)
@@ -254,8 +258,13 @@ def test_two_temperatures_get_the_gradient_of_their_own_terms_only():
 def test_frozen_temperatures_are_clamped_buffers(two):
     t = Temperatures(2.0, two=two, learn=False)
     assert list(t.parameters()) == [] and {n for n, _ in t.named_buffers()} == ({"oa", "ac"} if two else {"oa"})
-    assert t().oa.item() == 0.5 and t().ac.item() == 0.5 and not t().oa.requires_grad and not t().ac.requires_grad
-    assert Temperatures(-1.0, two=two, learn=False)().ac.item() == pytest.approx(0.001)
+    assert (
+        t().object_attribute.item() == 0.5
+        and t().attribute_category.item() == 0.5
+        and not t().object_attribute.requires_grad
+        and not t().attribute_category.requires_grad
+    )
+    assert Temperatures(-1.0, two=two, learn=False)().attribute_category.item() == pytest.approx(0.001)
     b = float_batch()
     b.o.requires_grad_(True)
     stage1_total(contrastive_terms(b, t(), LossForm()), None).backward()

@@ -41,12 +41,12 @@ class LossForm:
 
 
 @dataclass(frozen=True)
-class Taus:
-    """The temperatures of one step: `oa` for the object-attribute terms, eq. 7 and every
-    object-category term; `ac` for the attribute-category terms."""
+class StepTemperatures:
+    """The temperatures of one step: for the object-attribute terms (also eq. 7 and every
+    object-category term) and for the attribute-category terms."""
 
-    oa: torch.Tensor
-    ac: torch.Tensor
+    object_attribute: torch.Tensor
+    attribute_category: torch.Tensor
 
 
 class Temperatures(torch.nn.Module):
@@ -65,9 +65,9 @@ class Temperatures(torch.nn.Module):
             else:
                 self.register_buffer(name, tensor)
 
-    def forward(self) -> Taus:
+    def forward(self) -> StepTemperatures:
         oa = self.oa.clamp(TEMPERATURE_MIN, TEMPERATURE_MAX)
-        return Taus(oa, self.ac.clamp(TEMPERATURE_MIN, TEMPERATURE_MAX) if self.two else oa)
+        return StepTemperatures(oa, self.ac.clamp(TEMPERATURE_MIN, TEMPERATURE_MAX) if self.two else oa)
 
 
 def similarity(x: torch.Tensor, y: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -137,33 +137,33 @@ def category_category(c: torch.Tensor, c_hn: torch.Tensor, tau: torch.Tensor, fo
     return _nll(itself[:, 0], torch.cat([itself, hn], dim=1))
 
 
-def contrastive_terms(b: Batch, taus: Taus, form: LossForm) -> dict[str, torch.Tensor]:
+def contrastive_terms(b: Batch, taus: StepTemperatures, form: LossForm) -> dict[str, torch.Tensor]:
     """The terms of eqs. 5-7: OA (with negatives), AO, AC (with negatives), CA (with negatives), CCC."""
-    oa = _pairwise(b.o, b.a, b.labels, taus.oa, form.mask_same_class)  # oa[i, j] = Sim(o_i, a_j)
-    ac = _pairwise(b.a, b.c, b.labels, taus.ac, form.mask_same_class)  # ac[i, j] = Sim(a_i, c_j)
+    oa = _pairwise(b.o, b.a, b.labels, taus.object_attribute, form.mask_same_class)  # oa[i, j] = Sim(o_i, a_j)
+    ac = _pairwise(b.a, b.c, b.labels, taus.attribute_category, form.mask_same_class)  # ac[i, j] = Sim(a_i, c_j)
     positive_oa, positive_ac, scope = oa.diagonal(), ac.diagonal(), form.negatives_scope
     terms = {
-        "oa": _nll(positive_oa, _with_hn(oa, _hn(b.o, b.a_hn, taus.oa, scope))),  # eq. 5a
+        "oa": _nll(positive_oa, _with_hn(oa, _hn(b.o, b.a_hn, taus.object_attribute, scope))),  # eq. 5a
         "ao": _nll(positive_oa, oa.T),  # eq. 5b: sum over objects o_k for each a_i
-        "ac": _nll(positive_ac, _with_hn(ac, _hn(b.a, b.c_hn, taus.ac, scope))),  # eq. 6a
+        "ac": _nll(positive_ac, _with_hn(ac, _hn(b.a, b.c_hn, taus.attribute_category, scope))),  # eq. 6a
         # eq. 6b: Sim(a_j, c_i), Sim(a_w, c_i)
-        "ca": _nll(positive_ac, _with_hn(ac.T, _hn(b.c, b.a_hn, taus.ac, scope))),
+        "ca": _nll(positive_ac, _with_hn(ac.T, _hn(b.c, b.a_hn, taus.attribute_category, scope))),
     }
     if b.c_hn is not None:  # eq. 7: -log 1 / sum_k exp Sim(c_i, c_k), c_k in C_hn^i
-        terms["ccc"] = category_category(b.c, b.c_hn, taus.oa, form)
+        terms["ccc"] = category_category(b.c, b.c_hn, taus.object_attribute, form)
     return terms
 
 
-def object_category_terms(b: Batch, taus: Taus, form: LossForm) -> dict[str, torch.Tensor]:
-    """Objects against categories directly, no attributes (Table 3b "CL (obj.-cat.)"); all at taus.oa."""
-    oc = _pairwise(b.o, b.c, b.labels, taus.oa, form.mask_same_class)
+def object_category_terms(b: Batch, taus: StepTemperatures, form: LossForm) -> dict[str, torch.Tensor]:
+    """Objects against categories directly, no attributes (Table 3b "CL (obj.-cat.)"); all at taus.object_attribute."""
+    oc = _pairwise(b.o, b.c, b.labels, taus.object_attribute, form.mask_same_class)
     positive = oc.diagonal()
     terms = {
-        "oc": _nll(positive, _with_hn(oc, _hn(b.o, b.c_hn, taus.oa, form.negatives_scope))),
+        "oc": _nll(positive, _with_hn(oc, _hn(b.o, b.c_hn, taus.object_attribute, form.negatives_scope))),
         "co": _nll(positive, oc.T),
     }
     if b.c_hn is not None:
-        terms["ccc"] = category_category(b.c, b.c_hn, taus.oa, form)
+        terms["ccc"] = category_category(b.c, b.c_hn, taus.object_attribute, form)
     return terms
 
 

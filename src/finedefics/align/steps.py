@@ -113,9 +113,9 @@ class Stage1:
         values = {f"loss_{k}": v.item() for k, v in terms.items()}
         if generation is not None:
             values["loss_generation"] = generation.item()
-        values.update({"loss": total.item(), "temperature": taus.oa.item()})
-        if taus.ac is not taus.oa:  # align.temperatures: two
-            values["temperature_ac"] = taus.ac.item()
+        values.update({"loss": total.item(), "temperature": taus.object_attribute.item()})
+        if taus.attribute_category is not taus.object_attribute:  # align.temperatures: two
+            values["temperature_ac"] = taus.attribute_category.item()
         return total, values
 
 

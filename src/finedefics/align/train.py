@@ -130,9 +130,9 @@ def train(
         if aligned:
             metrics.update(measured("end"))
             taus = temperature()
-            metrics["temperature"] = taus.oa.item()
-            if taus.ac is not taus.oa:
-                metrics["temperature_ac"] = taus.ac.item()
+            metrics["temperature"] = taus.object_attribute.item()
+            if taus.attribute_category is not taus.object_attribute:
+                metrics["temperature_ac"] = taus.attribute_category.item()
         with atomic_path(out) as tmp:
             save_merged(model, params.model, source, mllm.processor, tmp)
             write_json(tmp / "training.json", {"stage": task.value, "source": resolve(source), **metrics})
