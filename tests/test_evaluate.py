@@ -155,24 +155,41 @@ def test_score_results_reads_a_foci_file_its_list_or_a_config_without_a_task():
     assert score_results({"predictions": predictions, "config": "mc?"}) == want
 
 
+FILE = "expected an object with a list 'predictions' (or that list), got "
+ENTRY = (
+    "expected an object with 'image', 'predicted' (a class name, or 'NA ### ' and the raw output) and "
+    "'correct' (the ground-truth class name) as strings, got "
+)
+
+
 @pytest.mark.parametrize(
     "data,message",
     [
-        ({"predictions": {"a": 1}}, "expected an object with a list 'predictions' (or that list), got an object"),
-        ("x" * 100, '(or that list), got a string "' + "x" * 79 + "..."),
-        (None, "(or that list), got null"),
-        (True, "(or that list), got a boolean true"),
-        (3.5, "(or that list), got a number 3.5"),
-        ([[1]], "prediction 0: expected an object with 'image', 'predicted'"),
-        ([{"image": "a", "predicted": "x", "correct": "y"}, 7], "as strings, got a number 7"),
-        ({"predictions": [], "config": {"task": "yn"}}, "config.task is 'yn': only FOCI's multiple-choice task"),
+        ({"predictions": {"a": 1}}, FILE + 'an object {"predictions": {"a": 1}}'),
+        ("x" * 100, FILE + 'a string "' + "x" * 79 + "..."),  # cut at 80 characters
+        ("y" * 78, FILE + 'a string "' + "y" * 78 + '"'),  # 80 characters: whole
+        (None, FILE + "null"),
+        (True, FILE + "a boolean true"),
+        (3.5, FILE + "a number 3.5"),
+        ([[1]], "prediction 0: " + ENTRY + "a list [1]"),
+        ([{"image": "a", "predicted": "x", "correct": "y"}, 7], "prediction 1: " + ENTRY + "a number 7"),
+        (
+            {"predictions": [], "config": {"task": "yn"}},
+            "config.task is 'yn': only FOCI's multiple-choice task ('mc') is scored",
+        ),
         ({"predictions": []}, "no predictions to score"),
     ],
 )
 def test_an_unreadable_results_file_is_one_line_naming_what_it_got(data, message):
     with pytest.raises(ValueError) as info:
         score_results(data)
-    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert str(info.value) == message
+
+
+def test_score_takes_a_list_only():
+    with pytest.raises(ValueError) as info:
+        score({"predictions": []})
+    assert str(info.value) == 'expected a list of predictions, got an object {"predictions": []}'
 
 
 def test_the_parser_of_an_unknown_family_keeps_the_whole_answer():
