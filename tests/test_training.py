@@ -724,12 +724,12 @@ def mse(layer, idx):
 
 
 def test_a_resumed_run_with_random_steps_equals_the_uninterrupted_one(tmp_path, monkeypatch):
-    """Checkpoints after steps 2 and 4 of 5 (none after the last), of the trainable weights only (the
-    bias is frozen); a run killed in step 4 resumes from step 2 with the weights, optimizer, schedule
+    """A checkpoint after step 3 of 5 (every 3 steps), of the trainable weights only (the bias is
+    frozen); a run killed in step 4 resumes from step 3 with the weights, optimizer, schedule
     and random state of then: the same weights as the run never stopped, bit for bit. Each step notes
     where the stage is and which checkpoint a re-run resumes from."""
     batches = plan(12, 2, 5 / 6, seed=0)
-    cfg = fit_config(checkpoint_every=2, schedule="linear", warmup_steps=1)
+    cfg = fit_config(checkpoint_every=3, schedule="linear", warmup_steps=1)
     notes = []
     monkeypatch.setattr("finedefics.training.progress", lambda where, resumes=None: notes.append((where, resumes)))
 
@@ -748,19 +748,19 @@ def test_a_resumed_run_with_random_steps_equals_the_uninterrupted_one(tmp_path, 
         return layer.weight.detach().clone(), calls
 
     whole, calls = run(tmp_path / "runs" / "whole")
-    assert torch.load(tmp_path / "runs" / "whole" / "checkpoint.pt", weights_only=False)["step"] == 4
-    assert notes[0] == ("linear step 1 of 5", None) and notes[2] == ("linear step 3 of 5", "its checkpoint of step 2")
-    assert notes[-1] == (None, "its checkpoint of step 4")
+    assert torch.load(tmp_path / "runs" / "whole" / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert notes[0] == ("linear step 1 of 5", None) and notes[3] == ("linear step 4 of 5", "its checkpoint of step 3")
+    assert notes[2] == ("linear step 3 of 5", None) and notes[-1] == (None, "its checkpoint of step 3")
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "runs" / "cut", crash_at=3)
+        run(tmp_path / "runs" / "cut", crash_at=3)  # in step 4
     state = torch.load(tmp_path / "runs" / "cut" / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 2 and list(state["weights"][0]) == ["weight"]
+    assert state["step"] == 3 and list(state["weights"][0]) == ["weight"]
     notes.clear()
-    with pytest.raises(Diverged, match=r"step 3 of 5; stopped \(the checkpoint of step 2 is kept in .*cut\)"):
+    with pytest.raises(Diverged, match=r"step 4 of 5; stopped \(the checkpoint of step 3 is kept in .*cut\)"):
         run(tmp_path / "runs" / "cut", nan_at=1)
-    assert notes == [("linear step 3 of 5", "its checkpoint of step 2")]
+    assert notes == [("linear step 4 of 5", "its checkpoint of step 3")]
     resumed, calls_after = run(tmp_path / "runs" / "cut")
-    assert calls_after == calls[2:] and torch.equal(resumed, whole)
+    assert calls_after == calls[3:] and torch.equal(resumed, whole)
 
 
 def test_weights_that_are_not_finite_stop_when_a_checkpoint_is_due_or_at_the_end(tmp_path):
