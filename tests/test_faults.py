@@ -586,3 +586,66 @@ def test_a_sigkilled_stage_run_is_marked_killed_by_its_watcher(copy, tiny_models
     (run,) = experiment_runs("sigkill")
     assert run.info.status == "KILLED" and run.data.tags["end_reason"] == KILLED_WITHOUT_A_WORD
     assert run.info.end_time is not None
+
+
+EVERY_STAGE = [
+    ("prepare.py", "toy-bird"),
+    ("discover.py", "toy-bird"),
+    ("extract.py", "toy-bird"),
+    ("summarize.py", "toy-bird"),
+    ("bootstrap.py",),
+    ("embed.py", "toy-bird"),
+    ("mine.py", "toy-bird"),
+    ("build_instructions.py",),
+    ("train_stage1.py",),
+    ("train_stage2.py",),
+    ("evaluate.py", "base"),
+    ("analyze.py",),
+]  # every stage that writes (check_params writes nothing)
+FULL_WORKDIR = """
+mount -t tmpfs -o size=64k tmpfs "$FOLDER" || exit 99
+cp "$PARAMS" "$FOLDER/params.yaml" && head -c 64m /dev/zero > "$FOLDER/filler" 2>/dev/null
+cd "$FOLDER" && "$@"
+rc=$?
+find . -mindepth 1 -printf '%P\n' > "$LISTING"
+exit $rc
+"""
+
+
+@pytest.mark.parametrize("stage", EVERY_STAGE, ids=lambda s: Path(s[0]).stem)
+def test_every_stage_names_a_read_only_working_folder_in_one_line(tmp_path, stage):
+    root = tmp_path / "w"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    with read_only(root):
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "stages" / stage[0]), *stage[1:]],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env=stage_env(),
+        )
+    line = error_line(proc.stderr)
+    name = f"{Path(stage[0]).stem}@{stage[1]}" if len(stage) > 1 else Path(stage[0]).stem
+    assert proc.returncode == 1 and line.startswith(f"error: {name}: cannot write "), line
+    assert "make . writable" in line or "writable and rerun" in line, line
+    assert sorted(p.name for p in root.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize("stage", EVERY_STAGE, ids=lambda s: Path(s[0]).stem)
+def test_every_stage_names_a_full_disk_in_one_line(tmp_path, stage):
+    if not can_mount_tmpfs():
+        pytest.skip("no private mount namespace (unshare -rm) to mount a small tmpfs in")
+    root, listing = tmp_path / "w", tmp_path / "listing.txt"
+    root.mkdir()
+    env = stage_env() | {"FOLDER": str(root), "PARAMS": str(REPO / "params.yaml"), "LISTING": str(listing)}
+    command = [sys.executable, str(REPO / "stages" / stage[0]), *stage[1:]]
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", FULL_WORKDIR, "sh", *command], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode != 99, proc.stderr
+    line = error_line(proc.stderr)
+    name = f"{Path(stage[0]).stem}@{stage[1]}" if len(stage) > 1 else Path(stage[0]).stem
+    assert proc.returncode == 1 and line.startswith(f"error: {name}: cannot write "), line
+    assert "(No space left on device); free disk space and rerun" in line, line
+    assert sorted(listing.read_text().split()) == ["filler", "params.yaml"]
