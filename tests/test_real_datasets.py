@@ -409,7 +409,7 @@ def test_a_malformed_annotation_file_is_one_line_naming_file_line_and_expectatio
     assert file in msg and place in msg and f"expected {expected}" in msg, msg
 
 
-def test_prepare_stage_on_a_malformed_annotation_file_fails_with_one_line(tmp_path):
+def test_prepare_stage_on_a_malformed_annotation_file_fails_with_one_line(tmp_path, mlflow_uri):
     """The stage entry turns the parse error into exactly one stderr line and exit code 1."""
     root = tmp_path / "data" / "raw" / "pet-37"
     MAKERS["pet-37"](root)
@@ -418,12 +418,11 @@ def test_prepare_stage_on_a_malformed_annotation_file_fails_with_one_line(tmp_pa
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["datasets"] = {"pet-37": "data/raw/pet-37"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = stage_env()
+    env = stage_env() | {"MLFLOW_TRACKING_URI": mlflow_uri}
     # a store MLflow has already set up: creating one logs its own lines, which this test is not about
-    env["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     import mlflow
 
-    mlflow.MlflowClient(uri).search_experiments()
+    mlflow.MlflowClient(mlflow_uri).search_experiments()
     proc = subprocess.run(
         [sys.executable, str(REPO / "stages/prepare.py"), "pet-37"],
         cwd=tmp_path,

@@ -1,11 +1,11 @@
 """The pre-registered regime study: criteria computed from experiments, the choice they make."""
 
 import yaml
-from conftest import REPO
+from conftest import REPO, set_dotted
 from test_report import exp, show
 
 from finedefics.reporting.experiments import committed_params
-from finedefics.reporting.ledger import experiments
+from finedefics.reporting.ledger import experiments, flatten
 from finedefics.reporting.paper import OBJ_CAT
 from finedefics.reporting.regimes import FULL, REGIMES, UNSEEN, Regime, chosen, criteria, render
 
@@ -79,12 +79,8 @@ def test_every_regime_is_a_valid_params_file(tmp_path):
     for regime in REGIMES:
         tree = yaml.safe_load((REPO / "params.yaml").read_text())
         for dotted, value in (regime.overrides | UNSEEN).items():
-            *path, last = dotted.split(".")
-            node = tree
-            for key in path:
-                node = node[key]
-            assert last in node, f"{regime.name}: {dotted} is not a param"
-            node[last] = value
+            assert dotted in flatten(tree), f"{regime.name}: {dotted} is not a param"
+            set_dotted(tree, dotted, value, create=False)
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
         load_params(tmp_path / "params.yaml")
 

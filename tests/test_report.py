@@ -7,7 +7,7 @@ import shlex
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, set_dotted
 from typer.testing import CliRunner
 
 from finedefics.cli import app
@@ -24,11 +24,7 @@ DEFAULT_TREE = yaml.safe_load((REPO / "params.yaml").read_text())
 def exp(name, overrides, accuracy, timestamp, state="success", low=None, high=None):
     params = json.loads(json.dumps(DEFAULT_TREE))
     for dotted, value in overrides.items():
-        *path, last = dotted.split(".")
-        node = params
-        for key in path:
-            node = node[key]
-        node[last] = value
+        set_dotted(params, dotted, value, create=False)
     metrics = {
         "metrics/eval.json": {
             "data": {
