@@ -4,6 +4,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 from conftest import wilson_by_hand
+from scipy import stats
 
 from finedefics.stats import across_seeds, average_ci, wilson
 
@@ -46,6 +47,27 @@ def test_average_ci_stratified_width_matches_normal_approximation():
 def test_average_ci_is_seeded():
     scores = [right_on(300, 100), right_on(200, 150)]
     assert average_ci(scores, resamples=500, seed=3) == average_ci(scores, resamples=500, seed=3)
+    assert average_ci(scores, resamples=500, seed=3) != average_ci(scores, resamples=500, seed=4)
+    # the committed metrics' intervals: 10,000 resamples from seed 0 unless a caller says otherwise
+    assert average_ci(scores) == average_ci(scores, resamples=10_000, seed=0) != average_ci(scores, resamples=9_999)
+
+
+def test_average_ci_is_scipy_s_percentile_bootstrap_at_the_level_asked():
+    """One varying dataset: the stratified bootstrap is scipy's percentile bootstrap of its mean, at
+    `level` (a skewed sample, where the BCa interval scipy defaults to differs)."""
+    skewed = np.array([1.0] * 5 + [0.0] * 45)
+    for level in (0.95, 0.5):
+        expected = stats.bootstrap(
+            (skewed,),
+            np.mean,
+            n_resamples=2000,
+            confidence_level=level,
+            method="percentile",
+            random_state=np.random.default_rng(7),
+        ).confidence_interval
+        assert average_ci([skewed], level=level, resamples=2000, seed=7) == pytest.approx((expected.low, expected.high))
+    (low50, high50), (low95, high95) = average_ci([skewed], level=0.5), average_ci([skewed])
+    assert high50 - low50 < high95 - low95
 
 
 @pytest.mark.parametrize(
@@ -79,5 +101,5 @@ def test_across_seeds_edge_cases():
     assert math.isnan(one.std) and math.isnan(one.low) and math.isnan(one.high)
     same = across_seeds([0.5, 0.5])
     assert (same.std, same.low, same.high) == (0.0, 0.5, 0.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one value"):
         across_seeds([])
