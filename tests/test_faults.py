@@ -401,7 +401,7 @@ def read_only(folder: Path):
 
 @functools.cache
 def can_mount_tmpfs() -> bool:
-    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"
+    probe = 'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs "$d"; rc=$?; umount "$d"; rmdir "$d"; exit $rc'
     return subprocess.run(["unshare", "-rm", "sh", "-c", probe], capture_output=True).returncode == 0
 
 
