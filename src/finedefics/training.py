@@ -168,8 +168,7 @@ class _Checkpoint:
             "rng": torch.get_rng_state(),
             "step": step,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path) as tmp:
+        with atomic_path(self.path) as tmp:  # makes the folder
             torch.save(state, tmp)
         self.saved = step
 
@@ -304,8 +303,11 @@ def fit(
             if (due or step + 1 == len(batches)) and not all(torch.isfinite(p).all() for p in params):
                 checkpoint.stop(step, "a weight after the optimizer step")
             seconds = time.perf_counter() - began
-            logged |= {"lr": sched.get_last_lr()[0], "samples_per_s": len(batches[step]) / seconds}
-            logged["peak_memory_mb"] = peak_memory_mb()
+            logged |= {
+                "lr": sched.get_last_lr()[0],
+                "samples_per_s": len(batches[step]) / seconds,
+                "peak_memory_mb": peak_memory_mb(),
+            }
             if log is not None and rank == 0:
                 log(logged, step + 1)
             bar.update(1)
