@@ -107,6 +107,17 @@ def set_dotted(tree: dict, dotted: str, value, sep: str = ".", create: bool = Tr
     node[last] = value
 
 
+def leaves(tree: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of every leaf of a params mapping; an empty mapping is a leaf."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= leaves(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def set_params(root: Path, **changes) -> None:
     """Change dotted keys of root/params.yaml, e.g. set_params(root, **{"attributes.extract.backend": "hf"})."""
     import yaml

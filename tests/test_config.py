@@ -3,7 +3,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, set_dotted, stage_env
+from conftest import REPO, leaves, set_dotted, stage_env
 
 from finedefics.config import ConfigError, Params, load_params, parse_params, read_config
 
@@ -162,21 +162,12 @@ def test_every_config_validates_with_the_values_it_sets(path):
     """Validation keeps every value an overlay sets (none dropped, none coerced to another value),
     and each overlay changes the default."""
     raw, validated = read_config(path), load_params(path).model_dump(mode="json")
-    for dotted, value in leaves(raw):
+    for dotted, value in leaves(raw).items():
         node = validated
         for part in dotted.split("."):
             node = node[part]
         assert node == value, (dotted, value, node)
     assert validated != Params().model_dump(mode="json")
-
-
-def leaves(tree: dict, prefix: str = ""):
-    """(dotted key, value) of every leaf of a params mapping; an empty mapping is a leaf."""
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            yield from leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def test_python_m_cli_has_every_command():
