@@ -45,7 +45,7 @@ def main() -> None:
                 if is_world(source):
                     prepared = prepare_world(name, Path(source), params.world, params.seed, tmp, out)
                 else:
-                    prepared = prepare_real(name, Path(source))
+                    prepared = prepare_real(name, Path(source), params.real.per_class)
                 IMAGES.write(tmp / "images.parquet", prepared.dataset.images)
                 write_json(tmp / "classes.json", prepared.dataset.to_json())
                 prepared.rejected.to_csv(tmp / "rejected.csv", index=False)

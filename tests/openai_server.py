@@ -15,6 +15,7 @@ import io
 import json
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
@@ -100,8 +101,9 @@ class ModelServer:
             if pixels is not None:
                 picture = Image.open(io.BytesIO(pixels)).convert("RGB")
                 answer = self.vlm.generate([self.vlm.prompt(text, image=True)], [picture], self.max_tokens)[0]
-            elif self.lm is not None:
-                answer = self.lm.complete([text])[0]
+            elif self.lm is not None:  # the request's token budget and temperature, as a real server
+                lm = replace(self.lm, max_new_tokens=body.get("max_tokens") or self.lm.max_new_tokens)
+                answer = lm.complete([text], body.get("temperature") or 0.0)[0]
             else:
                 answer = self.vlm.generate([self.vlm.prompt(text, image=False)], None, self.max_tokens)[0]
         return 200, {

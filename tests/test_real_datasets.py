@@ -436,3 +436,15 @@ def test_prepare_stage_on_a_malformed_annotation_file_fails_with_one_line(tmp_pa
         "got 'Abyssinian_5'"
     ]
     assert not (tmp_path / "data" / "prepared" / "pet-37").exists()
+
+
+def test_per_class_keeps_the_first_images_of_each_class_and_split(tmp_path):
+    root = tmp_path / "bird-200"
+    MAKERS["bird-200"](root)  # 3 classes, 2 train and 2 test images each
+    full = prepare_real("bird-200", root).dataset.images
+    one = prepare_real("bird-200", root, per_class=1).dataset.images
+    assert len(full) == 12 and len(one) == 6
+    for (split, label), group in full.groupby(["split", "label"]):
+        kept = one[(one.split == split) & (one.label == label)]
+        assert list(kept.image_id) == sorted(group.image_id)[:1]
+    assert len(prepare_real("bird-200", root, per_class=5).dataset.images) == 12  # a cap above the count keeps all

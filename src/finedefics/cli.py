@@ -36,15 +36,17 @@ def check(params: Path = typer.Argument(Path("params.yaml"), help="params file t
 def use_config(
     config: Path = typer.Argument(..., help="an overlay, e.g. configs/paper.yaml"),
     params: Path = typer.Option(Path("params.yaml"), help="the params file DVC reads"),
+    assignments: list[str] = typer.Option([], "--set", "-S", help="KEY=VALUE over the overlay, e.g. -S train.seed=1"),
 ) -> None:
     """Switch this checkout to a config: the embedded default with the overlay's values, validated,
     written in full over params.yaml (`git checkout params.yaml` returns to the default)."""
     try:
-        merged = load_params(config)
+        merged = load_params(config, assignments)
     except ConfigError as err:
         _fail(str(err))
+    command = " ".join(["finedefics use-config", str(config), *(f"--set {a}" for a in assignments)])
     header = (
-        f"Written by `finedefics use-config {config}`: the embedded default with its values.\n"
+        f"Written by `{command}`: the embedded default with its values.\n"
         "Edit the overlay and rerun the command rather than this file."
     )
     params.write_text(dump_params(merged, header))

@@ -13,6 +13,7 @@ take these values from the caller and carry no competing default of their own.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +56,12 @@ class WorldConfig(Schema):
         if categories is not None and v > categories - 4:
             raise ValueError(f"must leave at least 4 seen categories of {categories}")
         return v
+
+
+class RealConfig(Schema):
+    """Real datasets (data/raw/<name>)."""
+
+    per_class: int | None = Field(None, ge=1)  # keep this many train and test images per class (a rehearsal); None: all
 
 
 class BackendConfig(Schema):
@@ -274,6 +281,7 @@ class Params(Schema):
         default_factory=lambda: {"toy-bird": "world/toy-bird.yaml", "toy-flower": "world/toy-flower.yaml"}
     )
     world: WorldConfig = WorldConfig()
+    real: RealConfig = RealConfig()
     negatives: Literal["hard", "simple", "none"] = "hard"
     attributes: AttributesConfig = AttributesConfig()
     align: AlignConfig = AlignConfig()
@@ -393,8 +401,22 @@ def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     return _overlay(read_config(parent, (*_seen, path.resolve())), raw, Params)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    return parse_params(read_config(path), str(path))
+def load_params(path: str | Path = "params.yaml", assignments: Sequence[str] = ()) -> Params:
+    """A params file (or overlay) validated, with `assignments` ("train.stage1.lr=1e-4", values read
+    as YAML) set over it."""
+    raw = read_config(path)
+    for assignment in assignments:
+        dotted, sep, value = assignment.partition("=")
+        if not sep or not dotted or any(not part for part in dotted.split(".")):
+            raise ConfigError(f"{assignment!r}: expected <dotted.key>=<value>, e.g. train.stage1.lr=1e-4")
+        *sections, last = dotted.split(".")
+        node = raw
+        for part in sections:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"{assignment!r}: {part} is a value, not a section")
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return parse_params(raw, str(path) + "".join(f" --set {a}" for a in assignments))
 
 
 def dump_params(params: Params, header: str) -> str:

@@ -74,8 +74,23 @@ def prepare_world(name: str, spec_file: Path, cfg: WorldConfig, seed: int, out: 
     return _checked(name, "world", spec, categories, attributes, manifest, rejected, None)
 
 
-def prepare_real(name: str, root: Path) -> Prepared:
+def first_per_class(source: Source, per_class: int) -> Source:
+    """The first `per_class` train and test images of every class, by file name."""
+    kept = sorted(source.images, key=lambda im: (im.split, im.label, im.image_id))
+    seen: dict[tuple[str, int], int] = {}
+    images = []
+    for im in kept:
+        n = seen[im.split, im.label] = seen.get((im.split, im.label), 0) + 1
+        if n <= per_class:
+            images.append(im)
+    return Source(source.base, source.classes, images)
+
+
+def prepare_real(name: str, root: Path, per_class: int | None = None) -> Prepared:
+    """A real dataset in its published layout; `per_class` keeps that many train and test images per class."""
     source = load_real(name, root)  # refuses unknown names and incomplete folders
+    if per_class is not None:
+        source = first_per_class(source, per_class)
     spec = REAL_DATASETS[name]
     manifest, rejected = build_manifest(source, spec.super_category)
     categories = [Category(i, c) for i, c in enumerate(source.classes)]
