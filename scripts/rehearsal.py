@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the tests' fixture trees, tiny LM and
 OUT = Path("rehearsal")
 DATASETS = ("dog-120", "bird-200", "aircraft-102", "flower-102", "pet-37", "car-196")
 CLIP_ARCHITECTURES = ("ViT-S-32-alt", "ViT-S-32")  # the smallest registered ones: mining, evaluate@clip
+FIXTURE_CLASSES = 4  # mining takes 3 wrong classes per image
 ATTRIBUTES = "['main color', 'body shape', 'surface texture', 'overall size']"
 
 # HuggingFaceM4/idefics2-8b's preprocessor_config.json and processor_config.json
@@ -107,8 +108,9 @@ def build_clips(out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     for seed, name in enumerate(CLIP_ARCHITECTURES):
-        torch.manual_seed(seed)
-        torch.save(open_clip.create_model(name).state_dict(), out / f"{name}.pt")
+        torch.manual_seed(seed)  # open_clip's model class, as its factory builds it (without "no weights" warnings)
+        model = open_clip.CLIP(**open_clip.get_model_config(name))
+        torch.save(model.state_dict(), out / f"{name}.pt")
 
 
 def place_data(raw: Path, data: Path | None) -> None:
@@ -120,7 +122,7 @@ def place_data(raw: Path, data: Path | None) -> None:
         target = raw / name
         if data is None:
             target.mkdir()
-            MAKERS[name](target)
+            MAKERS[name](target, FIXTURE_CLASSES)
         elif not (data / name).is_dir():
             raise SystemExit(f"error: --data {data}: no folder {name}/ (expected {', '.join(DATASETS)})")
         else:

@@ -53,8 +53,8 @@ def _strip(key: str) -> str:
     return key.removeprefix("images/")
 
 
-def make_cub(root: Path) -> Fixture:
-    sample = foci_sample("bird-200")
+def make_cub(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
+    sample = foci_sample("bird-200", classes)
     fx = Fixture(root, list(sample))
     lines = {"images": [], "labels": [], "split": [], "classes": []}
     attrs = [
@@ -100,8 +100,8 @@ def _annotations(rows: list[tuple[str, int]]) -> np.ndarray:
     return np.array([(0, 0, 10, 10, label, fname) for fname, label in rows], dtype=dtype)
 
 
-def make_cars(root: Path) -> Fixture:
-    sample = foci_sample("car-196")
+def make_cars(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
+    sample = foci_sample("car-196", classes)
     fx = Fixture(root, list(sample))
     train, test = [], []
     for label, (cls, keys) in enumerate(sample.items()):
@@ -128,8 +128,8 @@ def _cell(items: list[str]) -> np.ndarray:
     return cell
 
 
-def make_dogs(root: Path) -> Fixture:
-    sample = foci_sample("dog-120")
+def make_dogs(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
+    sample = foci_sample("dog-120", classes)
     fx = Fixture(root, list(sample))
     lists: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "test": ([], [])}
     for label, (cls, keys) in enumerate(sample.items()):
@@ -149,8 +149,9 @@ def make_dogs(root: Path) -> Fixture:
     return fx
 
 
-def make_flowers(root: Path) -> Fixture:
-    """Flower-102's class list is fixed, so every class gets one test, one train and one val image."""
+def make_flowers(root: Path, classes: int | None = None) -> Fixture:
+    """Flower-102's class list is fixed, so every class gets one test, one train and one val image
+    (`classes` is ignored)."""
     sample = foci_sample("flower-102", classes=None, per_class=1)
     names = flower_classes()
     fx = Fixture(root, names)
@@ -172,8 +173,8 @@ def make_flowers(root: Path) -> Fixture:
     return fx
 
 
-def make_pets(root: Path) -> Fixture:
-    sample = foci_sample("pet-37")
+def make_pets(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
+    sample = foci_sample("pet-37", classes)
     fx = Fixture(root, list(sample))
     lines: dict[str, list[str]] = {"trainval.txt": [], "test.txt": []}
     for label, (cls, keys) in enumerate(sample.items()):
@@ -192,8 +193,8 @@ def make_pets(root: Path) -> Fixture:
     return fx
 
 
-def make_aircraft(root: Path) -> Fixture:
-    sample = foci_sample("aircraft-102")
+def make_aircraft(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
+    sample = foci_sample("aircraft-102", classes)
     fx = Fixture(root, list(sample))
     data = root / "data"
     lines: dict[str, list[str]] = {"images_variant_trainval.txt": [], "images_variant_test.txt": []}
