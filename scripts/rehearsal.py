@@ -12,8 +12,9 @@ here (nothing is downloaded), and the loopback LLM server.
 - llm/: a tiny causal LM taught to answer the discovery prompt of each of the six datasets with an
   attribute list (an untaught one answers noise, which discovery rightly refuses);
 - clip/<architecture>.pt: randomly initialised weights of two registered open_clip architectures;
-and the six datasets under data/raw/<name>: the fixture trees of tests/real_fixtures.py (the
-published layouts, real FOCI test keys), or links to DIR/<name> with --data.
+and the six datasets under data/raw/<name>: the closed fixture trees of tests/real_fixtures.py (the
+published layouts, real FOCI test keys, every class their option sets name), or links to DIR/<name>
+with --data.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ sys.path.insert(0, str(REPO / "tests"))  # the tests' fixture trees, tiny LM and
 OUT = Path("rehearsal")
 DATASETS = ("dog-120", "bird-200", "aircraft-102", "flower-102", "pet-37", "car-196")
 CLIP_ARCHITECTURES = ("ViT-S-32-alt", "ViT-S-32")  # the smallest registered ones: mining, evaluate@clip
-FIXTURE_CLASSES = 4  # mining takes 3 wrong classes per image
 ATTRIBUTES = "['main color', 'body shape', 'surface texture', 'overall size']"
 
 # HuggingFaceM4/idefics2-8b's preprocessor_config.json and processor_config.json
@@ -122,7 +122,7 @@ def place_data(raw: Path, data: Path | None) -> None:
         target = raw / name
         if data is None:
             target.mkdir()
-            MAKERS[name](target, FIXTURE_CLASSES)
+            MAKERS[name](target, closed=True)
         elif not (data / name).is_dir():
             raise SystemExit(f"error: --data {data}: no folder {name}/ (expected {', '.join(DATASETS)})")
         else:

@@ -49,12 +49,28 @@ def foci_sample(
     return {c: [e["image"] for e in entries[:per_class]] for c, entries in list(reference.items())[:classes]}
 
 
+def closed_sample(name: str, classes: int = 2) -> dict[str, list[str]]:
+    """`foci_sample` of `classes` classes, and every class their FOCI option sets name, without test keys
+    (the makers give such a class one test image FOCI does not list): a tree whose option sets name only
+    classes it holds, as the paper path's mining checks."""
+    sample = foci_sample(name, classes)
+    reference = json.loads(REAL_DATASETS[name].foci_file.read_text())
+    entries = {e["image"]: e for v in reference.values() for e in v}
+    named = [o for keys in sample.values() for k in keys for o in entries[k]["options"]]
+    return sample | {o: [] for o in named if o not in sample}
+
+
+def _naming_key(name: str, cls: str, keys: list[str]) -> str:
+    """A FOCI key of the class, for its folder or file-name stem."""
+    return keys[0] if keys else json.loads(REAL_DATASETS[name].foci_file.read_text())[cls][0]["image"]
+
+
 def _strip(key: str) -> str:
     return key.removeprefix("images/")
 
 
-def make_cub(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
-    sample = foci_sample("bird-200", classes)
+def make_cub(root: Path, closed: bool = False) -> Fixture:
+    sample = closed_sample("bird-200") if closed else foci_sample("bird-200")
     fx = Fixture(root, list(sample))
     lines = {"images": [], "labels": [], "split": [], "classes": []}
     attrs = [
@@ -66,9 +82,10 @@ def make_cub(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
     attr_rows = []
     image_id = 0
     for label, (cls, keys) in enumerate(sample.items()):
-        folder = _strip(keys[0]).split("/")[0]  # e.g. 001.Black_footed_Albatross
+        folder = _strip(_naming_key("bird-200", cls, keys)).split("/")[0]  # e.g. 001.Black_footed_Albatross
         lines["classes"].append(f"{label + 1} {folder}")
-        rels = [(_strip(k), "0") for k in keys] + [
+        tests = [_strip(k) for k in keys] or [f"{folder}/{cls}_test_0.jpg"]
+        rels = [(t, "0") for t in tests] + [
             (f"{folder}/{cls}_train_{i}.jpg", "1") for i in range(TRAIN_PER_CLASS)
         ]
         for rel, is_train in rels:
@@ -100,14 +117,14 @@ def _annotations(rows: list[tuple[str, int]]) -> np.ndarray:
     return np.array([(0, 0, 10, 10, label, fname) for fname, label in rows], dtype=dtype)
 
 
-def make_cars(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
-    sample = foci_sample("car-196", classes)
+def make_cars(root: Path, closed: bool = False) -> Fixture:
+    sample = closed_sample("car-196") if closed else foci_sample("car-196")
     fx = Fixture(root, list(sample))
     train, test = [], []
     for label, (cls, keys) in enumerate(sample.items()):
-        for k in keys:
-            write_image(root / "cars_test" / _strip(k))
-            test.append((_strip(k), label + 1))
+        for fname in [_strip(k) for k in keys] or [f"{90000 + label:05d}.jpg"]:
+            write_image(root / "cars_test" / fname)
+            test.append((fname, label + 1))
         for i in range(TRAIN_PER_CLASS):
             fname = f"{label * TRAIN_PER_CLASS + i + 1:05d}.jpg"
             write_image(root / "cars_train" / fname)
@@ -128,14 +145,14 @@ def _cell(items: list[str]) -> np.ndarray:
     return cell
 
 
-def make_dogs(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
-    sample = foci_sample("dog-120", classes)
+def make_dogs(root: Path, closed: bool = False) -> Fixture:
+    sample = closed_sample("dog-120") if closed else foci_sample("dog-120")
     fx = Fixture(root, list(sample))
     lists: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "test": ([], [])}
     for label, (cls, keys) in enumerate(sample.items()):
-        folder = _strip(keys[0]).split("/")[0]  # e.g. n02085620-Chihuahua
-        for k in keys:
-            lists["test"][0].append(_strip(k))
+        folder = _strip(_naming_key("dog-120", cls, keys)).split("/")[0]  # e.g. n02085620-Chihuahua
+        for rel in [_strip(k) for k in keys] or [f"{folder}/{folder.split('-')[0]}_test0.jpg"]:
+            lists["test"][0].append(rel)
             lists["test"][1].append(label + 1)
         for i in range(TRAIN_PER_CLASS):
             lists["train"][0].append(f"{folder}/{folder.split('-')[0]}_train{i}.jpg")
@@ -149,9 +166,9 @@ def make_dogs(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
     return fx
 
 
-def make_flowers(root: Path, classes: int | None = None) -> Fixture:
+def make_flowers(root: Path, closed: bool = False) -> Fixture:
     """Flower-102's class list is fixed, so every class gets one test, one train and one val image
-    (`classes` is ignored)."""
+    (closed already)."""
     sample = foci_sample("flower-102", classes=None, per_class=1)
     names = flower_classes()
     fx = Fixture(root, names)
@@ -173,14 +190,14 @@ def make_flowers(root: Path, classes: int | None = None) -> Fixture:
     return fx
 
 
-def make_pets(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
-    sample = foci_sample("pet-37", classes)
+def make_pets(root: Path, closed: bool = False) -> Fixture:
+    sample = closed_sample("pet-37") if closed else foci_sample("pet-37")
     fx = Fixture(root, list(sample))
     lines: dict[str, list[str]] = {"trainval.txt": [], "test.txt": []}
     for label, (cls, keys) in enumerate(sample.items()):
-        stem = _strip(keys[0]).rsplit("_", 1)[0]  # e.g. Abyssinian, american_bulldog
-        for k in keys:
-            lines["test.txt"].append(f"{_strip(k)[:-4]} {label + 1} 1 1")
+        stem = _strip(_naming_key("pet-37", cls, keys)).rsplit("_", 1)[0]  # e.g. Abyssinian, american_bulldog
+        for test in [_strip(k)[:-4] for k in keys] or [f"{stem}_800"]:
+            lines["test.txt"].append(f"{test} {label + 1} 1 1")
         for i in range(TRAIN_PER_CLASS):
             lines["trainval.txt"].append(f"{stem}_{900 + i} {label + 1} 1 1")
         fx.test_keys.update({k: cls for k in keys})
@@ -193,13 +210,14 @@ def make_pets(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
     return fx
 
 
-def make_aircraft(root: Path, classes: int = CLASSES_PER_DATASET) -> Fixture:
-    sample = foci_sample("aircraft-102", classes)
+def make_aircraft(root: Path, closed: bool = False) -> Fixture:
+    sample = closed_sample("aircraft-102") if closed else foci_sample("aircraft-102")
     fx = Fixture(root, list(sample))
     data = root / "data"
     lines: dict[str, list[str]] = {"images_variant_trainval.txt": [], "images_variant_test.txt": []}
     for label, (cls, keys) in enumerate(sample.items()):
-        lines["images_variant_test.txt"] += [f"{_strip(k)[:-4]} {cls}" for k in keys]
+        tests = [_strip(k)[:-4] for k in keys] or [f"{8000000 + label}"]
+        lines["images_variant_test.txt"] += [f"{t} {cls}" for t in tests]
         lines["images_variant_trainval.txt"] += [f"{9000000 + label * 10 + i} {cls}" for i in range(TRAIN_PER_CLASS)]
         fx.test_keys.update({k: cls for k in keys})
         fx.train_count += TRAIN_PER_CLASS

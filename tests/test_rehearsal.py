@@ -1,0 +1,129 @@
+"""The rehearsal of the paper config (scripts/rehearse.sh): configs/rehearsal.yaml changes only what
+cannot exist on this machine, and the whole paper path runs on the six fixture trees."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import leaves
+from real_fixtures import MAKERS
+
+from finedefics.config import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from rehearsal import DATASETS  # noqa: E402
+
+# what a rehearsal may change: model identifiers, dataset paths, the LLM server's URL, sizes that
+# scale the work, the process count (every other key, every switch of the paper's form, stays)
+ALLOWED = [
+    r"model\.(base|clip|clip_baseline)",
+    r"attributes\.(discover|extract|summarize)\.model",
+    r"datasets\..+",
+    r"attributes\.(discover|extract|summarize)\.base_url",
+    r"real\.per_class",
+    r"attributes\.(discover|extract|summarize)\.max_new_tokens",
+    r"attributes\.extract\.shard_size",
+    r"attributes\.summarize\.batch_size",
+    r"train\.stage[12]\.(epochs|batch_size|per_device_batch_size|warmup_steps)",
+    r"train\.(per_device_batch_size|checkpoint_every|num_processes)",
+    r"evaluate\.max_new_tokens",
+]
+
+
+def changed_keys(overlay: Path, assignments: list[str] = ()) -> set[str]:
+    paper = leaves(load_params(REPO / "configs" / "paper.yaml").model_dump(mode="json"))
+    rehearsal = leaves(load_params(overlay, assignments).model_dump(mode="json"))
+    return {k for k in paper.keys() | rehearsal.keys() if paper.get(k) != rehearsal.get(k)}
+
+
+def disallowed(keys: set[str]) -> set[str]:
+    return {k for k in keys if not any(re.fullmatch(p, k) for p in ALLOWED)}
+
+
+def script_assignments() -> list[str]:
+    """The `--set` values rehearse.sh gives use-config (shell variables as placeholders)."""
+    text = (REPO / "scripts" / "rehearse.sh").read_text()
+    return [a.replace("$url", "http://127.0.0.1:1/v1").replace("$per_class", "2") for a in re.findall(r'--set "([^"]+)"', text)]
+
+
+def test_the_overlay_and_the_script_change_only_what_cannot_exist_here():
+    overlay = REPO / "configs" / "rehearsal.yaml"
+    assert yaml.safe_load(overlay.read_text())["extends"] == "paper.yaml"
+    assignments = script_assignments()
+    assert {a.split("=")[0] for a in assignments} == {
+        "attributes.discover.base_url",
+        "attributes.summarize.base_url",
+        "real.per_class",
+    }
+    changed = changed_keys(overlay, assignments)
+    assert disallowed(changed) == set()
+    assert {"model.base", "train.num_processes", "real.per_class"} <= changed  # it does rehearse something
+
+
+def test_the_allowlist_fires_on_a_switch_of_the_papers_form(tmp_path):
+    for key, value in [("align", {"ccc": "bounded"}), ("evaluate", {"inner_user_prefix": False}), ("model", {"prepare_kbit": True})]:
+        sample = tmp_path / f"{key}.yaml"
+        sample.write_text(yaml.safe_dump({"extends": str(REPO / "configs" / "rehearsal.yaml"), key: value}))
+        assert disallowed(changed_keys(sample)) == {f"{key}.{next(iter(value))}"}
+
+
+def expected_test_images(tmp_path: Path) -> dict[str, int]:
+    """The fixture trees' test images that FOCI's option sets name (all of them, by construction)."""
+    out = {}
+    for name in DATASETS:
+        fx = MAKERS[name](tmp_path / "fixtures" / name, closed=True)
+        out[name] = len(fx.test_keys)
+    return out
+
+
+def test_rehearsal_of_the_paper_config_on_the_fixture_trees(tmp_path):
+    """scripts/rehearse.sh end to end (the committed code: it clones HEAD). Every stage runs, the six
+    results files read with `finedefics score`, the merged model loads, and MLflow holds a finished
+    run per stage."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "rehearse.sh")], env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    clone = Path(proc.stdout.strip().splitlines()[-1])
+    try:
+        check_rehearsal(clone, expected_test_images(tmp_path), env)
+    finally:
+        shutil.rmtree(clone.parent)
+
+
+def check_rehearsal(clone: Path, expected: dict[str, int], env: dict) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from finedefics.models.paths import resolve
+
+    status = subprocess.run(["dvc", "status", "-q"], cwd=clone, env=env, capture_output=True, text=True)
+    assert status.returncode == 0 and status.stdout.strip() == "", status.stdout  # every stage ran, none is stale
+    stages = set(yaml.safe_load((clone / "dvc.lock").read_text())["stages"])
+    results = [clone / "results" / "predictions" / "finedefics" / f"{name}.json" for name in DATASETS]
+    scored = subprocess.run(
+        [sys.executable, "-m", "finedefics.cli", "score", *map(str, results)],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert scored.returncode == 0, scored.stderr
+    by_path = json.loads(scored.stdout)
+    assert {Path(p).stem: s["n"] for p, s in by_path.items()} == expected
+    model = AutoModelForImageTextToText.from_pretrained(resolve(clone / "models" / "finedefics"))
+    assert model.config.model_type == "idefics2"
+    with sqlite3.connect(clone / "mlflow.db") as db:
+        runs = dict(db.execute("select name, status from runs"))
+    assert set(runs) == stages - {"check_params"}, set(runs) ^ (stages - {"check_params"})
+    assert set(runs.values()) == {"FINISHED"}
