@@ -2,14 +2,14 @@
 
 Writes data/negatives/<dataset>.parquet (per train image: the negatives `negatives` asks for,
 each with one train image and its description, and the 3 most CLIP-similar wrong classes as
-Stage II distractors; the `world.unseen` classes are left out of all of it), data/eval_options/<dataset>.json (FOCI format; the published FOCI sets
-as they are for the six real datasets) and metrics/mine/<dataset>.json, which counts the train
+Stage II distractors; the `world.unseen` classes are left out of all of it),
+data/eval_options/<dataset>.json (FOCI format; for the six real datasets the published FOCI sets of
+the test images the dataset holds) and metrics/mine/<dataset>.json, which counts the train
 images without a description (failed attribute extraction), the classes without a described
 train image and the negatives left with an empty description (see `finedefics.mining`).
 """
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -35,8 +35,15 @@ def main() -> None:
     from finedefics.data.prepare import is_world
     from finedefics.data.prepared import load_prepared
     from finedefics.data.real import REAL_DATASETS
-    from finedefics.io import atomic_path, read_json, write_json
-    from finedefics.mining import Embeddings, check_options, description_coverage, eval_options, mine
+    from finedefics.io import read_json, write_json
+    from finedefics.mining import (
+        Embeddings,
+        check_options,
+        description_coverage,
+        eval_options,
+        mine,
+        prepared_options,
+    )
     from finedefics.tracking import stage_run
 
     dataset = load_prepared(name)
@@ -55,14 +62,14 @@ def main() -> None:
                 check_options(options, names)
                 write_json(options_path, options)
             else:
-                reference = REAL_DATASETS[name].foci_file
-                check_options(read_json(reference), names)
-                with atomic_path(options_path) as tmp:
-                    shutil.copyfile(reference, tmp)
+                options = prepared_options(read_json(REAL_DATASETS[name].foci_file), set(test.foci_key))
+                check_options(options, names)
+                write_json(options_path, options)
             stats = {
                 "train_images": len(mined),
                 "negatives_per_image": float(mined.negative_labels.str.len().mean()),
                 "unseen_classes": len(unseen),
+                "option_sets": sum(map(len, options.values())),
                 **description_coverage(train, described, mined),
             }
             if dataset.categories[0].cluster is not None:
@@ -78,9 +85,7 @@ def main() -> None:
     except ValueError as err:
         print(f"error: mine@{name}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(
-        f"{name}: negatives ({params.negatives}) for {len(mined)} train images; option sets for {len(test)} test images"
-    )
+    print(f"{name}: negatives ({params.negatives}) for {len(mined)} train images; {stats['option_sets']} option sets")
     if unseen:
         print(f"{name}: training never shows {', '.join(names[u] for u in unseen)} (world.unseen; test images only)")
 

@@ -55,8 +55,10 @@ def closed_sample(name: str, classes: int = 2) -> dict[str, list[str]]:
     classes it holds, as the paper path's mining checks."""
     sample = foci_sample(name, classes)
     reference = json.loads(REAL_DATASETS[name].foci_file.read_text())
-    entries = {e["image"]: e for v in reference.values() for e in v}
-    named = [o for keys in sample.values() for k in keys for o in entries[k]["options"]]
+    keys = {k for ks in sample.values() for k in ks}
+    named = [
+        o for v in reference.values() for e in v if e["image"] in keys for o in e["options"]
+    ]  # dog-120 lists one image twice
     return sample | {o: [] for o in named if o not in sample}
 
 
@@ -85,9 +87,7 @@ def make_cub(root: Path, closed: bool = False) -> Fixture:
         folder = _strip(_naming_key("bird-200", cls, keys)).split("/")[0]  # e.g. 001.Black_footed_Albatross
         lines["classes"].append(f"{label + 1} {folder}")
         tests = [_strip(k) for k in keys] or [f"{folder}/{cls}_test_0.jpg"]
-        rels = [(t, "0") for t in tests] + [
-            (f"{folder}/{cls}_train_{i}.jpg", "1") for i in range(TRAIN_PER_CLASS)
-        ]
+        rels = [(t, "0") for t in tests] + [(f"{folder}/{cls}_train_{i}.jpg", "1") for i in range(TRAIN_PER_CLASS)]
         for rel, is_train in rels:
             image_id += 1
             write_image(root / "images" / rel)

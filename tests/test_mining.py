@@ -290,3 +290,21 @@ def test_unseen_categories_spread_over_clusters_and_are_seeded(tmp_path):
     assert dataset.unseen(0, seed=0) == []
     with pytest.raises(ValueError, match="fewer than 4 seen"):
         dataset.unseen(9, seed=0)
+
+
+def test_prepared_options_keep_foci_sets_of_held_test_images_only():
+    from finedefics.mining import check_options, prepared_options
+
+    reference = {
+        "a": [{"image": "x.jpg", "options": ["a", "b", "c", "d"], "groundtruth": "a"}],
+        "b": [
+            {"image": "y.jpg", "options": ["b", "a", "c", "d"], "groundtruth": "b"},
+            {"image": "gone.jpg", "options": ["b", "e", "f", "g"], "groundtruth": "b"},
+        ],
+        "e": [{"image": "gone2.jpg", "options": ["e", "a", "b", "c"], "groundtruth": "e"}],
+    }
+    kept = prepared_options(reference, {"x.jpg", "y.jpg"})
+    assert kept == {"a": reference["a"], "b": reference["b"][:1]}
+    check_options(kept, ["a", "b", "c", "d"])  # the left-out sets named classes the dataset lacks
+    with pytest.raises(ValueError, match="lacks"):
+        check_options(reference, ["a", "b", "c", "d"])

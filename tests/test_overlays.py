@@ -105,7 +105,9 @@ def test_use_config_refuses_a_bad_overlay_and_keeps_params(tmp_path):
 def test_use_config_sets_values_over_the_overlay_and_refuses_bad_ones(tmp_path):
     target = tmp_path / "params.yaml"
     args = ["use-config", str(REPO / "configs/paper.yaml"), "--params", str(target)]
-    result = CliRunner().invoke(app, [*args, "--set", "train.seed=3", "-S", "attributes.discover.base_url=http://h:1/v1"])
+    result = CliRunner().invoke(
+        app, [*args, "--set", "train.seed=3", "-S", "attributes.discover.base_url=http://h:1/v1"]
+    )
     assert result.exit_code == 0, result.output
     written = load_params(target)
     assert written.train.seed == 3 and written.attributes.discover.base_url == "http://h:1/v1"
@@ -113,6 +115,10 @@ def test_use_config_sets_values_over_the_overlay_and_refuses_bad_ones(tmp_path):
     assert (written.align, written.model, written.train.stage1) == (paper.align, paper.model, paper.train.stage1)
     assert "--set train.seed=3" in target.read_text().splitlines()[0]
     target.write_text("kept\n")
-    for bad, says in [("train.sed=3", "train.sed"), ("train.seed", "expected <dotted.key>=<value>"), ("seed.x=1", "seed")]:
+    for bad, says in [
+        ("train.sed=3", "train.sed"),
+        ("train.seed", "expected <dotted.key>=<value>"),
+        ("seed.x=1", "seed"),
+    ]:
         result = CliRunner().invoke(app, [*args, "--set", bad])
         assert result.exit_code == 2 and says in result.output and target.read_text() == "kept\n", result.output

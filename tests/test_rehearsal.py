@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from conftest import leaves
 from real_fixtures import MAKERS
@@ -53,7 +52,10 @@ def disallowed(keys: set[str]) -> set[str]:
 def script_assignments() -> list[str]:
     """The `--set` values rehearse.sh gives use-config (shell variables as placeholders)."""
     text = (REPO / "scripts" / "rehearse.sh").read_text()
-    return [a.replace("$url", "http://127.0.0.1:1/v1").replace("$per_class", "2") for a in re.findall(r'--set "([^"]+)"', text)]
+    return [
+        a.replace("$url", "http://127.0.0.1:1/v1").replace("$per_class", "2")
+        for a in re.findall(r'--set "([^"]+)"', text)
+    ]
 
 
 def test_the_overlay_and_the_script_change_only_what_cannot_exist_here():
@@ -71,7 +73,11 @@ def test_the_overlay_and_the_script_change_only_what_cannot_exist_here():
 
 
 def test_the_allowlist_fires_on_a_switch_of_the_papers_form(tmp_path):
-    for key, value in [("align", {"ccc": "bounded"}), ("evaluate", {"inner_user_prefix": False}), ("model", {"prepare_kbit": True})]:
+    for key, value in [
+        ("align", {"ccc": "bounded"}),
+        ("evaluate", {"inner_user_prefix": False}),
+        ("model", {"prepare_kbit": True}),
+    ]:
         sample = tmp_path / f"{key}.yaml"
         sample.write_text(yaml.safe_dump({"extends": str(REPO / "configs" / "rehearsal.yaml"), key: value}))
         assert disallowed(changed_keys(sample)) == {f"{key}.{next(iter(value))}"}

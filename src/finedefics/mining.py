@@ -170,6 +170,14 @@ def eval_options(test: pd.DataFrame, names: list[str], emb: Embeddings) -> dict[
     return options
 
 
+def prepared_options(reference: dict[str, list[dict]], keys: set[str]) -> dict[str, list[dict]]:
+    """FOCI's published option sets of the test images this dataset holds (`keys`: their FOCI keys). The
+    entries of other images, which `prepare` reports as unmapped (foci_unmapped.csv), are left out: they
+    have no image to evaluate, and they may name classes a partial dataset lacks."""
+    kept = {cls: [e for e in entries if e["image"] in keys] for cls, entries in reference.items()}
+    return {cls: entries for cls, entries in kept.items() if entries}
+
+
 def check_options(options: dict[str, list[dict]], names: list[str]) -> None:
     """Every entry has 4 distinct known options, ground truth first and equal to its key."""
     known = set(names)
