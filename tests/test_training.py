@@ -9,6 +9,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -799,12 +800,35 @@ def test_more_than_one_process_relaunches_the_stage_under_accelerate(monkeypatch
     relaunch(1)
     assert calls == []
     relaunch(2)
-    cmd = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    cmd += ["--dynamo_backend", "no"] + (["--cpu"] if not torch.cuda.is_available() else [])
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     assert calls == [("accelerate", [*cmd, "stages/train_stage1.py", "--x"])]
     monkeypatch.setenv("LOCAL_RANK", "0")  # launched: each process runs the stage itself
     relaunch(2)
     assert len(calls) == 1
+
+
+def test_a_relaunched_stage_runs_as_two_ranks_of_one_gloo_group(tmp_path):
+    """The real `accelerate launch` of `relaunch` on this machine: two processes, ranked 0 and 1 of one
+    process group, each running the stage once (with `--cpu`, accelerate's single-process launcher left
+    the process unranked, and it relaunched itself without end)."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import torch.distributed as dist\n"
+        "from finedefics.training import process, relaunch, world\n"
+        "relaunch(2)\n"
+        "device, main = process()\n"
+        "rank, size = world()\n"
+        "backend = dist.get_backend() if dist.is_initialized() else None\n"
+        f"open(r'{tmp_path}' + f'/ran-{{rank}}-{{size}}', 'x').write(f\"{{device.split(':')[0]}} {{backend}} {{main}}\")\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ran = {p.name: p.read_text() for p in tmp_path.glob("ran-*")}  # 'x': a second run of a rank would fail
+    device, backend = ("cuda", "nccl") if torch.cuda.is_available() else ("cpu", "gloo")
+    assert ran == {"ran-0-2": f"{device} {backend} True", "ran-1-2": f"{device} {backend} False"}
 
 
 def test_a_resume_folder_names_the_run_and_the_content_of_its_inputs(tmp_path):

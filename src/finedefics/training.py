@@ -51,21 +51,22 @@ class FitConfig:
 
 
 def relaunch(num_processes: int) -> None:
-    """With more than one process, re-execute this stage under `accelerate launch` (CPU: gloo)."""
+    """With more than one process, re-execute this stage under `accelerate launch` (CPU: gloo).
+    Its multi-process launcher (`--multi_gpu`, torch.distributed.run) serves CPUs too: with `--cpu`
+    accelerate takes its single-process launcher (meant for mpirun), whose process, unranked, would
+    launch again, and again."""
     if num_processes <= 1 or "LOCAL_RANK" in os.environ:
         return
-    cmd = ["accelerate", "launch", "--num_processes", str(num_processes), "--num_machines", "1"]
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    if not torch.cuda.is_available():
-        cmd.append("--cpu")
     os.execvp(cmd[0], cmd + [sys.argv[0], *sys.argv[1:]])
 
 
 def process() -> tuple[str, bool]:
-    """Initialise the process group when launched by accelerate; (device, is_main)."""
+    """Initialise the process group when launched by accelerate (gloo without CUDA); (device, is_main)."""
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     return str(state.device), state.is_main_process
 
 
