@@ -131,6 +131,27 @@ def test_qlora_trains_on_cpu_and_its_loss_falls(train_workdir, tiny_models):
     assert len(losses) == 12 and losses[-1] < 0.95 * losses[0]
 
 
+def test_qlora_trains_after_a_measurement_in_eval_mode(train_workdir, tiny_models):
+    """Stage I measures alignment in eval mode before it trains (Table 8). bitsandbytes repacks a 4-bit
+    layer's weights for its CPU inference kernel at such a forward (on CPUs with AVX512-BF16, as this
+    one) and kept them packed when training resumed, whose forward then failed in that kernel (the
+    paper config's rehearsal, at its first step); the layers of a model to train are never repacked."""
+    import bitsandbytes as bnb
+
+    mllm = trainable(tiny_models["vlm"], "qlora")
+    rows = rows_of(train_workdir)
+    stage = stage1_for(mllm, rows)
+    mllm.model.eval()
+    with torch.no_grad():
+        stage.loss(rows)
+    layers = [m for m in mllm.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    mllm.model.train()
+    loss, _ = stage.loss(rows)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in mllm.model.named_parameters() if "lora" in n)
+
+
 def _tuned(tiny_models, train_workdir, finetune, model="vlm", steps=None, initial=None):
     """`tiny_models[model]` after 3 Stage I steps; each step's loss values are appended to `steps`
     and the trainable parameters before training put in `initial`, where given."""

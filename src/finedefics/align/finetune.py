@@ -26,6 +26,19 @@ def _peft_wrapping() -> Iterator[None]:
         yield
 
 
+def keep_trainable_4bit(model) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights for its CPU inference kernel at the first
+    forward in eval mode without gradients (on CPUs with AVX512-BF16), and keeps them packed when
+    training resumes: that forward then goes through the inference kernel, which has no backward. A
+    model to train measures in eval mode (Stage I's alignment) and trains after, so its layers are
+    never repacked."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_trainable(path: str, cfg: ModelConfig, gradient_checkpointing: bool, device: str = "cpu"):
     """The model to train: 4-bit NF4 base + LoRA (qlora), LoRA (lora), or every weight (full).
     QLoRA goes through peft's `prepare_model_for_kbit_training` when `cfg.prepare_kbit` (it keeps
@@ -36,6 +49,7 @@ def load_trainable(path: str, cfg: ModelConfig, gradient_checkpointing: bool, de
     if cfg.finetune == "qlora":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=quant, device_map={"": device})
+        keep_trainable_4bit(model)
         if cfg.prepare_kbit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         elif gradient_checkpointing:
