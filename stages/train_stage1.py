@@ -41,7 +41,7 @@ def main() -> None:
             print(f"align.paradigm = {params.align.paradigm}: no Stage I; models/stage1 is the base")
         return
     inputs = Inputs(STAGE1, STAGE2, *test_images(list(params.datasets)))
-    with stage_run("train_stage1", params) as tracker:
+    with stage_run("train_stage1", params, tracked=main_process) as tracker:  # one run, not one per process
         with tracker.steps(flush_every=max(1, params.train.checkpoint_every)) as log:
             metrics = train(params, task, source, OUT, inputs, log=log)
         if main_process:

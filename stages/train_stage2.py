@@ -41,7 +41,7 @@ def main() -> None:
             print("align.paradigm = stage1-only: no instruction tuning; models/finedefics is the Stage I model")
         return
     inputs = Inputs(STAGE1, STAGE2, *test_images(list(params.datasets)))
-    with stage_run("train_stage2", params) as tracker:
+    with stage_run("train_stage2", params, tracked=main_process) as tracker:  # one run, not one per process
         with tracker.steps(flush_every=max(1, params.train.checkpoint_every)) as log:
             metrics = train(params, task, str(SOURCE), OUT, inputs, log=log)
         if main_process:

@@ -17,6 +17,7 @@ from conftest import leaves
 from real_fixtures import MAKERS
 
 from finedefics.config import load_params
+from finedefics.data.real import REAL_DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -83,12 +84,14 @@ def test_the_allowlist_fires_on_a_switch_of_the_papers_form(tmp_path):
         assert disallowed(changed_keys(sample)) == {f"{key}.{next(iter(value))}"}
 
 
-def expected_test_images(tmp_path: Path) -> dict[str, int]:
-    """The fixture trees' test images that FOCI's option sets name (all of them, by construction)."""
+def fixture_counts(tmp_path: Path) -> dict[str, tuple[int, int]]:
+    """Per dataset, the fixture tree's test images that FOCI's option sets name (all of them, by
+    construction) and those option sets (dog-120 lists one of its images twice)."""
     out = {}
     for name in DATASETS:
         fx = MAKERS[name](tmp_path / "fixtures" / name, closed=True)
-        out[name] = len(fx.test_keys)
+        reference = json.loads(REAL_DATASETS[name].foci_file.read_text())
+        out[name] = len(fx.test_keys), sum(e["image"] in fx.test_keys for v in reference.values() for e in v)
     return out
 
 
@@ -103,12 +106,12 @@ def test_rehearsal_of_the_paper_config_on_the_fixture_trees(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     clone = Path(proc.stdout.strip().splitlines()[-1])
     try:
-        check_rehearsal(clone, expected_test_images(tmp_path), env)
+        check_rehearsal(clone, fixture_counts(tmp_path), env)
     finally:
         shutil.rmtree(clone.parent)
 
 
-def check_rehearsal(clone: Path, expected: dict[str, int], env: dict) -> None:
+def check_rehearsal(clone: Path, counts: dict[str, tuple[int, int]], env: dict) -> None:
     from transformers import AutoModelForImageTextToText
 
     from finedefics.models.paths import resolve
@@ -125,11 +128,12 @@ def check_rehearsal(clone: Path, expected: dict[str, int], env: dict) -> None:
         text=True,
     )
     assert scored.returncode == 0, scored.stderr
-    by_path = json.loads(scored.stdout)
-    assert {Path(p).stem: s["n"] for p, s in by_path.items()} == expected
+    orders = load_params(clone / "params.yaml").evaluate.permutations
+    found = {Path(p).stem: (s["n"], s["predictions"]) for p, s in json.loads(scored.stdout).items()}
+    assert found == {name: (images, sets * orders) for name, (images, sets) in counts.items()}
     model = AutoModelForImageTextToText.from_pretrained(resolve(clone / "models" / "finedefics"))
     assert model.config.model_type == "idefics2"
     with sqlite3.connect(clone / "mlflow.db") as db:
-        runs = dict(db.execute("select name, status from runs"))
-    assert set(runs) == stages - {"check_params"}, set(runs) ^ (stages - {"check_params"})
-    assert set(runs.values()) == {"FINISHED"}
+        runs = list(db.execute("select name, status from runs"))
+    assert sorted(name for name, _ in runs) == sorted(stages - {"check_params"})  # one run per stage, not per process
+    assert {status for _, status in runs} == {"FINISHED"}

@@ -189,3 +189,21 @@ def test_two_stages_writing_the_store_at_once_lose_nothing(mlflow_uri):
         assert r.info.status == "FINISHED" and r.data.metrics["done"] == 1.0
         history = client.get_metric_history(r.info.run_id, "loss")
         assert sorted(m.step for m in history) == list(range(steps))
+
+
+def test_an_untracked_process_logs_nothing_and_the_tracked_one_its_run(mlflow_uri):
+    """A training stage on two processes: the main one's run, nothing from the other."""
+    params = Params(tracking={"experiment": "ranks"})
+    with stage_run("train_stage1", params, tracked=False) as run:
+        run.log_params({"a": 1})
+        run.log_metrics({"x": 1.0})
+        with run.steps() as log:
+            log({"loss": 1.0}, 1)
+        run.every(1)({"loss": 2.0}, 1)
+    with stage_run("train_stage1", params, tracked=True) as run:
+        run.log_metrics({"x": 2.0})
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("ranks").experiment_id])
+    assert [(r.info.run_name, r.info.status, r.data.metrics) for r in runs] == [
+        ("train_stage1", "FINISHED", {"x": 2.0})
+    ]

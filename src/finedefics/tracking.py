@@ -121,6 +121,27 @@ class StageRun:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+class Untracked(StageRun):
+    """The handle of a process that logs nothing: every rank but the main one of a training stage
+    launched on several processes (the main process's run is the stage's)."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    @contextmanager
+    def steps(self, flush_every: int = 20) -> Iterator[Callable[[dict[str, float], int], None]]:
+        yield lambda metrics, step: None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
@@ -225,11 +246,14 @@ def _end(status: str, reason: str, watcher: int | None = None) -> None:
 
 
 @contextmanager
-def stage_run(stage: str, params: Params, run_name: str | None = None) -> Iterator[StageRun]:
+def stage_run(stage: str, params: Params, run_name: str | None = None, tracked: bool = True) -> Iterator[StageRun]:
     """Start an MLflow run for `stage` and log `params`; end it FINISHED, FAILED if the stage raises,
     KILLED if it is interrupted (SIGINT, SIGTERM) and, under the stage runner, by its watcher if the
     process is killed outright (SIGKILL). Earlier runs of `stage` whose process is gone are closed
-    first."""
+    first. `tracked` False (the other ranks of a training stage): no run, a handle that logs nothing."""
+    if not tracked:
+        yield Untracked()
+        return
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
