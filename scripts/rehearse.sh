@@ -5,11 +5,11 @@
 # results files (`finedefics score` reads them).
 #
 #   scripts/rehearse.sh                         # the six fixture trees (published layouts, FOCI test keys)
-#   scripts/rehearse.sh --data DIR [--per-class N]   # DIR/<name>/ in the published layouts, N images per class
+#   scripts/rehearse.sh --data DIR [--per-class N]   # DIR/<name>/ in the published layouts, N images per class (1)
 set -euo pipefail
 
 usage() { sed -n 2,9p "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
-data="" per_class=2
+data="" per_class=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --data) data=$(cd "${2:?--data needs a folder}" && pwd); shift 2 ;;

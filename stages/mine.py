@@ -59,17 +59,18 @@ def main() -> None:
             NEGATIVES.write(negatives_path, mined)
             if is_world(params.datasets[name]):
                 options = eval_options(test, names, emb)
-                check_options(options, names)
+                naming_absent = check_options(options, names)
                 write_json(options_path, options)
             else:
                 options = prepared_options(read_json(REAL_DATASETS[name].foci_file), set(test.foci_key))
-                check_options(options, names)
+                naming_absent = check_options(options, names, partial=True)
                 write_json(options_path, options)
             stats = {
                 "train_images": len(mined),
                 "negatives_per_image": float(mined.negative_labels.str.len().mean()),
                 "unseen_classes": len(unseen),
                 "option_sets": sum(map(len, options.values())),
+                "option_sets_naming_absent_classes": naming_absent,
                 **description_coverage(train, described, mined),
             }
             if dataset.categories[0].cluster is not None:
@@ -86,6 +87,11 @@ def main() -> None:
         print(f"error: mine@{name}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"{name}: negatives ({params.negatives}) for {len(mined)} train images; {stats['option_sets']} option sets")
+    if stats["option_sets_naming_absent_classes"]:
+        print(
+            f"{name}: {stats['option_sets_naming_absent_classes']} option sets offer classes this dataset lacks "
+            "(some of its classes are here); they are evaluated as FOCI gives them"
+        )
     if unseen:
         print(f"{name}: training never shows {', '.join(names[u] for u in unseen)} (world.unseen; test images only)")
 

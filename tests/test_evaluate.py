@@ -243,6 +243,12 @@ def test_items_are_shuffled_by_seed_and_checked_against_the_classes():
     assert len(shown) > 5  # the ground truth is not always first
     with pytest.raises(ValueError, match="'e', which is not a class of this dataset"):
         items({"a": [{"image": "i1", "options": ["a", "e"], "groundtruth": "a"}]}, {}, list("abcd"), seed=0)
+    partial = items(
+        {"a": [{"image": "i1", "options": ["a", "e"], "groundtruth": "a"}]}, {}, list("ab"), 0, partial=True
+    )
+    assert sorted(partial[0].options) == ["a", "e"]  # a real dataset with some of its classes: FOCI's set as given
+    with pytest.raises(ValueError, match="'e', which is not a class of this dataset"):
+        items({"e": [{"image": "i1", "options": ["e", "a"], "groundtruth": "e"}]}, {}, list("ab"), 0, partial=True)
 
 
 def test_each_image_is_shown_in_k_seeded_orders_the_first_independent_of_k():

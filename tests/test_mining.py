@@ -114,6 +114,20 @@ def test_bad_option_sets_are_refused():
         check_options({"a": [{"image": "x", "options": ["b", "a", "c", "d"], "groundtruth": "a"}]}, names)
 
 
+def test_a_partial_real_dataset_may_be_offered_absent_classes_but_never_as_the_truth():
+    names = ["a", "b", "c", "d", "e"]
+    sets = {
+        "a": [{"image": "x", "options": ["a", "b", "c", "zz"], "groundtruth": "a"}],
+        "b": [{"image": "y", "options": ["b", "a", "c", "d"], "groundtruth": "b"}],
+    }
+    assert check_options(sets, names, partial=True) == 1
+    assert check_options({"b": sets["b"]}, names) == 0
+    with pytest.raises(ValueError, match=r"lacks: \['zz'\]"):
+        check_options(
+            {"zz": [{"image": "z", "options": ["zz", "a", "b", "c"], "groundtruth": "zz"}]}, names, partial=True
+        )
+
+
 def test_the_published_foci_sets_are_valid(tmp_path):
     from finedefics.data.real import REAL_DATASETS
 

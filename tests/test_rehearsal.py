@@ -17,6 +17,7 @@ from conftest import leaves
 from real_fixtures import MAKERS
 
 from finedefics.config import load_params
+from finedefics.data.prepare import prepare_real
 from finedefics.data.real import REAL_DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def script_assignments() -> list[str]:
     """The `--set` values rehearse.sh gives use-config (shell variables as placeholders)."""
     text = (REPO / "scripts" / "rehearse.sh").read_text()
     return [
-        a.replace("$url", "http://127.0.0.1:1/v1").replace("$per_class", "2")
+        a.replace("$url", "http://127.0.0.1:1/v1").replace("$per_class", "1")
         for a in re.findall(r'--set "([^"]+)"', text)
     ]
 
@@ -84,14 +85,15 @@ def test_the_allowlist_fires_on_a_switch_of_the_papers_form(tmp_path):
         assert disallowed(changed_keys(sample)) == {f"{key}.{next(iter(value))}"}
 
 
-def fixture_counts(tmp_path: Path) -> dict[str, tuple[int, int]]:
-    """Per dataset, the fixture tree's test images that FOCI's option sets name (all of them, by
-    construction) and those option sets (dog-120 lists one of its images twice)."""
+def fixture_counts(tmp_path: Path, per_class: int) -> dict[str, tuple[int, int]]:
+    """Per dataset, the test images of the fixture tree kept at `per_class` that FOCI's option sets
+    name, and those option sets (dog-120 lists one of its images twice)."""
     out = {}
     for name in DATASETS:
-        fx = MAKERS[name](tmp_path / "fixtures" / name, closed=True)
-        reference = json.loads(REAL_DATASETS[name].foci_file.read_text())
-        out[name] = len(fx.test_keys), sum(e["image"] in fx.test_keys for v in reference.values() for e in v)
+        MAKERS[name](tmp_path / "fixtures" / name, closed=True)
+        held = set(prepare_real(name, tmp_path / "fixtures" / name, per_class).dataset.test.foci_key)
+        entries = [e["image"] for v in json.loads(REAL_DATASETS[name].foci_file.read_text()).values() for e in v]
+        out[name] = len(held & set(entries)), sum(e in held for e in entries)
     return out
 
 
@@ -106,7 +108,8 @@ def test_rehearsal_of_the_paper_config_on_the_fixture_trees(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     clone = Path(proc.stdout.strip().splitlines()[-1])
     try:
-        check_rehearsal(clone, fixture_counts(tmp_path), env)
+        per_class = load_params(clone / "params.yaml").real.per_class
+        check_rehearsal(clone, fixture_counts(tmp_path, per_class), env)
     finally:
         shutil.rmtree(clone.parent)
 
@@ -118,7 +121,9 @@ def check_rehearsal(clone: Path, counts: dict[str, tuple[int, int]], env: dict) 
 
     status = subprocess.run(["dvc", "status", "-q"], cwd=clone, env=env, capture_output=True, text=True)
     assert status.returncode == 0 and status.stdout.strip() == "", status.stdout  # every stage ran, none is stale
-    stages = set(yaml.safe_load((clone / "dvc.lock").read_text())["stages"])
+    listed = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=clone, env=env, capture_output=True, text=True)
+    stages = set(listed.stdout.split())
+    assert len(stages) == 6 + 6 * 6 + 3  # six single stages, six per dataset, three evaluations
     results = [clone / "results" / "predictions" / "finedefics" / f"{name}.json" for name in DATASETS]
     scored = subprocess.run(
         [sys.executable, "-m", "finedefics.cli", "score", *map(str, results)],

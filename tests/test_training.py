@@ -823,6 +823,8 @@ def test_more_than_one_process_relaunches_the_stage_under_accelerate(monkeypatch
     relaunch(2)
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    if not torch.cuda.is_available():  # two processes share this one's threads
+        cmd += ["--num_cpu_threads_per_process", str(max(1, torch.get_num_threads() // 2))]
     assert calls == [("accelerate", [*cmd, "stages/train_stage1.py", "--x"])]
     monkeypatch.setenv("LOCAL_RANK", "0")  # launched: each process runs the stage itself
     relaunch(2)
@@ -839,9 +841,10 @@ def test_a_relaunched_stage_runs_as_two_ranks_of_one_gloo_group(tmp_path):
         "from finedefics.training import process, relaunch, world\n"
         "relaunch(2)\n"
         "device, main = process()\n"
+        "import torch\n"
         "rank, size = world()\n"
         "backend = dist.get_backend() if dist.is_initialized() else None\n"
-        f"open(r'{tmp_path}' + f'/ran-{{rank}}-{{size}}', 'x').write(f\"{{device.split(':')[0]}} {{backend}} {{main}}\")\n"
+        f"open(r'{tmp_path}' + f'/ran-{{rank}}-{{size}}', 'x').write(f\"{{device.split(':')[0]}} {{backend}} {{main}} {{torch.get_num_threads()}}\")\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -849,7 +852,11 @@ def test_a_relaunched_stage_runs_as_two_ranks_of_one_gloo_group(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ran = {p.name: p.read_text() for p in tmp_path.glob("ran-*")}  # 'x': a second run of a rank would fail
     device, backend = ("cuda", "nccl") if torch.cuda.is_available() else ("cpu", "gloo")
+    threads = {p: v.rsplit(" ", 1)[1] for p, v in ran.items()}
+    ran = {p: v.rsplit(" ", 1)[0] for p, v in ran.items()}
     assert ran == {"ran-0-2": f"{device} {backend} True", "ran-1-2": f"{device} {backend} False"}
+    if device == "cpu":  # the two share the launching process's threads (OMP_NUM_THREADS, conftest)
+        assert threads == dict.fromkeys(ran, str(max(1, int(os.environ["OMP_NUM_THREADS"]) // 2)))
 
 
 def test_a_resume_folder_names_the_run_and_the_content_of_its_inputs(tmp_path):

@@ -178,14 +178,19 @@ def prepared_options(reference: dict[str, list[dict]], keys: set[str]) -> dict[s
     return {cls: entries for cls, entries in kept.items() if entries}
 
 
-def check_options(options: dict[str, list[dict]], names: list[str]) -> None:
-    """Every entry has 4 distinct known options, ground truth first and equal to its key."""
+def check_options(options: dict[str, list[dict]], names: list[str], partial: bool = False) -> int:
+    """Every entry has 4 distinct options, ground truth first, equal to its key and a class of the
+    dataset; so are the other options unless `partial` (a real dataset of which only some classes are
+    here: FOCI's distractors may be others). Returns how many entries name a class the dataset lacks."""
     known = set(names)
+    naming_absent = 0
     for cls, entries in options.items():
         for e in entries:
             opts = e["options"]
             if e["groundtruth"] != cls or opts[0] != cls or len(opts) != K + 1 or len(set(opts)) != len(opts):
                 raise ValueError(f"bad option set for {e['image']}: {opts} (ground truth {e['groundtruth']!r})")
             unknown = [o for o in opts if o not in known]
-            if unknown:
+            if unknown and (not partial or cls in unknown):
                 raise ValueError(f"option set for {e['image']} names classes the dataset lacks: {unknown}")
+            naming_absent += bool(unknown)
+    return naming_absent

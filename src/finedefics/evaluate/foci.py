@@ -33,6 +33,7 @@ def option_sets(params, name: str):
             dataset.names,
             params.seed,
             params.evaluate.permutations,
+            partial=dataset.source == "real",
         )
     except ValueError as err:
         raise StageError(f"evaluate: {name}: {err}") from None

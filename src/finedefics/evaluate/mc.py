@@ -33,15 +33,22 @@ class Item:
 
 
 def items(
-    options: dict[str, list[dict]], paths: dict[str, str], classes: list[str], seed: int, permutations: int = 1
+    options: dict[str, list[dict]],
+    paths: dict[str, str],
+    classes: list[str],
+    seed: int,
+    permutations: int = 1,
+    partial: bool = False,
 ) -> list[Item]:
     """The option sets in a fixed order, each image's options shown in `permutations` orders, order k
-    seeded by (seed, k, image). An option naming a class the dataset lacks is an error (a wrong option file)."""
+    seeded by (seed, k, image). An option naming a class the dataset lacks is an error (a wrong option
+    file), unless `partial` (a real dataset of which only some classes are here) and it is not the
+    ground truth."""
     known = set(classes)
     out = []
     for cls in sorted(options):
         for e in options[cls]:
-            unknown = [o for o in e["options"] if o not in known]
+            unknown = [o for o in e["options"] if o not in known and (not partial or o == e["groundtruth"])]
             if unknown:
                 raise ValueError(
                     f"option file: {e['image']} offers {unknown[0]!r}, which is not a class of this dataset"
