@@ -104,7 +104,9 @@ def mine(
     seen = np.ones(len(names), dtype=bool)
     seen[list(unseen or [])] = False
     if seen.sum() <= K:
-        raise ValueError(f"mining needs more than {K} seen classes, got {int(seen.sum())}")
+        raise ValueError(
+            f"mining needs more than {K} seen classes ({K} negatives per image, 4-way multiple choice), got {int(seen.sum())}"
+        )
     train = train[seen[train.label.to_numpy()]]
     labels = train.label.to_numpy()
     images = emb.rows(train.image_id)
