@@ -8,21 +8,26 @@
 #   scripts/rehearse.sh --data DIR [--per-class N]   # DIR/<name>/ in the published layouts, N images per class (1)
 set -euo pipefail
 
-usage() { sed -n 2,9p "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n 2,8p "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 data="" per_class=1
 while [ $# -gt 0 ]; do
   case "$1" in
-    --data) data=$(cd "${2:?--data needs a folder}" && pwd); shift 2 ;;
+    --data) [ -d "${2:?--data needs a folder}" ] || { echo "error: --data $2: no such folder" >&2; exit 2; }
+            data=$(cd "$2" && pwd); shift 2 ;;
     --per-class) per_class=${2:?--per-class needs a number}; shift 2 ;;
     -h|--help) usage ;;
     *) echo "error: unknown argument $1" >&2; usage 2 >&2 ;;
   esac
 done
 case "$per_class" in ''|*[!0-9]*|0) echo "error: --per-class must be a positive integer" >&2; exit 2 ;; esac
+for name in dog-120 bird-200 aircraft-102 flower-102 pet-37 car-196; do
+  [ -z "$data" ] || [ -d "$data/$name" ] || { echo "error: --data $data: no folder $name/ (the six datasets, docs/paper-scale.md)" >&2; exit 2; }
+done
 
 repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 clone=$(mktemp -d "${TMPDIR:-/tmp}/finedefics-rehearsal.XXXXXX")/repo
 git clone -q "$repo" "$clone"
+echo "== rehearsing in $clone (the committed code of $repo)"
 cd "$clone"
 export PYTHONPATH="$clone/src${PYTHONPATH:+:$PYTHONPATH}"  # this clone's code, whatever is installed
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
