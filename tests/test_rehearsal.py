@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -102,11 +103,21 @@ def test_rehearsal_of_the_paper_config_on_the_fixture_trees(tmp_path):
     results files read with `finedefics score`, the merged model loads, and MLflow holds a finished
     run per stage."""
     env = dict(os.environ, TMPDIR=str(tmp_path), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "rehearse.sh")], env=env, capture_output=True, text=True, timeout=1200
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "rehearse.sh")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # on a timeout the whole group goes, the LLM server and training processes too
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    clone = Path(proc.stdout.strip().splitlines()[-1])
+    try:
+        out, err = proc.communicate(timeout=1200)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    clone = Path(out.strip().splitlines()[-1])
     try:
         per_class = load_params(clone / "params.yaml").real.per_class
         check_rehearsal(clone, fixture_counts(tmp_path, per_class), env)
